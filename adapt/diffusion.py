@@ -1,0 +1,148 @@
+"""Masked (absorbing-state) diffusion math in MDLM / SEDD notation.
+
+Linear schedule: each token of x0 is replaced by [MASK] independently with probability t,
+t ~ U(eps, 1); the continuous-time negative ELBO weights the cross-entropy of every masked
+token by w(t) = -alpha'(t) / (1 - alpha(t)) = 1/t (alpha(t) = 1 - t). With the shift
+(DiffuLLaMA), the prediction for position i is read from the logits at position i-1, so
+position 0 is never masked.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_t(n: int, eps: float, method: str = "uniform",
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """(n,) diffusion times in [eps, 1].
+
+    uniform: i.i.d.; stratified: one draw in each of n equal strata of [0, 1), then shuffled;
+    antithetic: n/2 i.i.d. draws u and their mirrors 1-u (n must be even).
+    """
+    if method == "uniform":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+    elif method == "stratified":
+        u = (torch.arange(n, dtype=torch.float64) + torch.rand(n, generator=generator, dtype=torch.float64)) / n
+        u = u[torch.randperm(n, generator=generator)]
+    elif method == "antithetic":
+        if n % 2:
+            raise ValueError(f"antithetic t needs an even count, got {n}")
+        half = torch.rand(n // 2, generator=generator, dtype=torch.float64)
+        u = torch.stack([half, 1 - half], dim=1).reshape(n)
+    else:
+        raise ValueError(f"unknown t sampling {method!r}; use uniform, stratified or antithetic")
+    return (eps + (1 - eps) * u).float()
+
+
+def mask_prob(t: torch.Tensor) -> torch.Tensor:
+    """q(x_t^i = [MASK] | x_0): the probability a token is masked at time t (linear schedule: t)."""
+    return t
+
+
+def loss_weight(t: torch.Tensor) -> torch.Tensor:
+    """w(t) = -alpha'(t) / (1 - alpha(t)) = 1/t for alpha(t) = 1 - t."""
+    return 1.0 / t
+
+
+def maskable_positions(x0: torch.Tensor, shift: bool, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) bool: positions that may be noised and carry loss.
+
+    With the shift, position 0 has no logits to predict it from, so it is always given.
+    `loss_mask` (B, L) marks tokens that may carry loss at all (False for padding and prompts).
+    """
+    ok = torch.ones_like(x0, dtype=torch.bool) if loss_mask is None else loss_mask.bool().clone()
+    if shift:
+        ok[:, 0] = False
+    return ok
+
+
+def corrupt(x0: torch.Tensor, t: torch.Tensor, mask_id: int, maskable: torch.Tensor,
+            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x_t ~ q(x_t | x_0). x0 (B, L) long, t (B,) -> (x_t (B, L), masked (B, L) bool)."""
+    u = torch.rand(x0.shape, generator=generator, device="cpu").to(x0.device)
+    masked = (u < mask_prob(t).to(x0.device)[:, None]) & maskable
+    return x0.masked_fill(masked, mask_id), masked
+
+
+def shift_logits(logits: torch.Tensor) -> torch.Tensor:
+    """(B, L, V) -> (B, L, V) where row i holds the logits that predict token i (row i-1 of the input).
+
+    Row 0 repeats row 0; it is never used because position 0 is never masked.
+    """
+    return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
+
+
+def prediction_logits(logits: torch.Tensor, shift: bool) -> torch.Tensor:
+    """Logits aligned so that row i predicts token i, for either setting of the shift."""
+    return shift_logits(logits) if shift else logits
+
+
+def blocked_vocab(vocab_rows: int, real_vocab: int, mask_id: int, device=None) -> torch.Tensor:
+    """(V,) bool: ids the denoiser must never predict (the mask token and padding rows >= real_vocab)."""
+    blocked = torch.zeros(vocab_rows, dtype=torch.bool, device=device)
+    blocked[real_vocab:] = True
+    blocked[mask_id] = True
+    return blocked
+
+
+def denoiser_log_probs(logits: torch.Tensor, blocked: torch.Tensor) -> torch.Tensor:
+    """log p_theta(x0 | x_t) over the vocabulary, in float32, with blocked ids at -inf (MDLM's SUBS)."""
+    return F.log_softmax(logits.float().masked_fill(blocked, -math.inf), dim=-1)
+
+
+def token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shift: bool,
+              blocked: torch.Tensor) -> torch.Tensor:
+    """-log p_theta(x0_i | x_t) at masked positions, (N_masked,), in masked's row-major order.
+
+    Only the masked rows go through the softmax, which keeps memory at O(N_masked * V).
+    """
+    if shift:
+        rows = logits[:, :-1][masked[:, 1:]]
+        targets = x0[:, 1:][masked[:, 1:]]
+    else:
+        rows, targets = logits[masked], x0[masked]
+    logp = denoiser_log_probs(rows, blocked)
+    return -logp.gather(-1, targets[:, None]).squeeze(-1)
+
+
+def diffusion_loss_sum(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
+                       shift: bool, blocked: torch.Tensor) -> torch.Tensor:
+    """sum over masked tokens of w(t_b) * -log p_theta(x0_i | x_t); a scalar (float32).
+
+    Divide by `normaliser` counts summed across micro-batches and ranks to get the loss.
+    """
+    nll = token_nll(logits, x0, masked, shift, blocked)
+    w = loss_weight(t.float()).to(nll.device)[:, None].expand_as(masked)
+    w = w[:, 1:][masked[:, 1:]] if shift else w[masked]
+    return (w * nll).sum()
+
+
+def normaliser(norm: str, maskable: torch.Tensor, masked: torch.Tensor) -> float:
+    """Count the summed loss is divided by: token (loss-eligible tokens; gives the ELBO per token),
+    masked (masked tokens), or sequence (sequences)."""
+    if norm == "token":
+        return float(maskable.sum())
+    if norm == "masked":
+        return float(masked.sum())
+    if norm == "sequence":
+        return float(maskable.shape[0])
+    raise ValueError(f"unknown loss normalisation {norm!r}; use token, masked or sequence")
+
+
+# --- SEDD view of the same denoiser (absorbing graph) -------------------------------------------
+
+def loglinear_sigma_bar(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """SEDD log-linear total noise sigma_bar(t) = -log(1 - (1 - eps) t); masking prob 1 - e^{-sigma_bar}."""
+    return -torch.log1p(-(1 - eps) * t)
+
+
+def geometric_sigma_bar(t: torch.Tensor, sigma_min: float = 1e-4, sigma_max: float = 20.0) -> torch.Tensor:
+    """SEDD geometric total noise sigma_bar(t) = sigma_min^(1-t) * sigma_max^t."""
+    return sigma_min ** (1 - t) * sigma_max ** t
+
+
+def absorbing_score_scale(sigma_bar: torch.Tensor) -> torch.Tensor:
+    """e^{-sigma_bar} / (1 - e^{-sigma_bar}): the concrete score at a masked position is this times p_theta(x0=y|x_t)."""
+    return 1.0 / torch.expm1(sigma_bar)

@@ -1,0 +1,135 @@
+"""The only module that talks to DeepSpeed: process group, engine, checkpoints, consolidation."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from adapt.config import Config
+
+
+def init() -> None:
+    """Join the process group started by the `deepspeed` launcher, or make a one-process group.
+
+    `python adapt/run.py` has no launcher environment; DeepSpeed then needs the rendezvous
+    variables of a world of one. On CPU DeepSpeed's accelerator picks the gloo backend.
+    """
+    import deepspeed
+
+    if dist.is_initialized():
+        return
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
+    deepspeed.init_distributed(verbose=False)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_sum(values: list[float]) -> list[float]:
+    """Sum floats over ranks (float64, CPU tensors work with gloo)."""
+    if not dist.is_initialized() or world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def _device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name())
+
+
+def device() -> torch.device:
+    return _device()
+
+
+def ds_config(cfg: Config) -> dict:
+    """The DeepSpeed config a recipe implies, with `dist.deepspeed_config` JSON merged on top."""
+    zero: dict = {"stage": cfg.dist.zero_stage}
+    if cfg.dist.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.dist.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.dist.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    out = {
+        "train_micro_batch_size_per_gpu": cfg.train.micro_batch_size,
+        "gradient_accumulation_steps": cfg.train.grad_accum,
+        "gradient_clipping": cfg.optim.grad_clip,
+        "bf16": {"enabled": cfg.model.dtype == "bf16"},
+        "zero_optimization": zero,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if cfg.dist.deepspeed_config:
+        extra = json.loads(Path(cfg.dist.deepspeed_config).read_text())
+        _merge(out, extra)
+    return out
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def initialize(model: torch.nn.Module, optimizer, scheduler, config: dict):
+    """A DeepSpeed engine around model/optimizer/scheduler (the engine owns their checkpointing)."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=config, dist_init_required=False)
+    return engine
+
+
+def save(engine, folder: Path, tag: str, client_state: dict) -> None:
+    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+
+
+def load(engine, folder: Path, tag: str) -> dict:
+    path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=True,
+                                                load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {folder}/{tag}")
+    return client_state
+
+
+def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
+    """Full fp32 weights of a checkpoint of any ZeRO stage, on CPU (zero_to_fp32 for ZeRO >= 1)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    ckpt = Path(folder) / tag
+    if any(ckpt.glob("*optim_states.pt")) and any("zero" in p.name for p in ckpt.glob("*optim_states.pt")):
+        return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
+    states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in states["module"].items()}

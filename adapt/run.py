@@ -1,0 +1,36 @@
+"""Entry point: `deepspeed adapt/run.py RECIPE [key=value ...]` or `python adapt/run.py RECIPE ...`."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapt.config import ConfigError, load_config  # noqa: E402
+
+USAGE = "usage: [deepspeed] adapt/run.py RECIPE.yaml [section.key=value ...]"
+
+
+def parse_args(argv: list[str]) -> tuple[str, list[str]]:
+    # the deepspeed launcher appends --local_rank=N; the rank comes from the environment instead
+    args = [a for a in argv if not a.startswith("--local_rank")]
+    if not args or args[0] in ("-h", "--help") or args[0].startswith("-"):
+        raise SystemExit(USAGE)
+    return args[0], args[1:]
+
+
+def main(argv: list[str] | None = None) -> int:
+    recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    from adapt.errors import friendly
+
+    with friendly():
+        cfg = load_config(recipe, overrides)
+        stages = {"adapt": "adapt.train:run_adapt"}
+        module, func = stages[cfg.stage].split(":")
+        getattr(__import__(module, fromlist=[func]), func)(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,300 @@
+"""Adaptation: setup -> fit -> train_step -> evaluate.
+
+Every random draw of a step (data order, t, the masked positions, the attention pattern) comes
+from generators seeded by (seed, step[, rank]), so resuming at step s replays exactly what an
+uninterrupted run would have done, with no RNG state to carry.
+"""
+from __future__ import annotations
+
+import math
+import signal
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from adapt import checkpoint, distributed
+from adapt.attention import anneal_ratio, build_mask, step_visibility
+from adapt.config import Config, to_yaml
+from adapt.data import Blocks, batch_indices, build_blocks
+from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, normaliser, sample_t
+from adapt.likelihood import BoundEstimate, block_bounds, causal_nll
+from adapt.metrics import MetricsLog
+from adapt.model import DTYPES, DiffusionMeta, add_mask_token, load_causal_lm, load_tokenizer, set_causal
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message says why and what to try."""
+
+
+@dataclass
+class State:
+    cfg: Config
+    engine: object
+    tokenizer: object
+    meta: DiffusionMeta
+    blocks: Blocks
+    blocked: torch.Tensor
+    log: MetricsLog
+    step: int = 0
+    stop_requested: bool = False
+
+
+def _seed(*parts: int) -> int:
+    h = 0
+    for p in parts:
+        h = (h * 1_000_003 + int(p)) % (2**63 - 1)
+    return h
+
+
+def _optimizer(cfg: Config, model: torch.nn.Module):
+    params = [p for p in model.parameters() if p.requires_grad]
+    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
+    if cfg.dist.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    return torch.optim.AdamW(params, **kw)
+
+
+def lr_lambda(cfg: Config):
+    """Linear warmup to the peak, then cosine to min_lr_ratio * peak at max_steps."""
+    warm, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / (warm + 1)
+        progress = min(1.0, (step - warm) / max(1, total - warm))
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return f
+
+
+def setup(cfg: Config) -> State:
+    """Process group, model with mask token, data, DeepSpeed engine; resumes when a checkpoint exists."""
+    distributed.init()
+    world = distributed.world_size()
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_causal_lm(cfg.model)
+    meta = add_mask_token(model, tokenizer, cfg.model)
+    meta = replace(meta, shift=cfg.diffusion.shift, eps=cfg.diffusion.eps, parent=cfg.model.name_or_path,
+                   parent_gguf_file=cfg.model.gguf_file)
+    set_causal(model, False)  # from here on the masks we pass decide what is visible
+    if distributed.is_main():
+        blocks = build_blocks(cfg.data, tokenizer)  # rank 0 fills the cache first
+    distributed.barrier()
+    blocks = build_blocks(cfg.data, tokenizer)
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
+    rows = model.get_output_embeddings().weight.shape[0] if cfg.dist.zero_stage < 3 else _vocab_rows(model)
+    blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
+    run_dir = cfg.run_dir
+    tag = checkpoint.find_resume(cfg)
+    if distributed.is_main():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
+        checkpoint.save_base(run_dir, model, tokenizer, meta)
+    log = MetricsLog(run_dir, cfg.run.tensorboard, distributed.is_main())
+    state = State(cfg, engine, tokenizer, meta, blocks, blocked, log)
+    if tag is not None:
+        client = distributed.load(engine, checkpoint.ckpt_root(run_dir), tag)
+        state.step = int(client["step"])
+        log.info(f"resumed from {checkpoint.ckpt_root(run_dir) / tag} at step {state.step}")
+    log.info(f"world {world} | {len(blocks.train)} train blocks, {len(blocks.heldout)} held-out, "
+             f"{cfg.data.block_size} tokens each | mask token id {meta.mask_token_id}")
+    return state
+
+
+def _vocab_rows(model) -> int:
+    head = model.get_output_embeddings().weight
+    return getattr(head, "ds_shape", head.shape)[0]
+
+
+def _logits(state: State, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return state.engine(input_ids=x.to(distributed.device()), attention_mask=mask, use_cache=False).logits
+
+
+def train_step(state: State, step: int) -> dict:
+    """One optimizer step over micro_batch_size * grad_accum sequences per rank."""
+    cfg, world = state.cfg, distributed.world_size()
+    m, a, length = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.block_size
+    idx = batch_indices(step, len(state.blocks.train), m * a, distributed.rank(), world, cfg.train.seed)
+    x0 = state.blocks.train[idx]
+    docs = state.blocks.train_docs[idx] if cfg.attention.document_mask else None
+    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, step, distributed.rank(), 1))
+    t = sample_t(m * a, cfg.diffusion.eps, cfg.diffusion.t_sampling, gen)
+    maskable = maskable_positions(x0, cfg.diffusion.shift)
+    xt, masked = corrupt(x0, t, state.meta.mask_token_id, maskable, gen)
+    count, n_masked = distributed.all_sum([normaliser(cfg.diffusion.loss_norm, maskable, masked), float(masked.sum())])
+    r = anneal_ratio(step, cfg.attention.anneal_steps)
+    # one attention pattern per step, identical on every rank (DiffuLLaMA)
+    visible = step_visibility(length, r, cfg.attention.anneal_schedule,
+                              torch.Generator().manual_seed(_seed(cfg.train.seed, step, 2)))
+    dev, dtype = distributed.device(), DTYPES[cfg.model.dtype]
+    total = 0.0
+    for k in range(a):
+        sl = slice(k * m, (k + 1) * m)
+        mask = build_mask(visible, length, dtype, cfg.model.attn_implementation,
+                          docs[sl].to(dev) if docs is not None else None)
+        logits = _logits(state, xt[sl], mask if mask is None else mask.to(dev))
+        loss_sum = diffusion_loss_sum(logits, x0[sl].to(dev), masked[sl].to(dev), t[sl], cfg.diffusion.shift,
+                                      state.blocked)
+        if not torch.isfinite(loss_sum):
+            raise TrainingError(f"non-finite loss at step {step}; nothing was saved from this step. "
+                                f"Lower optim.lr or use model.dtype=fp32, then resume from the last checkpoint")
+        # DeepSpeed divides by grad_accum and averages over ranks; undo both so the step's
+        # gradient is d(sum of all token losses / global count).
+        state.engine.backward(loss_sum / count * world * a)
+        state.engine.step()
+        total += loss_sum.item()
+    (total,) = distributed.all_sum([total])
+    return {"loss": total / count, "masked_tokens": int(n_masked), "anneal_ratio": r,
+            "lr": state.engine.get_lr()[0], "tokens": m * a * world * length}
+
+
+@torch.no_grad()
+def evaluate(state: State, attention: str = "bidirectional") -> dict:
+    """Held-out negative ELBO (stratified t, fixed noise so runs compare pairwise), split over ranks.
+
+    attention: bidirectional, or causal (the parent's attention; the 'before' view).
+    """
+    cfg, engine = state.cfg, state.engine
+    engine.eval()
+    length = cfg.data.block_size
+    visible = None if attention == "bidirectional" else step_visibility(length, 0.0, "random")
+    mask = build_mask(visible, length, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
+    mask = mask if mask is None else mask.to(distributed.device())
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = state.blocks.heldout[rank::world]
+    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, 7919, rank))
+    per_block = block_bounds(lambda x: _logits(state, x, _expand(mask, len(x))), mine, cfg.train.eval_t_samples,
+                             cfg.diffusion.eps, state.meta.mask_token_id, cfg.diffusion.shift, state.blocked, gen,
+                             batch_size=cfg.train.micro_batch_size)
+    est = _gather_summary(per_block, length - int(cfg.diffusion.shift))
+    engine.train()
+    return est.as_dict()
+
+
+def _expand(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    return None if mask is None else mask.expand(batch, -1, -1, -1)
+
+
+def _gather_summary(per_block: torch.Tensor, tokens_per_block: int) -> BoundEstimate:
+    """Mean and 95% interval of per-token bounds over the blocks of every rank."""
+    per_token = per_block / tokens_per_block
+    s, s2, n = distributed.all_sum([per_token.sum().item(), (per_token**2).sum().item(), float(len(per_token))])
+    mean = s / n
+    var = max(0.0, (s2 - n * mean**2) / (n - 1)) if n > 1 else float("nan")
+    return BoundEstimate(mean, 1.96 * math.sqrt(var / n), int(n * tokens_per_block), int(n))
+
+
+@torch.no_grad()
+def parent_perplexity(state: State) -> dict:
+    """Exact held-out perplexity of the parent causal LM on the same tokens (before any update)."""
+    cfg = state.cfg
+    state.engine.eval()
+    set_causal(state.engine.module, True)
+    rank, world = distributed.rank(), distributed.world_size()
+    nll = causal_nll(lambda x: _logits(state, x, None), state.blocks.heldout[rank::world], state.blocked,
+                     cfg.train.micro_batch_size)
+    set_causal(state.engine.module, False)
+    state.engine.train()
+    total, tokens = distributed.all_sum([nll.sum().item(), float(len(nll) * (cfg.data.block_size - 1))])
+    return {"parent_nll": total / tokens, "parent_ppl": math.exp(total / tokens)}
+
+
+def _install_stop_handler(state: State) -> None:
+    def handler(signum, frame):
+        if state.stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        state.stop_requested = True
+        state.log.info("stop requested: finishing this step, saving a checkpoint, exiting (Ctrl-C again to abort)")
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def save(state: State) -> None:
+    client = {"step": state.step, "consumed_sequences": state.step * state.cfg.train.micro_batch_size
+              * state.cfg.train.grad_accum * distributed.world_size()}
+    checkpoint.save_resumable(state.engine, state.cfg.run_dir, state.step, state.cfg, client,
+                              state.cfg.train.keep_last)
+
+
+def fit(state: State) -> bool:
+    """Train from state.step to max_steps; returns False when stopped early by a signal (after saving)."""
+    cfg, log = state.cfg, state.log
+    _install_stop_handler(state)
+    log.start(state.step, cfg.train.max_steps)
+    window: list[dict] = []
+    while state.step < cfg.train.max_steps:
+        tic = time.perf_counter()
+        out = train_step(state, state.step)
+        state.step += 1
+        out["seconds"] = time.perf_counter() - tic
+        window.append(out)
+        if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+            log.status(state.step, window)
+            window = []
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+            log.record(state.step, evaluate(state), "eval")
+        if state.stop_requested:
+            save(state)
+            log.info(f"saved {checkpoint.ckpt_root(cfg.run_dir) / checkpoint.tag_for(state.step)}; "
+                     f"rerun the same command to resume")
+            return False
+        if cfg.train.save_every and state.step % cfg.train.save_every == 0 and state.step < cfg.train.max_steps:
+            save(state)
+    save(state)
+    return True
+
+
+def show_batch(state: State) -> None:
+    """Print one corrupted training sequence, so the data and masking can be eyeballed at start."""
+    if not distributed.is_main():
+        return
+    x0 = state.blocks.train[batch_indices(state.step, len(state.blocks.train), 1, 0, 1, state.cfg.train.seed)]
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([0.5])
+    xt, _ = corrupt(x0, t, state.meta.mask_token_id, maskable_positions(x0, state.cfg.diffusion.shift), gen)
+    text = state.tokenizer.decode(xt[0, :64]).replace(state.tokenizer.mask_token, "_")
+    state.log.info(f"a training sequence at t=0.5 (first 64 tokens, _ = mask): {text!r}")
+
+
+def run_adapt(cfg: Config) -> dict:
+    """The adapt stage end to end: evaluate, train, export, evaluate, sample. Returns the summary."""
+    from adapt.sampling.ancestral import ancestral_sample
+
+    state = setup(cfg)
+    summary: dict = {}
+    if state.step == 0:
+        show_batch(state)
+        summary.update(parent_perplexity(state))
+        summary.update({f"before_causal_{k}": v for k, v in evaluate(state, "causal").items()})
+        summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
+        state.log.record(0, summary, "eval")
+    if not fit(state):
+        return summary
+    summary.update({f"after_{k}": v for k, v in evaluate(state).items()})
+    distributed.barrier()
+    if distributed.is_main():
+        out = checkpoint.export(cfg.run_dir)
+        summary["export"] = str(out)
+        if cfg.run.sample_length:
+            summary["sample"] = _sample_text(out, cfg, ancestral_sample)
+        state.log.record(state.step, summary, "summary")
+        state.log.final(summary)
+    distributed.barrier()
+    return summary
+
+
+def _sample_text(folder: Path, cfg: Config, sampler) -> str:
+    from adapt.denoiser import Denoiser
+
+    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    den = Denoiser(model, meta)
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    x = torch.full((1, cfg.run.sample_length + 1), meta.mask_token_id, dtype=torch.long)
+    x[0, 0] = start
+    out = sampler(den, x, steps=cfg.run.sample_steps, generator=torch.Generator().manual_seed(cfg.train.seed))
+    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
