@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -221,6 +223,19 @@ RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.
                "data.num_proc", "data.cache_dir", "optim.min_lr_ratio")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 safe loader that also reads `1e-4` as a float (PyYAML alone needs `1.0e-4`)."""
+
+
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float",
+                              re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+                              list("-+0123456789."))
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def _schema_fields(cls: type) -> dict[str, Any]:
     return {f.name: t for f, t in zip(dataclasses.fields(cls), get_type_hints(cls).values())}
 
@@ -275,8 +290,8 @@ def _parse_overrides(overrides: list[str], problems: list[str]) -> dict:
             continue
         key, raw = item.split("=", 1)
         try:
-            value = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
+            value = _load_yaml(raw) if raw != "" else ""
+        except Exception:  # YAMLError, or ValueError/KeyError from tags and dates such as 2001-13-45
             value = raw
         node = tree
         parts = key.strip().split(".")
@@ -296,7 +311,7 @@ def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
         problems.append(f"recipe `{path}` not found; pass a YAML file such as recipes/llama_to_mdlm.yaml")
         return {}
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = _load_yaml(path.read_text()) or {}
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -304,6 +319,9 @@ def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
         return {}
     except (OSError, UnicodeDecodeError) as err:
         problems.append(f"recipe `{path}` cannot be read: {err}")
+        return {}
+    except Exception as err:  # a value YAML parses but cannot construct: !!int x, 2001-13-45, ...
+        problems.append(f"recipe `{path}` has a value YAML cannot construct: {type(err).__name__}: {err}")
         return {}
     if not isinstance(tree, dict):
         problems.append(f"recipe `{path}` must be a mapping of sections (model:, data:, ...)")
@@ -331,8 +349,9 @@ def validate(cfg: Config) -> list[str]:
             problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {values[key]!r}")
     for key, lo, hi in RANGES:
         v = values[key]
-        if v < lo or (hi is not None and v > hi):
-            bound = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        finite = not isinstance(v, float) or math.isfinite(v)
+        if not (finite and lo <= v and (hi is None or v <= hi)):  # written so that NaN fails too
+            bound = f"finite and >= {lo}" if hi is None else f"in [{lo}, {hi}]"
             problems.append(f"`{key}` must be {bound}; got {v!r}")
     if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
         problems.append("`dist.offload_param` needs `dist.zero_stage=3`")

@@ -1,0 +1,195 @@
+"""Recipe schema: every recipe loads, precedence, one error listing every problem, resume safety."""
+from __future__ import annotations
+
+import string
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from adapt.config import Config, ConfigError, _values, from_dict, load_config, resume_conflicts, to_dict, to_yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))
+SCHEMA_KEYS = sorted(_values(Config()))
+
+
+def write(tmp_path: Path, text: str, name: str = "r.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def problems_of(recipe, overrides=()) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        load_config(recipe, list(overrides))
+    assert str(info.value).startswith("invalid recipe:")
+    return info.value.problems
+
+
+def test_recipes_exist():
+    assert any(p.name == "llama_to_mdlm.yaml" for p in RECIPES)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_recipe_loads(recipe, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name other files (deepspeed JSON) relative to the repository
+    cfg = load_config(recipe)
+    assert isinstance(cfg, Config)
+    # the recipe's own values made it into the dataclasses
+    tree = yaml.safe_load(recipe.read_text())
+    values = _values(cfg)
+    for section, body in tree.items():
+        for key, value in (body or {}).items() if isinstance(body, dict) else []:
+            assert values[f"{section}.{key}"] == value, f"{section}.{key}"
+
+
+def test_precedence_defaults_recipe_dotlist(tmp_path):
+    recipe = write(tmp_path, "optim:\n  lr: 1.0e-4\ntrain:\n  max_steps: 7\n")
+    assert load_config(None).optim.lr == 5e-5  # schema default
+    cfg = load_config(recipe)
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.log_every) == (1e-4, 7, 5)
+    cfg = load_config(recipe, ["optim.lr=3e-4", "train.log_every=2"])
+    assert (cfg.optim.lr, cfg.train.max_steps, cfg.train.log_every) == (3e-4, 7, 2)
+    assert load_config(recipe, ["data.train_files=[a.txt, b.txt]"]).data.train_files == ["a.txt", "b.txt"]
+
+
+def test_unknown_key_suggests_nearest(tmp_path):
+    (p,) = problems_of(write(tmp_path, "optim:\n  lrr: 1.0e-4\n"))
+    assert "optim.lrr" in p and "did you mean `optim.lr`" in p
+    (p,) = problems_of(None, ["trian.max_steps=3"])
+    assert "did you mean `train`" in p
+    (p,) = problems_of(None, ["model.zzzzzz=3"])
+    assert "valid keys" in p and "name_or_path" in p
+
+
+def test_wrong_type(tmp_path):
+    (p,) = problems_of(write(tmp_path, "train:\n  max_steps: ten\n"))
+    assert "train.max_steps" in p and "integer" in p
+    (p,) = problems_of(None, ["diffusion.shift=maybe"])
+    assert "diffusion.shift" in p and "true or false" in p
+    (p,) = problems_of(None, ["train.max_steps=true"])  # bool is not an int
+    assert "train.max_steps" in p
+    (p,) = problems_of(None, ["model=3"])
+    assert "`model` must be a mapping" in p
+
+
+@pytest.mark.parametrize("override,key", [
+    ("optim.lr=2.0", "optim.lr"), ("data.block_size=4", "data.block_size"),
+    ("train.max_steps=0", "train.max_steps"), ("dist.zero_stage=4", "dist.zero_stage"),
+    ("model.dtype=fp16", "model.dtype"), ("diffusion.eps=.nan", "diffusion.eps"),
+    ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=.inf", "optim.grad_clip"),
+])
+def test_out_of_range(override, key):
+    (p,) = problems_of(None, [override])
+    assert f"`{key}`" in p
+
+
+def test_incompatible_options():
+    (p,) = problems_of(None, ["dist.offload_param=true", "dist.zero_stage=2"])
+    assert "zero_stage=3" in p
+    (p,) = problems_of(None, ["diffusion.t_sampling=antithetic", "train.micro_batch_size=3"])
+    assert "antithetic" in p
+    (p,) = problems_of(None, ["model.attn_implementation=flash_attention_2"])
+    assert "flash_attention_2" in p and "sdpa" in p
+
+
+def test_all_problems_in_one_error(tmp_path):
+    recipe = write(tmp_path, "optim:\n  lrr: 1\ntrain:\n  max_steps: ten\nmodell: {}\n")
+    probs = problems_of(recipe, ["run.nmae=x", "noequals"])
+    assert len(probs) == 5, probs
+    text = "\n".join(probs)
+    for needle in ("optim.lrr", "train.max_steps", "modell", "run.nmae", "noequals"):
+        assert needle in text
+    # range problems are also collected together (reported after the schema walk passes)
+    probs = problems_of(None, ["optim.lr=5", "train.max_steps=0", "data.block_size=2"])
+    assert len(probs) == 3
+
+
+def test_malformed_yaml_gives_line_and_column(tmp_path):
+    recipe = write(tmp_path, "model:\n  dtype: bf16\noptim:\n  lr: [1, 2\n  beta1: 0.9\n")
+    (p,) = problems_of(recipe)
+    assert "not valid YAML" in p and "line 5" in p and "column" in p
+    (p,) = problems_of(write(tmp_path, "- a\n- b\n", "list.yaml"))
+    assert "mapping" in p
+    (p,) = problems_of(tmp_path / "missing.yaml")
+    assert "not found" in p
+    # values YAML parses but cannot construct raise ValueError/KeyError inside PyYAML, not YAMLError
+    (p,) = problems_of(write(tmp_path, "run:\n  name: 2001-13-45\n", "date.yaml"))
+    assert "cannot construct" in p
+    (p,) = problems_of(None, ["run.name=2001-02-30", "train.seed=!!int x"])  # kept as text, then type-checked
+    assert "train.seed" in p
+
+
+def test_exponent_floats_without_dot(tmp_path):
+    """PyYAML (YAML 1.1) reads `1e-4` as a string; recipes and overrides must read it as a number."""
+    assert load_config(write(tmp_path, "optim:\n  lr: 3e-4\n")).optim.lr == 3e-4
+    assert load_config(None, ["optim.lr=2E-5", "diffusion.eps=1e-3"]).optim.lr == 2e-5
+
+
+def test_resume_conflicts():
+    saved = load_config(None)
+    safe = load_config(None, ["train.max_steps=500", "train.log_every=1", "train.eval_every=10",
+                              "run.tensorboard=true", "train.save_every=7"])
+    assert resume_conflicts(saved, safe) == []
+    for override, key in [("model.name_or_path=/elsewhere", "model.name_or_path"),
+                          ("data.block_size=128", "data.block_size"),
+                          ("model.mask_token=<m>", "model.mask_token"),
+                          ("model.mask_token_id=5", "model.mask_token_id"),
+                          ("diffusion.shift=false", "diffusion.shift")]:
+        (conflict,) = resume_conflicts(saved, load_config(None, [override]))
+        assert f"`{key}`" in conflict
+
+
+def test_yaml_round_trip(tmp_path):
+    cfg = load_config(None, ["optim.lr=1e-4", "data.train_files=[x.jsonl]", "run.name=rt"])
+    assert from_dict(yaml.safe_load(to_yaml(cfg))) == cfg
+    assert load_config(write(tmp_path, to_yaml(cfg))) == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+
+
+# --- fuzzing: whatever the input, only ConfigError escapes ---------------------------------------
+
+_leaf = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
+                  st.text(max_size=12), st.sampled_from(["${oops}", "${", "2001-13-45", "~", "[1, 2", "1e400"]))
+_key = st.one_of(st.sampled_from([k.split(".")[-1] for k in SCHEMA_KEYS] + ["model", "optim", "train", "data"]),
+                 st.text(max_size=8))
+_tree = st.recursive(_leaf, lambda kids: st.one_of(st.lists(kids, max_size=3),
+                                                   st.dictionaries(_key, kids, max_size=4)), max_leaves=12)
+_sections = st.dictionaries(st.sampled_from(sorted({k.split(".")[0] for k in SCHEMA_KEYS}) + ["bogus"]),
+                            st.one_of(st.dictionaries(_key, _tree, max_size=4), _leaf), max_size=4)
+_raw_value = st.one_of(st.text(max_size=16), st.sampled_from(
+    ["", ".nan", "-.inf", "2001-13-45", "[a, b", "{x: 1}", "!!binary xyz", "${x}", "1" * 400, "&a [*a]",
+     "!!python/object:os.system x", "2001-01-01"]))
+_dotlist = st.lists(st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(SCHEMA_KEYS + ["model", "x.y", "model.x.y", ""]), _raw_value),
+    st.text(max_size=20)), max_size=5)
+
+
+def _only_config_errors(recipe, overrides):
+    try:
+        load_config(recipe, overrides)
+    except ConfigError as err:
+        assert err.problems and all(isinstance(p, str) and p for p in err.problems)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=_sections, overrides=_dotlist)
+def test_fuzz_yaml_trees_and_dotlists(tree, overrides):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        path.write_text(yaml.safe_dump(tree, allow_unicode=True))
+        _only_config_errors(path, overrides)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(text=st.one_of(st.text(max_size=80), st.text(alphabet=string.printable + "{}[]:-&*!|>%@`'\"", max_size=80),
+                      st.binary(max_size=60)))
+def test_fuzz_raw_recipe_text(text):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "r.yaml"
+        (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
+        _only_config_errors(path, [])
