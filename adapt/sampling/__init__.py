@@ -1,2 +1,125 @@
 """Samplers: token ids in, token ids out. Each takes a denoiser (see adapt.denoiser.Denoiser):
-a callable (B, L) ids -> (B, L, V) log p_theta(x0_i | x_t), rows already aligned for the shift."""
+a callable (B, L) ids -> (B, L, V) log p_theta(x0_i | x_t), rows already aligned for the shift,
+with attributes `mask_id` and `nfe` (model calls so far).
+
+Positions of x holding the mask id are filled; every other position is given and never changes.
+`generate` is the common entry: it picks a sampler from `SAMPLERS` by name and adds what works
+with all of them: semi-autoregressive blocks, a prefix KV cache, stopping at EOS, the trajectory.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from adapt.sampling.ancestral import ancestral_sample
+from adapt.sampling.blocks import sample_blocks, stop_after_eos
+from adapt.sampling.confidence import confidence_sample
+from adapt.sampling.loop import Trace
+from adapt.sampling.sedd import analytic_sample, euler_sample
+from adapt.sampling.threshold import threshold_sample
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ancestral": ancestral_sample,
+    "euler": euler_sample,
+    "analytic": analytic_sample,
+    "confidence": confidence_sample,
+    "threshold": threshold_sample,
+}
+"""name -> fn(denoiser, x (B, L) long, steps, generator=None, **options) -> (B, L) long."""
+
+_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace")
+
+
+@dataclass
+class SampleResult:
+    """What `generate` returns."""
+
+    ids: torch.Tensor
+    """(B, L) long: x with every mask position filled."""
+    nfe: int
+    """Model calls made (prefix-cache builds included)."""
+    steps_run: int
+    """Sampler steps taken (steps that reused the cached model output included)."""
+    trajectory: torch.Tensor | None = None
+    """(B, L) long: step at which each position was revealed, -1 for given positions and positions
+    filled with EOS after a stop; None unless asked for."""
+
+    def revealed(self, row: int = 0) -> list[tuple[int, list[int]]]:
+        """[(step, [positions revealed at that step])] of one row, in step order (needs the trajectory)."""
+        if self.trajectory is None:
+            raise ValueError("no trajectory recorded: call generate(..., trajectory=True)")
+        steps = self.trajectory[row]
+        return [(int(s), steps.eq(s).nonzero().flatten().tolist()) for s in steps[steps >= 0].unique()]
+
+
+def sampler_options(name: str) -> dict[str, object]:
+    """The options (name -> default) a sampler accepts besides the loop arguments."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+    params = inspect.signature(SAMPLERS[name]).parameters
+    return {k: p.default for k, p in params.items() if k not in _LOOP_ARGS}
+
+
+def _check(denoiser, x: torch.Tensor, sampler: str, options: dict) -> None:
+    unknown = sorted(set(options) - set(sampler_options(sampler)))
+    problems = [f"sampler {sampler!r} takes no option {', '.join(unknown)} "
+                f"(it takes {', '.join(sampler_options(sampler))})"] if unknown else []
+    if x.dim() != 2 or x.dtype != torch.long:
+        problems.append(f"x must be (B, L) long token ids, got {tuple(x.shape)} {x.dtype}")
+    elif getattr(denoiser, "shift", False) and (x[:, 0] == denoiser.mask_id).any():
+        problems.append("position 0 is masked, but with the shift it is never predicted: prepend BOS")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def _with_prefix_cache(denoiser):
+    from adapt.denoiser import PrefixCachedDenoiser
+
+    if isinstance(denoiser, PrefixCachedDenoiser):
+        return denoiser
+    if not hasattr(denoiser, "model") or not hasattr(denoiser, "meta"):
+        raise ValueError("prefix_cache needs an adapt.denoiser.Denoiser (a model to cache keys/values of)")
+    return PrefixCachedDenoiser(denoiser.model, denoiser.meta)
+
+
+@torch.no_grad()
+def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int | None = None,
+             generator: torch.Generator | None = None, block_length: int | None = None,
+             prefix_cache: bool = False, eos_id: int | None = None, trajectory: bool = False,
+             **options) -> SampleResult:
+    """Fill the mask positions of x (B, L) long with the named sampler.
+
+    steps: sampler steps (the model is called at most this often, plus one call per prefix-cache
+    build); None = one per position to fill. block_length: fill left to right in blocks of this
+    many positions (semi-autoregressive), steps shared among the blocks. prefix_cache: reuse the
+    keys/values of the given prefix (an approximation under bidirectional attention; see
+    adapt.denoiser). eos_id: generated positions after a row's first generated EOS become EOS,
+    and block mode stops once every row has one. options: the sampler's own (see `sampler_options`).
+    """
+    _check(denoiser, x, sampler, options)
+    den = _with_prefix_cache(denoiser) if prefix_cache else denoiser
+    x = x.to(getattr(den, "device", x.device))
+    generated = x == den.mask_id
+    steps = steps if steps is not None else max(1, int(generated.sum(1).max()))
+    trace, nfe0 = Trace(), den.nfe
+    trace.start(x)
+    fn = SAMPLERS[sampler]
+    if prefix_cache:
+        den.update_prefix(x)
+    if block_length:
+        ids = sample_blocks(fn, den, x, steps, block_length, generator, trace, eos_id, **options)
+    else:
+        ids = fn(den, x, steps, generator, trace=trace, **options)
+    if eos_id is not None:
+        ids = stop_after_eos(ids, generated, eos_id)
+    nfe = den.nfe - nfe0
+    if den is not denoiser:
+        denoiser.nfe += nfe
+    return SampleResult(ids, nfe, trace.steps_run, trace.reveal_step if trajectory else None)
+
+
+__all__ = ["SAMPLERS", "SampleResult", "generate", "sampler_options", "ancestral_sample", "euler_sample",
+           "analytic_sample", "confidence_sample", "threshold_sample"]

@@ -1,38 +1,36 @@
-"""MDLM ancestral sampling: from t to s < t each masked position is revealed with probability (t-s)/t.
+"""MDLM ancestral sampling (Sahoo et al. 2024): from t to s < t each masked position is revealed
+with probability (t - s) / t and its token drawn from p_theta(x0_i | x_t).
 
-When no position changed in a step the denoiser output is reused (the model sees the same input),
-so the number of model calls (NFE) can be lower than the number of steps.
+Time runs on the uniform grid t_k = 1 - k / steps. The last step (s = 0) reveals every position
+left. When a step reveals nothing the model sees the same input, so the previous output is reused
+(caching): the number of model calls (NFE) can be lower than `steps`.
 """
 from __future__ import annotations
 
 import torch
 
+from adapt.sampling.categorical import TokenFilter
+from adapt.sampling.loop import Step, Trace, bernoulli, denoise_loop
 
-def draw(logp: torch.Tensor, generator: torch.Generator | None, temperature: float = 1.0) -> torch.Tensor:
-    """Sample ids from (..., V) log-probabilities (Gumbel-max, driven by a CPU generator)."""
-    if temperature <= 0:
-        return logp.argmax(-1)
-    u = torch.rand(logp.shape, generator=generator, dtype=torch.float32).to(logp.device)
-    gumbel = -torch.log(-torch.log(u.clamp_min(1e-20)).clamp_min(1e-20))
-    return (logp / temperature + gumbel).argmax(-1)
+
+def reveal_prob(t: float, s: float) -> float:
+    """q(x_s revealed | x_t masked) under the linear schedule: (t - s) / t."""
+    return (t - s) / t
+
+
+def _propose(step: Step) -> torch.Tensor:
+    t = 1.0 - step.index / step.steps
+    s = 1.0 - (step.index + 1) / step.steps
+    return bernoulli(reveal_prob(t, s), step.masked, step.generator)
 
 
 @torch.no_grad()
 def ancestral_sample(denoiser, x: torch.Tensor, steps: int, generator: torch.Generator | None = None,
-                     temperature: float = 1.0) -> torch.Tensor:
-    """Fill every mask position of x (B, L) in `steps` steps; other positions are never changed."""
-    mask_id = denoiser.mask_id
-    x = x.clone()
-    times = torch.linspace(1.0, 0.0, steps + 1)
-    logp = None
-    for t, s in zip(times[:-1], times[1:]):
-        masked = x == mask_id
-        if not masked.any():
-            break
-        if logp is None:
-            logp = denoiser(x).to(x.device)
-        reveal = (torch.rand(x.shape, generator=generator) < (t - s) / t).to(x.device) & masked
-        if reveal.any():
-            x = torch.where(reveal, draw(logp, generator, temperature), x)
-            logp = None  # the input changed: the next step needs a fresh model call
-    return x
+                     temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cache: bool = True,
+                     active: torch.Tensor | None = None, trace: Trace | None = None) -> torch.Tensor:
+    """Fill the mask positions of x (B, L) long in `steps` steps -> (B, L) long; given positions never change.
+
+    `cache=False` calls the model at every step (for measuring what caching saves).
+    """
+    filt = TokenFilter(temperature, top_k, top_p)
+    return denoise_loop(denoiser, x, steps, _propose, generator, filt, active, trace, cache)
