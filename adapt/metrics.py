@@ -55,14 +55,14 @@ class MetricsLog:
         secs = sum(w["seconds"] for w in window)
         row = {"loss": sum(w["loss"] for w in window) / len(window),
                "masked_tokens": window[-1]["masked_tokens"], "lr": window[-1]["lr"],
-               "anneal_ratio": window[-1]["anneal_ratio"],
+               "anneal_ratio": window[-1]["anneal_ratio"], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9),
                "step_seconds": secs / len(window)}
         done = step - self._first
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * (self._total - step)
         self.info(f"step {step}/{self._total} | loss {row['loss']:.4f} | masked {row['masked_tokens']} | "
-                  f"lr {row['lr']:.2e} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
+                  f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
                   f"ETA {_duration(eta)}")
         self.record(step, row, "train")
 

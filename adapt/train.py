@@ -115,18 +115,34 @@ def _logits(state: State, x: torch.Tensor, mask: torch.Tensor | None) -> torch.T
     return state.engine(input_ids=x.to(distributed.device()), attention_mask=mask, use_cache=False).logits
 
 
+def global_batch(cfg: Config, step: int, n_blocks: int):
+    """The whole step's draws across ranks: (block indices, t, generator for the masks), m * a * world rows.
+
+    Every rank draws the same global batch (a pure function of seed and step) and keeps its own
+    rows, so t is stratified over the global batch and a run's numbers do not depend on how many
+    ranks share it.
+    """
+    world = distributed.world_size()
+    n = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    idx = batch_indices(step, n_blocks, n, 0, 1, cfg.train.seed)
+    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, step, 1))
+    t = sample_t(n, cfg.diffusion.eps, cfg.diffusion.t_sampling, gen)
+    return idx, t, gen
+
+
 def train_step(state: State, step: int) -> dict:
     """One optimizer step over micro_batch_size * grad_accum sequences per rank."""
     cfg, world = state.cfg, distributed.world_size()
     m, a, length = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.block_size
-    idx = batch_indices(step, len(state.blocks.train), m * a, distributed.rank(), world, cfg.train.seed)
-    x0 = state.blocks.train[idx]
-    docs = state.blocks.train_docs[idx] if cfg.attention.document_mask else None
-    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, step, distributed.rank(), 1))
-    t = sample_t(m * a, cfg.diffusion.eps, cfg.diffusion.t_sampling, gen)
-    maskable = maskable_positions(x0, cfg.diffusion.shift)
-    xt, masked = corrupt(x0, t, state.meta.mask_token_id, maskable, gen)
-    count, n_masked = distributed.all_sum([normaliser(cfg.diffusion.loss_norm, maskable, masked), float(masked.sum())])
+    idx, t_all, gen = global_batch(cfg, step, len(state.blocks.train))
+    x0_all = state.blocks.train[idx]
+    maskable_all = maskable_positions(x0_all, cfg.diffusion.shift)
+    xt_all, masked_all = corrupt(x0_all, t_all, state.meta.mask_token_id, maskable_all, gen)
+    count = normaliser(cfg.diffusion.loss_norm, maskable_all, masked_all)
+    n_masked = int(masked_all.sum())
+    mine = slice(distributed.rank() * m * a, (distributed.rank() + 1) * m * a)
+    x0, xt, masked, t = x0_all[mine], xt_all[mine], masked_all[mine], t_all[mine]
+    docs = state.blocks.train_docs[idx[mine]] if cfg.attention.document_mask else None
     r = anneal_ratio(step, cfg.attention.anneal_steps)
     # one attention pattern per step, identical on every rank (DiffuLLaMA)
     visible = step_visibility(length, r, cfg.attention.anneal_schedule,
@@ -149,7 +165,9 @@ def train_step(state: State, step: int) -> dict:
         state.engine.step()
         total += loss_sum.item()
     (total,) = distributed.all_sum([total])
+    norm = state.engine.get_global_grad_norm()
     return {"loss": total / count, "masked_tokens": int(n_masked), "anneal_ratio": r,
+            "grad_norm": float(norm) if norm is not None else float("nan"),
             "lr": state.engine.get_lr()[0], "tokens": m * a * world * length}
 
 
