@@ -148,3 +148,24 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, c
     b = load_file(tmp_path / "b" / "debug" / "final" / "model.safetensors")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_match_one_rank(stage, tmp_path, tiny_model_dir, corpus_file):
+    """`deepspeed --num_gpus 2 adapt/run.py` on CPU (gloo): same losses, gradient and export as one rank
+    with the same global batch, because every draw is a function of the global batch."""
+    common = ("train.max_steps=3", "train.save_every=0", "attention.anneal_steps=2", f"dist.zero_stage={stage}",
+              "optim.warmup_steps=0", "optim.lr=1e-3")
+    launch(tmp_path / "two", tiny_model_dir, corpus_file, "train.micro_batch_size=2", *common, ranks=2)
+    launch(tmp_path / "one", tiny_model_dir, corpus_file, "train.micro_batch_size=4", *common)
+    two, one = tmp_path / "two" / "debug", tmp_path / "one" / "debug"
+    for key in ("loss", "grad_norm", "masked_tokens"):
+        a, b = losses(two, key), losses(one, key)
+        assert list(a) == [1, 2, 3]
+        assert [a[s] for s in a] == pytest.approx([b[s] for s in a], rel=1e-4), key
+    assert len(list((two / "checkpoints" / "step_0000003").glob("*optim_states.pt"))) == 2  # one shard per rank
+    a = load_file(two / "final" / "model.safetensors")
+    b = load_file(one / "final" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
