@@ -1,0 +1,138 @@
+"""Sample from an exported diffusion model and print text.
+
+    python -m adapt.sample checkpoints/<run>/final --prompt "Once upon a time" --length 128 --steps 64 --sampler analytic
+    python -m adapt.sample FOLDER --prompt "def f(x):" --suffix "return y" --length 32             # prefix + suffix
+    python -m adapt.sample FOLDER --infill "The <mask> sat on the <mask:4>." --steps 16          # spans in text
+    python -m adapt.sample FOLDER --text "The cat sat on the mat." --mask-range 1:3 --steps 4    # spans by token index
+    python -m adapt.sample FOLDER --length 64 --num-samples 4 --trajectory                       # unconditional
+
+Samples go to stdout (one block per sample); speed (NFE, seconds, tokens/s) goes to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+
+import torch
+
+from adapt.sampling import SAMPLERS, SampleResult, generate, sampler_options
+from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
+
+MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m adapt.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("model", help="exported folder (checkpoints/<run>/final)")
+    what = p.add_argument_group("what to generate")
+    what.add_argument("--prompt", default="", help="text before the generated span")
+    what.add_argument("--suffix", default="", help="text after the generated span")
+    what.add_argument("--length", type=int, default=64, help="tokens to generate between prompt and suffix")
+    what.add_argument("--infill", help="text with <mask> (span of --span-length tokens) or <mask:N> markers")
+    what.add_argument("--span-length", type=int, default=8, help="tokens per bare <mask> marker")
+    what.add_argument("--text", help="text whose --mask-range token spans are regenerated")
+    what.add_argument("--mask-range", action="append", default=[], metavar="START:END",
+                      help="token span of --text to mask (0 = first token after BOS, end exclusive); repeatable")
+    how = p.add_argument_group("how")
+    how.add_argument("--sampler", default="analytic", choices=list(SAMPLERS))
+    how.add_argument("--steps", type=int, help="sampler steps (default: one per generated token)")
+    how.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
+    how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--temperature", type=float)
+    how.add_argument("--top-k", type=int)
+    how.add_argument("--top-p", type=float)
+    how.add_argument("--noise", choices=["loglinear", "geometric"], help="euler / analytic noise")
+    how.add_argument("--confidence", choices=["prob", "margin", "entropy"], help="confidence / threshold")
+    how.add_argument("--tau", type=float, help="threshold: commit positions with confidence >= tau")
+    how.add_argument("--block-length", type=int, help="semi-autoregressive blocks of this many tokens")
+    how.add_argument("--prefix-cache", action="store_true", help="reuse the prompt's keys/values (approximate)")
+    how.add_argument("--stop-at-eos", action="store_true", help="cut each sample after its first generated EOS")
+    how.add_argument("--trajectory", action="store_true", help="print which tokens were revealed at which step")
+    run = p.add_argument_group("runtime")
+    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    run.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
+    return p.parse_args(argv)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+
+def build_input(args: argparse.Namespace, tokenizer, bos_id: int, mask_id: int) -> torch.Tensor:
+    """(num_samples, L) long: the canvas the arguments describe."""
+    n = args.num_samples
+    if args.infill is not None or args.text is not None:
+        if args.prompt or args.suffix:
+            raise SystemExit("--infill / --text replace --prompt / --suffix; use one way")
+    if args.infill is not None:
+        parts = MASK_MARKER.split(args.infill)  # text, count, text, count, ..., text
+        if len(parts) == 1:
+            raise SystemExit("--infill needs at least one <mask> or <mask:N> marker")
+        segments: list = []
+        for i, part in enumerate(parts):
+            if i % 2 == 0:
+                segments.append(encode(tokenizer, part))
+            else:
+                segments.append(int(part) if part else args.span_length)
+        return segments_canvas(bos_id, mask_id, segments, n)
+    if args.text is not None:
+        if not args.mask_range:
+            raise SystemExit("--text needs at least one --mask-range START:END")
+        spans = [tuple(int(v) for v in r.split(":")) for r in args.mask_range]
+        try:
+            return infill_canvas(bos_id, mask_id, encode(tokenizer, args.text), spans, n)
+        except ValueError as err:
+            raise SystemExit(str(err)) from None
+    return prompt_canvas(bos_id, mask_id, args.length, encode(tokenizer, args.prompt),
+                         encode(tokenizer, args.suffix), n)
+
+
+def sampler_kwargs(args: argparse.Namespace, eps: float) -> dict:
+    """Options given on the command line, plus the model's eps for log-linear noise."""
+    given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "noise": args.noise,
+             "confidence": args.confidence, "tau": args.tau}
+    options = {k: v for k, v in given.items() if v is not None}
+    if "eps" in sampler_options(args.sampler):
+        options["eps"] = eps
+    return options
+
+
+def print_trajectory(result: SampleResult, row: int, tokenizer) -> None:
+    for step, positions in result.revealed(row):
+        pieces = " ".join(f"{p}:{tokenizer.decode([int(result.ids[row, p])])!r}" for p in positions)
+        print(f"  step {step:3d}: {pieces}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from adapt.checkpoint import load_diffusion_model
+    from adapt.denoiser import Denoiser
+
+    args = parse_args(argv)
+    model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
+    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    x = build_input(args, tokenizer, bos_id, meta.mask_token_id)
+    generator = torch.Generator().manual_seed(args.seed)
+    start = time.perf_counter()
+    try:
+        result = generate(Denoiser(model, meta), x, args.sampler, args.steps, generator, args.block_length,
+                          args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
+                          args.trajectory, **sampler_kwargs(args, meta.eps))
+    except ValueError as err:
+        raise SystemExit(f"error: {err}") from None
+    seconds = time.perf_counter() - start
+    for row in range(result.ids.shape[0]):
+        print(f"=== sample {row + 1}/{result.ids.shape[0]} ===")
+        print(tokenizer.decode(result.ids[row, 1:], skip_special_tokens=True))
+        if args.trajectory:
+            print_trajectory(result, row, tokenizer)
+    generated = int((x == meta.mask_token_id).sum())
+    print(f"# sampler={args.sampler} steps_run={result.steps_run} nfe={result.nfe} seconds={seconds:.2f} "
+          f"tokens/s={generated / max(seconds, 1e-9):.1f}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
