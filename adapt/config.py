@@ -213,6 +213,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("train.keep_last", 1, None),
     ("train.max_bad_steps", 1, None),
     ("model.pad_vocab_to_multiple_of", 1, None),
+    ("model.mask_token_id", -1, None),
     ("run.sample_length", 0, None),
     ("run.sample_steps", 1, None),
 ]
@@ -240,13 +241,18 @@ def _schema_fields(cls: type) -> dict[str, Any]:
     return {f.name: t for f, t in zip(dataclasses.fields(cls), get_type_hints(cls).values())}
 
 
-def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> None:
-    """Report unknown keys (with the nearest valid one) and leaf type errors under `cls`."""
+def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
+    """Report unknown keys (with the nearest valid one) and leaf type errors under `cls`.
+
+    Returns the tree without the offending entries, so the remaining values can still be
+    range-checked and every problem of a recipe is reported at once.
+    """
     if not isinstance(tree, dict):
         problems.append(f"`{prefix.rstrip('.') or 'recipe'}` must be a mapping, got {tree!r}")
-        return
+        return {}
     hints = get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
+    clean: dict = {}
     for key, value in tree.items():
         path = f"{prefix}{key}"
         if key not in names:
@@ -256,9 +262,12 @@ def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> None:
             continue
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            _check_tree(kind, value, path + ".", problems)
+            clean[key] = _check_tree(kind, value, path + ".", problems)
         elif not _type_ok(kind, value):
             problems.append(f"`{path}` must be {_type_name(kind)}, got {value!r}")
+        else:
+            clean[key] = value
+    return clean
 
 
 def _type_ok(kind: Any, value: Any) -> bool:
@@ -374,17 +383,14 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> 
     """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
     problems: list[str] = []
     tree = _read_recipe(recipe, problems) if recipe is not None else {}
-    _check_tree(Config, tree, "", problems)
-    cli = _parse_overrides(list(overrides), problems)
-    _check_tree(Config, cli, "", problems)
-    if problems:
-        raise ConfigError(problems)
+    tree = _check_tree(Config, tree, "", problems)
+    cli = _check_tree(Config, _parse_overrides(list(overrides), problems), "", problems)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
         cfg: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:  # anything the schema walk did not anticipate
-        raise ConfigError([str(err).splitlines()[0]]) from None
-    problems = validate(cfg)
+        raise ConfigError(problems + [str(err).splitlines()[0]]) from None
+    problems += validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg

@@ -131,8 +131,11 @@ def load_causal_lm(mcfg: ModelConfig) -> PreTrainedModel:
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read the model config of {mcfg.name_or_path}: "
                              f"{str(err).splitlines()[0]}") from None
+    if getattr(config, "is_decoder", True) is False:  # encoder configs (BERT, RoBERTa, ...) carry this flag
+        raise ModelLoadError(f"{mcfg.name_or_path} is a `{config.model_type}` encoder (is_decoder=false), not a "
+                             f"causal LM; pick a decoder-only causal LM (Llama, Qwen, Mistral, GPT-2, ...)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
     except ValueError as err:
         if "Unrecognized configuration class" in str(err):
             raise ModelLoadError(f"{mcfg.name_or_path} is a `{config.model_type}` model without a causal-LM "
@@ -140,6 +143,11 @@ def load_causal_lm(mcfg: ModelConfig) -> PreTrainedModel:
         raise ModelLoadError(f"cannot load {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
     except OSError as err:
         raise ModelLoadError(f"cannot load {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
+    missing = sorted(info.get("missing_keys", ()))
+    if missing:  # transformers would initialise these at random and only log it
+        raise ModelLoadError(f"{mcfg.name_or_path} has no weights for {len(missing)} parameters of "
+                             f"{type(model).__name__} (e.g. {missing[0]}): it is not a complete causal-LM "
+                             f"checkpoint; pick a decoder-only causal LM with its LM head")
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
     if mcfg.gradient_checkpointing:
@@ -168,12 +176,17 @@ def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> Diff
         real_vocab = max(real_vocab, old_rows) if real_vocab > old_rows else real_vocab
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(mask_id)
     else:
+        if mcfg.mask_token in {tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, tokenizer.unk_token}:
+            raise ModelLoadError(f"model.mask_token={mcfg.mask_token!r} is the BOS/EOS/pad/unk token; "
+                                 f"pick a new text such as <|mask|>")
         existing = tokenizer.convert_tokens_to_ids(mcfg.mask_token)
         if existing is not None and existing != tokenizer.unk_token_id and existing < old_rows:
             mask_id = existing
         else:
             tokenizer.add_tokens([AddedToken(mcfg.mask_token, special=True, normalized=False)], special_tokens=True)
             mask_id = tokenizer.convert_tokens_to_ids(mcfg.mask_token)
+            if real_vocab <= mask_id < old_rows:  # it took an embedding padding row, never trained: start at the mean
+                _set_rows(model, slice(mask_id, mask_id + 1), _row_means(model, real_vocab))
         tokenizer.mask_token = mcfg.mask_token
         real_vocab = len(tokenizer)
     if real_vocab > old_rows:
@@ -182,19 +195,31 @@ def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> Diff
 
 
 @torch.no_grad()
-def _resize(model: PreTrainedModel, rows: int, multiple: int) -> None:
+def _row_means(model: PreTrainedModel, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean of the first n input rows, and of the output rows when the head is untied (else None)."""
     inp = model.get_input_embeddings().weight
-    old = inp.shape[0]
-    mean_in = inp.float().mean(0)
     out = model.get_output_embeddings()
     tied = out is not None and out.weight.data_ptr() == inp.data_ptr()
-    mean_out = None if tied or out is None else out.weight.float().mean(0)
-    model.resize_token_embeddings(rows, pad_to_multiple_of=multiple if multiple > 1 else None, mean_resizing=False)
+    mean_out = None if tied or out is None else out.weight[:n].float().mean(0)
+    return inp[:n].float().mean(0), mean_out
+
+
+@torch.no_grad()
+def _set_rows(model: PreTrainedModel, rows: slice, means: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+    mean_in, mean_out = means
     new_in = model.get_input_embeddings().weight
-    new_in[old:] = mean_in.to(new_in.dtype)
+    new_in[rows] = mean_in.to(new_in.dtype)
     if mean_out is not None:
         new_out = model.get_output_embeddings().weight
-        new_out[old:] = mean_out.to(new_out.dtype)
+        new_out[rows] = mean_out.to(new_out.dtype)
+
+
+@torch.no_grad()
+def _resize(model: PreTrainedModel, rows: int, multiple: int) -> None:
+    old = model.get_input_embeddings().weight.shape[0]
+    means = _row_means(model, old)
+    model.resize_token_embeddings(rows, pad_to_multiple_of=multiple if multiple > 1 else None, mean_resizing=False)
+    _set_rows(model, slice(old, None), means)
 
 
 def set_causal(model: torch.nn.Module, causal: bool) -> None:
