@@ -45,7 +45,7 @@ class EvalContext:
 
     @property
     def device(self) -> torch.device:
-        return self.denoiser.device
+        return next(self.model.parameters()).device
 
     def parent_config(self) -> ModelConfig:
         source = self.parent_path or self.meta.parent
