@@ -1,0 +1,78 @@
+"""The lm-eval adapter: registration, the bound it returns, and local tasks end to end."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_eval_fixtures import TableDenoiser, exported_dir  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def lm(exported_dir):  # noqa: F811
+    from eval.harness import DiffusionLM
+
+    return DiffusionLM(pretrained=str(exported_dir), mc_samples=4, batch_size=8, gen_length=4)
+
+
+@pytest.fixture(scope="module")
+def task_data(exported_dir, tmp_path_factory):  # noqa: F811
+    from eval.tasks.make_data import main
+
+    out = tmp_path_factory.mktemp("task_data")
+    counts = main([str(exported_dir), "--out", str(out), "--docs", "20"])
+    assert all(n > 0 for n in counts.values())
+    return out
+
+
+def test_registered_with_lm_eval():
+    import eval.harness  # noqa: F401
+    from lm_eval.api.registry import get_model
+
+    assert get_model("diffusion-lm").__name__ == "DiffusionLM"
+    assert get_model("hf").__name__ == "HFLM"  # lm-eval's own models stay available
+
+
+def test_loglikelihood_is_the_exact_log_prob_for_a_product_denoiser(lm):
+    """With a product-distribution denoiser the bound is exact; one-token continuations have no noise."""
+    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    table = torch.log_softmax(torch.randn(lm.max_length, vocab), -1)
+    real = lm.denoiser
+    lm.denoiser = TableDenoiser(table, lm.meta.mask_token_id)
+    try:
+        ctx, cont = lm._split("The cat sat on the", " mat")
+        ll, _ = lm.score_tokens(ctx, cont, torch.Generator().manual_seed(0), greedy=False)
+        start = 1 + len(ctx)
+        exact = sum(float(table[start + j, tok]) for j, tok in enumerate(cont))
+        assert len(cont) == 1 and math.isclose(ll, exact, rel_tol=1e-5)
+        ctx, cont = lm._split("The cat sat on the", " mat by the door")
+        lls = [lm.score_tokens(ctx, cont, torch.Generator().manual_seed(s), greedy=False)[0] for s in range(8)]
+        exact = sum(float(table[1 + len(ctx) + j, tok]) for j, tok in enumerate(cont))
+        mean = sum(lls) / len(lls)
+        se = (sum((v - mean) ** 2 for v in lls) / (len(lls) - 1) / len(lls)) ** 0.5
+        assert len(cont) > 1 and abs(mean - exact) < 4 * se + 1e-6
+    finally:
+        lm.denoiser = real
+
+
+def test_split_moves_trailing_space_to_continuation(lm):
+    ctx, cont = lm._split("Paris is the capital of ", "France")
+    assert lm.tokenizer.decode(ctx) == "Paris is the capital of"
+    assert lm.tokenizer.decode(cont) == " France"
+
+
+def test_local_tasks_end_to_end(lm, task_data, monkeypatch):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from eval.harness import TASKS_DIR
+
+    monkeypatch.setenv("ADAPT_EVAL_TASK_DATA", str(task_data))
+    tasks = ["adapt_cloze", "adapt_choice", "adapt_documents", "adapt_cloze_gen"]
+    out = simple_evaluate(model=lm, tasks=tasks, limit=3, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+                          log_samples=False, bootstrap_iters=0)
+    res = out["results"]
+    assert 0.0 <= res["adapt_choice"]["acc,none"] <= 1.0
+    assert 0.0 <= res["adapt_cloze"]["acc,none"] <= 1.0 and res["adapt_cloze"]["perplexity,none"] > 1.0
+    assert res["adapt_documents"]["word_perplexity,none"] > 1.0
+    assert 0.0 <= res["adapt_cloze_gen"]["exact_match,first_word"] <= 1.0
