@@ -10,6 +10,7 @@ import difflib
 import math
 import os
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -279,7 +280,8 @@ def _type_ok(kind: Any, value: Any) -> bool:
     if kind is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if kind is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
+        return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
+                                            and abs(value) <= sys.float_info.max)  # 10**400 is no float
     if kind is str:
         return isinstance(value, str)
     return True
@@ -388,7 +390,7 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
         cfg: Config = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as err:  # anything the schema walk did not anticipate
+    except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:  # what the schema walk missed
         raise ConfigError(problems + [str(err).splitlines()[0]]) from None
     problems += validate(cfg)
     if problems:

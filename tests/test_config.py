@@ -1,6 +1,7 @@
 """Recipe schema: every recipe loads, precedence, one error listing every problem, resume safety."""
 from __future__ import annotations
 
+import os
 import string
 import tempfile
 from pathlib import Path
@@ -82,6 +83,7 @@ def test_wrong_type(tmp_path):
     ("train.max_steps=0", "train.max_steps"), ("dist.zero_stage=4", "dist.zero_stage"),
     ("model.dtype=fp16", "model.dtype"), ("diffusion.eps=.nan", "diffusion.eps"),
     ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=.inf", "optim.grad_clip"),
+    ("optim.beta1=" + "1" * 400, "optim.beta1"),  # an int too large for a float (found by fuzzing)
 ])
 def test_out_of_range(override, key):
     (p,) = problems_of(None, [override])
@@ -176,7 +178,7 @@ def _only_config_errors(recipe, overrides):
         assert err.problems and all(isinstance(p, str) and p for p in err.problems)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(tree=_sections, overrides=_dotlist)
 def test_fuzz_yaml_trees_and_dotlists(tree, overrides):
     with tempfile.TemporaryDirectory() as tmp:
@@ -185,7 +187,7 @@ def test_fuzz_yaml_trees_and_dotlists(tree, overrides):
         _only_config_errors(path, overrides)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(text=st.one_of(st.text(max_size=80), st.text(alphabet=string.printable + "{}[]:-&*!|>%@`'\"", max_size=80),
                       st.binary(max_size=60)))
 def test_fuzz_raw_recipe_text(text):
