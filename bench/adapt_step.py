@@ -1,0 +1,162 @@
+"""Adaptation step vs plain causal-LM fine-tuning step: tokens/s and peak memory, one run.
+
+    python bench/adapt_step.py [--model embedded:smollm2-135m-instruct] [--batch 4] [--length 256]
+                               [--dtype bf16] [--attn sdpa] [--steps 5] [--device cpu|cuda]
+
+Each variant runs in its own process (same model, batch, dtype, attention backend, DeepSpeed engine):
+  causal         HF causal LM loss on the parent (labels=input_ids), the baseline
+  anneal         adapt.train.train_step at anneal ratio r = 0.5 (a random 4D mask each step)
+  bidirectional  adapt.train.train_step after annealing (no mask tensor)
+Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
+sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+VARIANTS = ("causal", "anneal", "bidirectional")
+
+
+class PeakRSS:
+    """Samples this process's resident set size in a thread; .peak in bytes."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval, self.peak, self._stop = interval, 0, threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _rss(self) -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._rss())
+            time.sleep(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def _state(args):
+    import torch
+
+    from adapt import distributed
+    from adapt.config import load_config
+    from adapt.data import Blocks
+    from adapt.diffusion import blocked_vocab
+    from adapt.metrics import MetricsLog
+    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
+    from adapt.train import State, _optimizer, lr_lambda
+
+    cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
+                             f"model.attn_implementation={args.attn}", f"data.block_size={args.length}",
+                             f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",
+                             "attention.anneal_steps=2", "optim.warmup_steps=0", "optim.grad_clip=1.0",
+                             f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
+    distributed.init()
+    tok, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
+    meta = add_mask_token(model, tok, cfg.model)
+    set_causal(model, args.variant == "causal")
+    opt = _optimizer(cfg, model)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, meta.real_vocab_size - 1, (64, args.length), generator=gen)
+    blocks = Blocks(ids, torch.zeros_like(ids), ids[:1], ids[:1])
+    rows = model.get_output_embeddings().weight.shape[0]
+    blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
+    return State(cfg, engine, tok, meta, blocks, blocked, MetricsLog(Path("."), False, False))
+
+
+def _causal_step(state, step: int) -> None:
+    from adapt import distributed
+    from adapt.data import batch_indices
+
+    m = state.cfg.train.micro_batch_size
+    x = state.blocks.train[batch_indices(step, len(state.blocks.train), m, 0, 1, 0)].to(distributed.device())
+    loss = state.engine(input_ids=x, labels=x, use_cache=False).loss
+    state.engine.backward(loss)
+    state.engine.step()
+
+
+def run_variant(args) -> dict:
+    """Time `args.steps` steps of one variant after two warm-up steps (in this process)."""
+    import torch
+
+    from adapt.train import train_step
+
+    state = _state(args)
+    # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1
+    first = {"causal": 0, "anneal": 1, "bidirectional": 2}[args.variant]
+    step = (lambda s: _causal_step(state, s)) if args.variant == "causal" else (
+        lambda s: train_step(state, first if args.variant == "anneal" else first + s))
+    cuda = args.device == "cuda"
+    for s in range(2):
+        step(s)
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss:
+        tic = time.perf_counter()
+        for s in range(args.steps):
+            step(s + 2)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - tic
+    peak = torch.cuda.max_memory_allocated() if cuda else rss.peak
+    return {"variant": args.variant, "tokens_per_s": args.steps * args.batch * args.length / seconds,
+            "step_seconds": seconds / args.steps, "peak_bytes": peak}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--length", type=int, default=256)
+    p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--attn", default="sdpa")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
+    p.add_argument("--json", default="", help="also write the results here")
+    args = p.parse_args()
+    if args.variant:
+        print("RESULT " + json.dumps(run_variant(args)), flush=True)
+        return
+    results = {}
+    for variant in VARIANTS:
+        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+        if not line:
+            raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+        results[variant] = json.loads(line[0][7:])
+    base = results["causal"]
+    print(f"model {args.model} | batch {args.batch}x{args.length} | {args.dtype} | {args.attn} | {args.device}")
+    print(f"{'variant':<14}{'tokens/s':>10}{'s/step':>9}{'peak MiB':>10}{'speed x':>9}{'memory x':>10}")
+    for name, r in results.items():
+        r["speed_ratio"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
+        print(f"{name:<14}{r['tokens_per_s']:>10.0f}{r['step_seconds']:>9.2f}{r['peak_bytes'] / 2**20:>10.0f}"
+              f"{r['speed_ratio']:>9.3f}{r['memory_ratio']:>10.3f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
