@@ -54,7 +54,9 @@ def score(ctx: EvalContext, prefix: torch.Tensor, cont: torch.Tensor, args: argp
     """Judge perplexity, diversity and two decoded examples of continuations (N, G) after prefixes (N, P)."""
     gen_ppl = ctx.judge().perplexity(prefix.tolist(), cont.tolist(), args.batch_size)
     texts = ctx.tokenizer.batch_decode(cont, skip_special_tokens=False)
-    return {"gen_ppl": gen_ppl, "diversity": diversity(cont.tolist(), args.window), "texts": texts}
+    prompts = ctx.tokenizer.batch_decode(prefix, skip_special_tokens=True)
+    return {"gen_ppl": gen_ppl, "diversity": diversity(cont.tolist(), args.window), "texts": texts,
+            "prompts": prompts}
 
 
 def run_sampler(ctx: EvalContext, prefix: torch.Tensor, gen_len: int, sampler: str, steps: int,
@@ -110,9 +112,9 @@ def strip_texts(result: dict) -> tuple[dict, list[dict]]:
     records = []
     for kind in ("runs", "references"):
         for row in result[kind]:
-            texts = row.pop("texts")
+            texts, prompts = row.pop("texts"), row.pop("prompts")
             key = {k: row[k] for k in ("mode", "sampler", "steps", "source") if k in row}
-            records += [{**key, "index": i, "text": t} for i, t in enumerate(texts)]
+            records += [{**key, "index": i, "prompt": p, "text": t} for i, (p, t) in enumerate(zip(prompts, texts))]
             row["examples"] = texts[:2]
     return result, records
 

@@ -54,17 +54,21 @@ def _default_max_length(model_dir: Path, model) -> int:
 class DiffusionLM(LM):
     """An exported diffusion model as an lm-eval LM (one process; batches are MC draws of one request)."""
 
-    def __init__(self, pretrained: str, device: str = "cpu", dtype: str = "fp32", mc_samples: int = 32,
+    def __init__(self, pretrained: str = "", device: str = "cpu", dtype: str = "fp32", mc_samples: int = 32,
                  estimator: str = "count", batch_size: int | str = 16, max_length: int = 0,
                  sampler: str = "confidence", steps: int = 0, gen_length: int = 64, temperature: float = 0.0,
-                 seed: int = 0, **unused):
+                 seed: int = 0, loaded: tuple | None = None, **unused):
+        """`loaded` = (model, tokenizer, meta) already in memory (then `pretrained` only locates recipe.yaml)."""
         super().__init__()
         if unused:
             log.warning("diffusion-lm ignores model_args %s", ", ".join(sorted(unused)))
         if estimator not in METHODS or sampler not in SAMPLERS:
             raise ValueError(f"estimator must be one of {METHODS} and sampler one of {tuple(SAMPLERS)}; "
                              f"got estimator={estimator!r}, sampler={sampler!r}")
-        self.model, self.tokenizer, self.meta = load_diffusion_model(pretrained, dtype=dtype, device=device or "cpu")
+        if loaded is None and not pretrained:
+            raise ValueError("diffusion-lm needs --model_args pretrained=PATH (an exported diffusion folder)")
+        loaded = loaded or load_diffusion_model(pretrained, dtype=dtype, device=device or "cpu")
+        self.model, self.tokenizer, self.meta = loaded
         self.denoiser = Denoiser(self.model, self.meta)
         self.mc_samples, self.estimator, self.sampler = int(mc_samples), estimator, sampler
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> 16 rows
