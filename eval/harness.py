@@ -173,6 +173,41 @@ class DiffusionLM(LM):
         return text
 
 
+def _metrics(task_results: dict) -> dict[str, float]:
+    """lm-eval's {"acc,none": 0.5, "acc_stderr,none": ...} -> {"acc": 0.5, "acc_stderr": ...} (numbers only)."""
+    out = {}
+    for key, value in task_results.items():
+        if isinstance(value, (int, float)) and "," in key:
+            metric, filt = key.split(",", 1)
+            out[metric if filt == "none" else f"{metric} ({filt})"] = float(value)
+    return out
+
+
+def evaluate_local(models: dict[str, LM], tasks: list[str], limit: int | None, data_dir: Path,
+                   num_fewshot: int | None = None) -> dict:
+    """Run lm-eval tasks from eval/tasks on each model -> {label: {task: {metric: value}}}."""
+    import os
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    previous = os.environ.get("ADAPT_EVAL_TASK_DATA")
+    os.environ["ADAPT_EVAL_TASK_DATA"] = str(data_dir)
+    try:
+        manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+        results = {}
+        for label, lm in models.items():
+            out = simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot, task_manager=manager,
+                                  log_samples=False, bootstrap_iters=0)
+            results[label] = {task: _metrics(r) for task, r in out["results"].items()}
+    finally:
+        if previous is None:
+            os.environ.pop("ADAPT_EVAL_TASK_DATA", None)
+        else:
+            os.environ["ADAPT_EVAL_TASK_DATA"] = previous
+    return {"tasks": tasks, "limit": limit, "num_fewshot": num_fewshot, "results": results}
+
+
 def main(argv: list[str] | None = None) -> None:
     """lm-eval's command line with `diffusion-lm` registered and the local tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
