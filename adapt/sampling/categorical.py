@@ -37,12 +37,19 @@ class TokenFilter:
         if problems:
             raise ValueError("; ".join(problems))
 
+    @property
+    def identity(self) -> bool:
+        return self.temperature in (0.0, 1.0) and self.top_k == 0 and self.top_p == 1.0
+
     def apply(self, logp: torch.Tensor) -> torch.Tensor:
         """(N, V) log-probabilities -> (N, V) renormalised log-probabilities after the filter.
 
-        Temperature 0 filters as temperature 1 (greedy drawing happens in `draw`).
+        Temperature 0 filters as temperature 1 (greedy drawing happens in `draw`). The identity
+        filter returns the rows as they are (they are already normalised).
         """
         logp = logp.float()
+        if self.identity:
+            return logp
         if self.temperature > 0 and self.temperature != 1.0:
             logp = logp / self.temperature
         if self.top_k > 0 and self.top_k < logp.shape[-1]:
