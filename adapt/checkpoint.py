@@ -20,7 +20,7 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from adapt import distributed
+from adapt import distributed, faults
 from adapt.config import Config, from_dict, resume_conflicts, to_yaml
 from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, set_causal
 
@@ -67,6 +67,7 @@ def save_resumable(engine, run_dir: Path, step: int, cfg: Config, client_state: 
     distributed.barrier()
     distributed.save(engine, root, tag, client_state)
     distributed.barrier()
+    faults.maybe_kill_in_save(step)
     if distributed.is_main():
         (root / tag / "config.yaml").write_text(to_yaml(cfg))
         _fsync_write(root / tag / COMPLETE, f"{step}\n")

@@ -53,7 +53,9 @@ class MetricsLog:
         if not self.enabled or not window:
             return
         secs = sum(w["seconds"] for w in window)
-        row = {"loss": sum(w["loss"] for w in window) / len(window),
+        good = [w for w in window if not w.get("skipped")]
+        row = {"loss": sum(w["loss"] for w in good) / len(good) if good else float("nan"),
+               "skipped": len(window) - len(good),
                "masked_tokens": window[-1]["masked_tokens"], "lr": window[-1]["lr"],
                "anneal_ratio": window[-1]["anneal_ratio"], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9),

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import checkpoint, distributed
+from adapt import checkpoint, distributed, faults
 from adapt.attention import anneal_ratio, build_mask, step_visibility
 from adapt.config import Config, to_yaml
 from adapt.data import Blocks, batch_indices, build_blocks
@@ -39,6 +39,7 @@ class State:
     log: MetricsLog
     step: int = 0
     stop_requested: bool = False
+    skipped: int = 0
 
 
 def _seed(*parts: int) -> int:
@@ -100,6 +101,7 @@ def setup(cfg: Config) -> State:
     if tag is not None:
         client = distributed.load(engine, checkpoint.ckpt_root(run_dir), tag)
         state.step = int(client["step"])
+        state.skipped = int(client.get("skipped_steps", 0))
         log.info(f"resumed from {checkpoint.ckpt_root(run_dir) / tag} at step {state.step}")
     log.info(f"world {world} | {len(blocks.train)} train blocks, {len(blocks.heldout)} held-out, "
              f"{cfg.data.block_size} tokens each | mask token id {meta.mask_token_id}")
@@ -148,7 +150,7 @@ def train_step(state: State, step: int) -> dict:
     visible = step_visibility(length, r, cfg.attention.anneal_schedule,
                               torch.Generator().manual_seed(_seed(cfg.train.seed, step, 2)))
     dev, dtype = distributed.device(), DTYPES[cfg.model.dtype]
-    total = 0.0
+    total, bad = 0.0, False
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
         mask = build_mask(visible, length, dtype, cfg.model.attn_implementation,
@@ -156,19 +158,46 @@ def train_step(state: State, step: int) -> dict:
         logits = _logits(state, xt[sl], mask if mask is None else mask.to(dev))
         loss_sum = diffusion_loss_sum(logits, x0[sl].to(dev), masked[sl].to(dev), t[sl], cfg.diffusion.shift,
                                       state.blocked)
-        if not torch.isfinite(loss_sum):
-            raise TrainingError(f"non-finite loss at step {step}; nothing was saved from this step. "
-                                f"Lower optim.lr or use model.dtype=fp32, then resume from the last checkpoint")
+        if step in faults.nan_steps():
+            loss_sum = loss_sum * float("nan")
+        finite = torch.isfinite(loss_sum)
+        bad = bad or distributed.all_sum([float(not finite)])[0] > 0  # every rank takes the same branch
+        if bad and k == a - 1:
+            saved_lrs = _drop_update(state.engine)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the step's
-        # gradient is d(sum of all token losses / global count).
-        state.engine.backward(loss_sum / count * world * a)
+        # gradient is d(sum of all token losses / global count). A non-finite loss sends no gradient.
+        state.engine.backward(torch.where(finite, loss_sum, 0.0) / count * world * a)
         state.engine.step()
-        total += loss_sum.item()
+        total += loss_sum.item() if finite else 0.0
+    if bad:
+        if not state.engine.was_step_applied():  # DeepSpeed saw the overflow itself: no scheduler step ran
+            for group, lr in zip(state.engine.optimizer.param_groups, saved_lrs):
+                group["lr"] = lr
+        check_finite_weights(state, f"after the skipped step {step + 1}")
     (total,) = distributed.all_sum([total])
     norm = state.engine.get_global_grad_norm()
-    return {"loss": total / count, "masked_tokens": int(n_masked), "anneal_ratio": r,
-            "grad_norm": float(norm) if norm is not None else float("nan"),
+    return {"loss": float("nan") if bad else total / count, "masked_tokens": int(n_masked), "anneal_ratio": r,
+            "grad_norm": float(norm) if norm is not None and not bad else float("nan"), "skipped": bad,
             "lr": state.engine.get_lr()[0], "tokens": m * a * world * length}
+
+
+def _drop_update(engine) -> list[float]:
+    """Make the coming optimizer update a no-op: learning rate 0 for this step only (the scheduler
+    sets the next step's rate afresh). AdamW's decoupled weight decay is scaled by lr, so it is off too.
+    Returns the rates it replaced."""
+    saved = [group["lr"] for group in engine.optimizer.param_groups]
+    for group in engine.optimizer.param_groups:
+        group["lr"] = 0.0
+    return saved
+
+
+def check_finite_weights(state: State, when: str) -> None:
+    """Raise TrainingError unless every rank's parameters (its ZeRO-3 partition) are finite."""
+    ok = all(bool(torch.isfinite(getattr(p, "ds_tensor", p)).all()) for p in state.engine.module.parameters())
+    if distributed.all_sum([float(not ok)])[0] > 0:
+        raise TrainingError(f"the weights are no longer finite {when}; nothing was saved from this point. "
+                            f"Lower optim.lr, raise optim.warmup_steps or use model.dtype=fp32, then rerun "
+                            f"to resume from the last complete checkpoint")
 
 
 @torch.no_grad()
@@ -233,7 +262,8 @@ def _install_stop_handler(state: State) -> None:
 
 
 def save(state: State) -> None:
-    client = {"step": state.step, "consumed_sequences": state.step * state.cfg.train.micro_batch_size
+    check_finite_weights(state, f"at step {state.step}")  # never a NaN written into a checkpoint
+    client = {"step": state.step, "skipped_steps": state.skipped, "consumed_sequences": state.step * state.cfg.train.micro_batch_size
               * state.cfg.train.grad_accum * distributed.world_size()}
     checkpoint.save_resumable(state.engine, state.cfg.run_dir, state.step, state.cfg, client,
                               state.cfg.train.keep_last)
@@ -245,12 +275,22 @@ def fit(state: State) -> bool:
     _install_stop_handler(state)
     log.start(state.step, cfg.train.max_steps)
     window: list[dict] = []
+    bad_in_a_row = 0
     while state.step < cfg.train.max_steps:
         tic = time.perf_counter()
         out = train_step(state, state.step)
         state.step += 1
         out["seconds"] = time.perf_counter() - tic
         window.append(out)
+        bad_in_a_row = bad_in_a_row + 1 if out["skipped"] else 0
+        if out["skipped"]:
+            state.skipped += 1
+            log.info(f"step {state.step}: non-finite loss, update skipped ({bad_in_a_row} in a row, "
+                     f"{state.skipped} in all; the run stops at {cfg.train.max_bad_steps} in a row)")
+            if bad_in_a_row >= cfg.train.max_bad_steps:
+                raise TrainingError(f"{bad_in_a_row} steps in a row had a non-finite loss (train.max_bad_steps="
+                                    f"{cfg.train.max_bad_steps}); the last complete checkpoint is intact. Lower "
+                                    f"optim.lr or use model.dtype=fp32, then rerun to resume from it")
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             log.status(state.step, window)
             window = []
