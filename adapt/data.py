@@ -88,7 +88,16 @@ def embedded_corpus(cache_dir: str | os.PathLike) -> Path:
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(f".tmp{os.getpid()}")
-    with bz2.open(gensim_wiki_dump(), "rb") as src, tmp.open("w") as dst:
+    try:
+        _write_wiki_jsonl(gensim_wiki_dump(), tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)  # an interrupted build leaves nothing behind
+    return out
+
+
+def _write_wiki_jsonl(dump: Path, tmp: Path) -> None:
+    with bz2.open(dump, "rb") as src, tmp.open("w") as dst:
         for _, elem in ET.iterparse(src):
             if not elem.tag.endswith("}page"):
                 continue
@@ -100,8 +109,6 @@ def embedded_corpus(cache_dir: str | os.PathLike) -> Path:
                     title = elem.find("{*}title").text
                     dst.write(json.dumps({"title": title, "text": text}) + "\n")
             elem.clear()
-    os.replace(tmp, out)
-    return out
 
 
 # --- reading and packing -----------------------------------------------------------------------
@@ -139,12 +146,24 @@ def load_documents(dcfg: DataConfig):
         else:
             ds = datasets.load_dataset(builder, split="train")
     except Exception as err:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {files or builder}: {str(err).splitlines()[0][:300]}") from None
+        raise DataError(f"cannot read {files or builder}: {_reason(err)}; check data.train_files (UTF-8 .txt, "
+                        f".jsonl with one object per line, or .parquet; not empty)") from None
     field = "text" if builder == "text" else dcfg.text_field
     if field not in ds.column_names:
         raise DataError(f"the data has no `{field}` column (columns: {', '.join(ds.column_names)}); "
                         f"set data.text_field")
+    kind = ds.features[field]
+    if not (isinstance(kind, datasets.Value) and kind.dtype in ("string", "large_string")):
+        raise DataError(f"the `{field}` column holds {kind}, not text; set data.text_field to a text column")
     return ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
+
+
+def _reason(err: BaseException) -> str:
+    """The innermost cause of an exception as one line (datasets wraps the useful one)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
 def pack(ds, tokenizer, block_size: int, num_proc: int = 1):
@@ -159,12 +178,12 @@ def pack(ds, tokenizer, block_size: int, num_proc: int = 1):
     body = block_size - 1
 
     def tokenize(batch):
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x in ids]}
+        ids = tokenizer([t or "" for t in batch["text"]], add_special_tokens=False)["input_ids"]
+        return {"ids": [x + [eos] if x else [] for x in ids]}  # null/empty documents add no lone EOS
 
     def group(batch):
         flat, docs = [], []
-        for d, ids in enumerate(batch["ids"]):
+        for d, ids in enumerate(x for x in batch["ids"] if x):
             flat += ids
             docs += [d] * len(ids)
         n = len(flat) // body
