@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from adapt.attention import to_additive
-from adapt.diffusion import blocked_vocab, denoiser_log_probs, prediction_logits
+from adapt.diffusion import blocked_vocab, prediction_logits
 from adapt.model import DiffusionMeta, forward_logits
 
 _CACHE_BACKENDS = ("eager", "sdpa")
@@ -35,6 +35,7 @@ class Denoiser:
         self.nfe = 0
         rows = model.get_output_embeddings().weight.shape[0]
         self.blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=self.device)
+        self._blocked_ids = self.blocked.nonzero().flatten()
 
     @property
     def device(self) -> torch.device:
@@ -58,9 +59,30 @@ class Denoiser:
         x = x.to(self.device)
         return prediction_logits(forward_logits(self.model, x, self._mask(x)), self.shift)
 
+    def _log_probs_into(self, out: torch.Tensor, logits: torch.Tensor) -> None:
+        """out (B, R, V) float32 view <- log-softmax of logits (B, R, V) with blocked ids at -inf.
+
+        Same values as adapt.diffusion.denoiser_log_probs, without the temporaries: blocked columns
+        are filled in place and the softmax writes straight into `out` (a sampler pays for this at
+        every model call; see bench/sampling_speed.py).
+        """
+        logits = logits.float()
+        logits.index_fill_(-1, self._blocked_ids, -math.inf)
+        for b in range(out.shape[0]):
+            torch.log_softmax(logits[b], -1, out=out[b])
+
     @torch.no_grad()
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return denoiser_log_probs(self.logits(x), self.blocked)
+        self.nfe += 1
+        x = x.to(self.device)
+        logits = forward_logits(self.model, x, self._mask(x))  # (B, L, V), row j predicts token j+1 with the shift
+        out = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+        if self.shift:  # row i of the output predicts token i; row 0 (never used) repeats row 0
+            self._log_probs_into(out[:, 1:], logits[:, :-1])
+            out[:, 0] = out[:, 1]
+        else:
+            self._log_probs_into(out, logits)
+        return out
 
 
 class PrefixCachedDenoiser(Denoiser):
@@ -121,6 +143,5 @@ class PrefixCachedDenoiser(Denoiser):
         logp = torch.full((B, L, out.shape[-1]), -math.inf, dtype=torch.float32, device=self.device)
         first = n + 1 if self.shift else n
         logp[:, :first].scatter_(-1, x[:, :first, None], 0.0)
-        rows = out[:, :-1] if self.shift else out
-        logp[:, first:] = denoiser_log_probs(rows, self.blocked)
+        self._log_probs_into(logp[:, first:], out[:, :-1] if self.shift else out)
         return logp

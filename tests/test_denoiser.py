@@ -54,8 +54,10 @@ def make_tiny(bidirectional: bool, backend: str):
     return model, DiffusionMeta(mask_token_id=MASK, real_vocab_size=REAL, bidirectional=bidirectional)
 
 
-def test_tiny_llama_matches_raw_logits_with_the_shift():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tiny_llama_matches_raw_logits_with_the_shift(dtype):
     model, meta = make_tiny(True, "sdpa")
+    model.to(dtype)
     x = torch.randint(0, REAL, (2, 9), generator=torch.Generator().manual_seed(0))
     raw = model(input_ids=x).logits.float()
     raw[..., REAL:] = -torch.inf

@@ -1,0 +1,205 @@
+"""Sampler speed against the parent causal LM, in one run on one model, prompt and output length.
+
+    python bench/sampling_speed.py                      # embedded SmolLM2-135M, CPU, fp32
+    python bench/sampling_speed.py --device cuda --dtype bf16 --batch 8
+
+Reports, per sampler: tokens/s and model calls (NFE) next to the parent's `generate` with KV
+cache (greedy, same prompt, same number of new tokens); seconds per model call; the sampler's
+overhead = wall time / time spent inside the model's forward during the same run (target <= 1.05x;
+measured in-run because a shared CPU's speed drifts between runs); tokens committed per call. Then the prefix KV cache's quality cost: the cached denoiser against the exact one on the
+same partially masked inputs (KL, top-1 agreement, NLL of the true tokens).
+An unadapted model is fine for speed; its samples are not meant to be read.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
+from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
+from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal  # noqa: E402
+from adapt.sampling import generate  # noqa: E402
+from adapt.sampling.canvas import prompt_canvas  # noqa: E402
+
+TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+        "combined movable metal type, oil-based inks and a wooden press adapted from those used to make "
+        "wine. Within fifty years presses were working in more than two hundred cities across Europe, and "
+        "the number of books in circulation grew from thousands to millions. Cheaper books changed who "
+        "could read and what they read: pamphlets, calendars and grammars reached merchants and artisans, "
+        "scholars compared editions of the same text, and printers became publishers, translators and "
+        "booksellers. Governments and churches soon tried to license presses, with mixed success, because "
+        "a press was small enough to move across a border in a single cart.")
+
+# (label, sampler, options, block_length, prefix_cache)
+CONFIGS = [
+    ("ancestral", "ancestral", {}, None, False),
+    ("euler loglinear", "euler", {}, None, False),
+    ("analytic loglinear", "analytic", {}, None, False),
+    ("analytic geometric", "analytic", {"noise": "geometric"}, None, False),
+    ("confidence prob", "confidence", {}, None, False),
+    ("threshold tau", "threshold", {}, None, False),
+    ("confidence, blocks", "confidence", {}, "B", False),
+    ("threshold tau, blocks", "threshold", {}, "B", False),
+    ("confidence, blocks + prefix cache", "confidence", {}, "B", True),
+    ("threshold tau, blocks + prefix cache", "threshold", {}, "B", True),
+]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: torch.device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+@torch.no_grad()
+def bare_forward_seconds(model, x: torch.Tensor, repeats: int) -> float:
+    """Median seconds of model(x).logits (the work every sampler step must do at least)."""
+    model(input_ids=x, use_cache=False)  # warm-up
+    times = [timed(lambda: model(input_ids=x, use_cache=False).logits, x.device)[1] for _ in range(repeats)]
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def parent_generate(model, prompt: torch.Tensor, length: int) -> tuple[float, int]:
+    """(seconds, forwards) of greedy AR generation of `length` tokens with the KV cache."""
+    kwargs = dict(max_new_tokens=length, min_new_tokens=length, do_sample=False, use_cache=True,
+                  pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    model.generate(prompt, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=0,
+                   attention_mask=torch.ones_like(prompt))  # warm-up
+    out, seconds = timed(lambda: model.generate(prompt, **kwargs), prompt.device)
+    return seconds, out.shape[1] - prompt.shape[1]
+
+
+class ForwardTimer:
+    """Seconds spent inside model.forward (hooks on the top module)."""
+
+    def __init__(self, model, device: torch.device):
+        self.seconds, self.device, self._start = 0.0, device, 0.0
+        model.register_forward_pre_hook(self._pre)
+        model.register_forward_hook(self._post)
+
+    def _pre(self, *_):
+        sync(self.device)
+        self._start = time.perf_counter()
+
+    def _post(self, *_):
+        sync(self.device)
+        self.seconds += time.perf_counter() - self._start
+
+
+def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
+    rows, generated = [], int((x == meta.mask_token_id).sum())
+    timer = ForwardTimer(model, x.device)
+    for label, name, options, block, cache in CONFIGS:
+        opts = dict(options, **({"tau": args.tau} if name == "threshold" else {}))
+        block_length = args.block_length if block else None
+        label = label.replace("tau", f"tau={args.tau}").replace("blocks", f"blocks of {args.block_length}")
+        timer.seconds = 0.0
+        res, seconds = timed(lambda: generate(Denoiser(model, meta), x, name, args.steps,
+                                              torch.Generator().manual_seed(0), block_length, cache, **opts),
+                             x.device)
+        rows.append(dict(label=label, seconds=seconds, nfe=res.nfe, tok_s=generated / seconds,
+                         overhead=seconds / timer.seconds, per_call=generated / x.shape[0] / res.nfe,
+                         cache=cache))
+        print(f"  {label}: {seconds:.2f}s nfe={res.nfe} in forward {timer.seconds:.2f}s", file=sys.stderr)
+    return rows
+
+
+@torch.no_grad()
+def prefix_cache_quality(model, meta, x0: torch.Tensor, prompt_len: int, ratios=(0.25, 0.5, 0.75, 1.0)) -> list[dict]:
+    """Cached vs exact denoiser on x0 with a fraction of the continuation masked (one draw per ratio)."""
+    rows, g = [], torch.Generator().manual_seed(0)
+    exact, cached = Denoiser(model, meta), PrefixCachedDenoiser(model, meta)
+    for r in ratios:
+        x = x0.clone()
+        cont = torch.rand(x.shape, generator=g).to(x.device) < r
+        cont[:, :prompt_len] = False
+        x[cont] = meta.mask_token_id
+        cached.prefix = None
+        cached.update_prefix(x)
+        p, q = exact(x)[cont], cached(x)[cont]  # (N, V)
+        kl = torch.where(p.isfinite(), p.exp() * (p - q), 0.0).sum(-1).mean()
+        nll_p = -p.gather(-1, x0[cont][:, None]).mean()
+        nll_q = -q.gather(-1, x0[cont][:, None]).mean()
+        agree = (p.argmax(-1) == q.argmax(-1)).float().mean()
+        rows.append(dict(ratio=r, masked=int(cont.sum()), kl=float(kl), agree=float(agree),
+                         nll_exact=float(nll_p), nll_cached=float(nll_q)))
+    return rows
+
+
+def report(args, device_name: str, ar: tuple[float, int], fwd: float, rows: list[dict], quality: list[dict],
+           shape: tuple[int, int], prompt_len: int) -> str:
+    ar_seconds, ar_tokens = ar
+    ar_tok_s = ar_tokens * shape[0] / ar_seconds
+    lines = [f"model {args.model}, {device_name}, {args.dtype}, batch {shape[0]}, prompt {prompt_len} tokens "
+             f"(BOS included), {args.length} new tokens, steps {args.steps}, "
+             f"bare forward of ({shape[0]}, {shape[1]}) = {fwd * 1000:.1f} ms", "",
+             "| sampler | NFE | seconds | tokens/s | vs parent AR | ms per call | wall / in-forward | tokens per call |",
+             "|---|---|---|---|---|---|---|---|",
+             f"| parent AR `generate` (KV cache, greedy) | {ar_tokens} | {ar_seconds:.2f} | {ar_tok_s:.1f} "
+             f"| 1.00x | {ar_seconds / ar_tokens * 1000:.0f} | - | 1.00 |"]
+    for r in rows:
+        lines.append(f"| {r['label']} | {r['nfe']} | {r['seconds']:.2f} | {r['tok_s']:.1f} | "
+                     f"{r['tok_s'] / ar_tok_s:.2f}x | {r['seconds'] / r['nfe'] * 1000:.0f} | {r['overhead']:.3f}x | "
+                     f"{r['per_call']:.2f} |")
+    lines += ["", "Prefix KV cache vs exact denoiser at masked continuation positions (unadapted model):", "",
+              "| masked fraction | masked tokens | KL(exact ‖ cached) nats | top-1 agreement | NLL exact | NLL cached |",
+              "|---|---|---|---|---|---|"]
+    for q in quality:
+        lines.append(f"| {q['ratio']:.2f} | {q['masked']} | {q['kl']:.4f} | {q['agree']:.3f} | "
+                     f"{q['nll_exact']:.3f} | {q['nll_cached']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=EMBEDDED_MODEL)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--length", type=int, default=64, help="new tokens")
+    p.add_argument("--steps", type=int, default=32)
+    p.add_argument("--block-length", type=int, default=16)
+    p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=24)
+    p.add_argument("--repeats", type=int, default=5, help="bare-forward timings (median)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    mcfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(mcfg)
+    model = load_causal_lm(mcfg).to(device).eval()
+    ids = tokenizer(TEXT, add_special_tokens=False).input_ids
+    bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    prompt = torch.tensor([[bos, *ids[:args.prompt_tokens]]] * args.batch, device=device)
+    ar = parent_generate(model, prompt, args.length)
+    meta = add_mask_token(model, tokenizer, mcfg)
+    set_causal(model, False)
+    x = prompt_canvas(bos, meta.mask_token_id, args.length, ids[:args.prompt_tokens], (), args.batch).to(device)
+    fwd = bare_forward_seconds(model, x, args.repeats)
+    rows = run_samplers(model, meta, x, args)
+    x0 = torch.tensor([[bos, *ids[:args.prompt_tokens + args.length]]], device=device)
+    quality = prefix_cache_quality(model, meta, x0, prompt.shape[1])
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU ({torch.get_num_threads()} threads)"
+    print(report(args, device_name, ar, fwd, rows, quality, tuple(x.shape), prompt.shape[1]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
