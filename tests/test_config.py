@@ -171,6 +171,10 @@ _dotlist = st.lists(st.one_of(
     st.text(max_size=20)), max_size=5)
 
 
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None,
+               suppress_health_check=[HealthCheck.too_slow])  # FUZZ_EXAMPLES=3000 for a longer hunt
+
+
 def _only_config_errors(recipe, overrides):
     try:
         load_config(recipe, overrides)
@@ -178,7 +182,7 @@ def _only_config_errors(recipe, overrides):
         assert err.problems and all(isinstance(p, str) and p for p in err.problems)
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@FUZZ
 @given(tree=_sections, overrides=_dotlist)
 def test_fuzz_yaml_trees_and_dotlists(tree, overrides):
     with tempfile.TemporaryDirectory() as tmp:
@@ -187,7 +191,7 @@ def test_fuzz_yaml_trees_and_dotlists(tree, overrides):
         _only_config_errors(path, overrides)
 
 
-@settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 150)), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@FUZZ
 @given(text=st.one_of(st.text(max_size=80), st.text(alphabet=string.printable + "{}[]:-&*!|>%@`'\"", max_size=80),
                       st.binary(max_size=60)))
 def test_fuzz_raw_recipe_text(text):

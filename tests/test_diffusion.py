@@ -73,7 +73,8 @@ def test_only_masked_tokens_carry_loss(shift):
     maskable = maskable_positions(x0, shift, loss_mask=torch.arange(12).expand(3, 12) < 10)
     _, masked = corrupt(x0, torch.tensor([0.4, 0.6, 0.9]), MASK, maskable, gen(2))
     logits = torch.randn(3, 12, 128, requires_grad=True)
-    diffusion_loss_sum(logits, x0, masked, torch.tensor([0.4, 0.6, 0.9]), shift, blocked_vocab(128, 100, MASK)).backward()
+    t = torch.tensor([0.4, 0.6, 0.9])
+    diffusion_loss_sum(logits, x0, masked, t, shift, blocked_vocab(128, 100, MASK)).backward()
     touched = logits.grad.abs().sum(-1) > 0
     expected = torch.zeros_like(masked)
     if shift:
