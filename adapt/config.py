@@ -408,7 +408,14 @@ def to_yaml(cfg: Config) -> str:
 
 def from_dict(tree: dict) -> Config:
     """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths."""
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
+    problems: list[str] = []
+    _check_tree(Config, tree, "", problems)
+    if problems:  # e.g. a checkpoint written by another version of the schema
+        raise ConfigError(problems)
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
+    except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:
+        raise ConfigError([str(err).splitlines()[0]]) from None
 
 
 def resume_conflicts(saved: Config, current: Config) -> list[str]:

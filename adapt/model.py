@@ -58,7 +58,11 @@ class DiffusionMeta:
         if not path.is_file():
             raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
                                  f"export one with `python -m adapt.export RUN_DIR`")
-        return cls(**json.loads(path.read_text()))
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as err:  # not JSON, not an object, or unknown/missing fields
+            raise ModelLoadError(f"{path} is not a valid {META_FILE} ({err}); re-export the model with "
+                                 f"`python -m adapt.export RUN_DIR`") from None
 
 
 def embedded_gguf() -> Path:

@@ -199,3 +199,13 @@ def test_fuzz_raw_recipe_text(text):
         path = Path(tmp) / "r.yaml"
         (path.write_bytes if isinstance(text, bytes) else path.write_text)(text)
         _only_config_errors(path, [])
+
+
+def test_from_dict_reports_schema_problems():
+    """A checkpoint's config from another schema version: a ConfigError, not an OmegaConf exception."""
+    with pytest.raises(ConfigError, match="did you mean `optim.lr`"):
+        from_dict({"optim": {"lrr": 1.0}})
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        from_dict({"train": {"max_steps": "x"}})
+    with pytest.raises(ConfigError, match="mapping"):
+        from_dict({"model": 3})

@@ -216,3 +216,17 @@ def test_embedded_gguf_loads_dense_and_saves(tmp_path):
     assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
     again = load_causal_lm(mcfg(tmp_path)).eval()
     torch.testing.assert_close(forward_logits(again, x), logits)
+
+
+def test_diffusion_meta_round_trip_and_bad_files(tmp_path):
+    from adapt.model import DiffusionMeta
+
+    meta = DiffusionMeta(mask_token_id=7, real_vocab_size=50, parent="p")
+    meta.save(tmp_path)
+    assert DiffusionMeta.load(tmp_path) == meta
+    for text in ("{not json", "[1, 2]", '{"mask_token_id": 1}', '{"mask_token_id": 1, "real_vocab_size": 2, "x": 0}'):
+        (tmp_path / "diffusion.json").write_text(text)
+        with pytest.raises(ModelLoadError, match="re-export"):
+            DiffusionMeta.load(tmp_path)
+    with pytest.raises(ModelLoadError, match="not an exported diffusion model"):
+        DiffusionMeta.load(tmp_path / "elsewhere")
