@@ -55,10 +55,14 @@ class DiffusionLM(LM):
     """An exported diffusion model as an lm-eval LM (one process; batches are MC draws of one request)."""
 
     def __init__(self, pretrained: str = "", device: str = "cpu", dtype: str = "fp32", mc_samples: int = 32,
-                 estimator: str = "count", batch_size: int | str = 16, max_length: int = 0,
+                 estimator: str = "count", mc_batch: int = 16, max_length: int = 0,
                  sampler: str = "confidence", steps: int = 0, gen_length: int = 64, temperature: float = 0.0,
-                 seed: int = 0, loaded: tuple | None = None, **unused):
-        """`loaded` = (model, tokenizer, meta) already in memory (then `pretrained` only locates recipe.yaml)."""
+                 seed: int = 0, loaded: tuple | None = None, batch_size=None, max_batch_size=None, **unused):
+        """`loaded` = (model, tokenizer, meta) already in memory (then `pretrained` only locates recipe.yaml).
+
+        lm-eval's --batch_size is accepted and ignored: requests are scored one at a time (no padding
+        under bidirectional attention) and the `mc_samples` draws of a request go `mc_batch` rows per call.
+        """
         super().__init__()
         if unused:
             log.warning("diffusion-lm ignores model_args %s", ", ".join(sorted(unused)))
@@ -67,11 +71,14 @@ class DiffusionLM(LM):
                              f"got estimator={estimator!r}, sampler={sampler!r}")
         if loaded is None and not pretrained:
             raise ValueError("diffusion-lm needs --model_args pretrained=PATH (an exported diffusion folder)")
+        if str(device or "cpu").startswith("cuda") and not torch.cuda.is_available():
+            log.warning("device %s requested but CUDA is not available; using cpu", device)
+            device = "cpu"
         loaded = loaded or load_diffusion_model(pretrained, dtype=dtype, device=device or "cpu")
         self.model, self.tokenizer, self.meta = loaded
         self.denoiser = Denoiser(self.model, self.meta)
         self.mc_samples, self.estimator, self.sampler = int(mc_samples), estimator, sampler
-        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 16  # "auto" -> 16 rows
+        self.mc_batch = int(mc_batch)
         self.max_length = int(max_length) or _default_max_length(Path(pretrained), self.model)
         self.steps, self.gen_length, self.temperature, self.seed = int(steps), int(gen_length), float(temperature), int(seed)
         bos = self.tokenizer.bos_token_id
@@ -114,7 +121,7 @@ class DiffusionLM(LM):
             return 0.0, True
         x0, maskable = self._layout(ctx, cont)
         bound = elbo_estimates(self.denoiser, x0, maskable, self.mc_samples, self.estimator, self.meta.eps,
-                               generator, self.batch_size)
+                               generator, self.mc_batch)
         is_greedy = True
         if greedy:
             logp = self.denoiser(x0.masked_fill(maskable, self.meta.mask_token_id))

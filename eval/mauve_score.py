@@ -33,11 +33,14 @@ def unavailable(featurizer: str) -> str | None:
         return "MAUVE skipped: the mauve-text package is not installed (pip install mauve-text)"
     from transformers import AutoConfig
 
+    hint = "pass --featurizer PATH to a local Hugging Face model folder (001 used gpt2-large)"
+    if "/" in featurizer and not Path(featurizer).expanduser().exists() and featurizer.count("/") != 1:
+        return f"MAUVE skipped: featurizer folder {featurizer} not found; {hint}"
     try:
         AutoConfig.from_pretrained(featurizer, local_files_only=True)
-    except (OSError, ValueError) as err:
-        return (f"MAUVE skipped: featurizer {featurizer!r} is not available without network "
-                f"({str(err).splitlines()[0][:120]}); pass --featurizer PATH to a local Hugging Face model folder")
+    except (OSError, ValueError):
+        return (f"MAUVE skipped: featurizer {featurizer!r} is neither a local folder nor in the local Hugging Face "
+                f"cache, and no model hub is reachable; {hint}")
     return None
 
 

@@ -12,7 +12,7 @@ from test_eval_fixtures import TableDenoiser, exported_dir  # noqa: F401
 def lm(exported_dir):  # noqa: F811
     from eval.harness import DiffusionLM
 
-    return DiffusionLM(pretrained=str(exported_dir), mc_samples=4, batch_size=8, gen_length=4)
+    return DiffusionLM(pretrained=str(exported_dir), mc_samples=4, mc_batch=8, gen_length=4)
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +76,18 @@ def test_local_tasks_end_to_end(lm, task_data, monkeypatch):
     assert 0.0 <= res["adapt_cloze"]["acc,none"] <= 1.0 and res["adapt_cloze"]["perplexity,none"] > 1.0
     assert res["adapt_documents"]["word_perplexity,none"] > 1.0
     assert 0.0 <= res["adapt_cloze_gen"]["exact_match,first_word"] <= 1.0
+
+
+def test_command_line_runs_a_local_task(exported_dir, task_data, monkeypatch, tmp_path, capsys):  # noqa: F811
+    """`python -m eval.harness` is lm-eval's CLI with diffusion-lm registered and eval/tasks included."""
+    import sys
+
+    from eval.harness import main
+
+    monkeypatch.setenv("ADAPT_EVAL_TASK_DATA", str(task_data))
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # main() rewrites sys.argv for lm-eval's parser
+    main(["--model", "diffusion-lm", "--model_args", f"pretrained={exported_dir},mc_samples=2,mc_batch=4",
+          "--tasks", "adapt_cloze", "--limit", "2", "--output_path", str(tmp_path / "res")])
+    out = capsys.readouterr().out
+    assert "adapt_cloze" in out and "acc" in out
+    assert list((tmp_path / "res").rglob("results_*.json"))
