@@ -133,14 +133,17 @@ def parent_sample(model: PreTrainedModel, prompt: torch.Tensor, new_tokens: int,
 
     Exactly `new_tokens` tokens are drawn (EOS may appear but does not stop the row), top-k off,
     so `top_p=1` is plain ancestral sampling ("reg" in 001 table 3) and 0.95 nucleus sampling.
-    temperature 0 = greedy.
+    temperature 0 = greedy. The model's own generation_config (EOS, repetition penalty, top-k, ...)
+    is set aside for the call: `generate` would otherwise fill every unset option from it.
     """
     torch.manual_seed(seed)  # HF generate draws from the global generator
     greedy = temperature == 0
-    gcfg = GenerationConfig(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=not greedy,
-                            top_k=0 if not greedy else None, top_p=top_p if not greedy else None,
-                            temperature=temperature if not greedy else None,
-                            pad_token_id=model.config.eos_token_id, eos_token_id=None)
+    options = dict(do_sample=False) if greedy else dict(do_sample=True, top_k=0, top_p=top_p, temperature=temperature)
+    gcfg = GenerationConfig(max_new_tokens=new_tokens, pad_token_id=model.config.eos_token_id or 0, **options)
     prompt = prompt.to(next(model.parameters()).device)
-    out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gcfg, use_cache=True)
+    saved, model.generation_config = model.generation_config, GenerationConfig()
+    try:
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=gcfg, use_cache=True)
+    finally:
+        model.generation_config = saved
     return out.cpu()

@@ -74,3 +74,26 @@ def test_generation_script_runs_and_plots(ctx, tmp_path):  # noqa: F811
     assert saved["runs"][0]["examples"] and (tmp_path / "generation.png").stat().st_size > 1000
     lines = (tmp_path / "generation_samples.jsonl").read_text().splitlines()
     assert len(lines) == (8 + 6) * 2
+
+
+def test_parent_sample_length_and_greedy(ctx):  # noqa: F811
+    """Exactly new_tokens tokens even when the model's generation config would stop at any token;
+    temperature 0 is the argmax chain."""
+    from eval.heldout import heldout_blocks
+    from eval.models import parent_sample
+
+    parent = ctx.parent()
+    prompt = heldout_blocks(ctx.data, ctx.tokenizer, 5, 2)
+    saved = parent.generation_config.eos_token_id
+    parent.generation_config.eos_token_id = list(range(parent.config.vocab_size))  # every token ends a row
+    try:
+        out = parent_sample(parent, prompt, 6, seed=0, top_p=0.95)
+    finally:
+        parent.generation_config.eos_token_id = saved
+    assert out.shape == (2, 5 + 6) and torch.equal(out[:, :5], prompt)
+    greedy = parent_sample(parent, prompt, 3, seed=0, temperature=0.0)
+    x = prompt
+    with torch.no_grad():
+        for _ in range(3):
+            x = torch.cat([x, parent(input_ids=x).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(greedy, x)
