@@ -24,7 +24,8 @@ def launch(run_root: Path, model_dir: Path, corpus: Path, *overrides: str, ranks
             f"data.cache_dir={run_root / 'cache'}", f"run.output_dir={run_root}", "train.log_every=1",
             "run.sample_length=4", "run.sample_steps=2", *overrides]
     if ranks:
-        cmd = [shutil.which("deepspeed") or "deepspeed", "--num_gpus", str(ranks),
+        # the launcher of this interpreter's environment, found without relying on PATH
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
                "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "adapt" / "run.py"), str(RECIPE), *args]
     else:
         cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(RECIPE), *args]
