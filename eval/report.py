@@ -31,9 +31,11 @@ def likelihood_section(r: dict) -> list[str]:
     first = next(iter(v["per_token_nats2"]))
     lines += [f"Variance of one block's {v['t_samples']}-draw estimate (per token, nats^2), from "
               f"{v['replicates']} independent replicates on each of {v['blocks']} blocks (equal cost per method):", "",
-              "| t sampling | estimator variance | relative to " + first + " | bound (ppl) |", "|---|---:|---:|---:|"]
+              "| t sampling | estimator variance | relative to " + first + " | bound (ppl) | model calls |",
+              "|---|---:|---:|---:|---:|"]
     for m, var in v["per_token_nats2"].items():
-        lines.append(f"| {m} | {var:.3e} | {_f(v['ratio_to_first'][m])} | {_f(r['methods'][m]['ppl'])} |")
+        lines.append(f"| {m} | {var:.3e} | {_f(v['ratio_to_first'][m])} | {_f(r['methods'][m]['ppl'])} | "
+                     f"{r['methods'][m]['model_calls']} |")
     return lines + [""]
 
 
