@@ -4,12 +4,18 @@ Masks are built once per forward, outside the layers, as boolean "visible" matri
 (True = query i may attend key j) and turned into the additive float form the model takes.
 A fully bidirectional step with no document boundaries needs no mask tensor at all (`None`);
 the model's attention modules are then switched to non-causal by `adapt.model.set_causal`.
+
+The window schedule is also built as a FlexAttention `BlockMask` (`window_block_mask`): a mask_mod
+instead of a dense (L, L) float tensor, so the flex kernel skips every fully hidden block.
+flash_attention_2 cannot anneal: see `backend_problem`.
 """
 from __future__ import annotations
 
 import torch
 
-# Which annealing schedules each backend can express with the masks built here.
+# Which annealing schedules each backend can express with the masks built here. flash_attention_2
+# takes no mask tensor (only 2D padding), and transformers 5.23 turns `sliding_window` into the
+# symmetric flash window (w-1, w-1): "causal plus w keys to the right" would need window_size=(-1, w).
 _ANNEAL_BACKENDS = {"eager": ("random", "window"), "sdpa": ("random", "window"),
                     "flex_attention": ("random", "window"), "flash_attention_2": ()}
 
@@ -44,6 +50,38 @@ def annealed_visibility(length: int, r: float, schedule: str = "random",
         raise ValueError(f"unknown anneal schedule {schedule!r}; use random or window")
     future = torch.rand(length, length, generator=generator) < r
     return visible | (future & ~visible)
+
+
+def window_width(length: int, r: float) -> int:
+    """Keys visible to the right of each query under the window schedule at ratio r (0 .. L)."""
+    return round(min(1.0, max(0.0, r)) * length)
+
+
+def uses_block_mask(backend: str, schedule: str) -> bool:
+    """Whether annealed steps pass a FlexAttention BlockMask rather than a dense float mask."""
+    return backend == "flex_attention" and schedule == "window"
+
+
+def window_block_mask(length: int, r: float, doc_ids: torch.Tensor | None = None,
+                      device: torch.device | str | None = None, block_size: int = 128):
+    """FlexAttention BlockMask of the window schedule: query q sees key kv <= q + round(r * L),
+    and only keys of its own document when `doc_ids` (B, L) is given. Same visibility as
+    `annealed_visibility(L, r, "window")` (& `document_visibility`), without a dense mask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    width = window_width(length, r)
+    device = device if device is not None else (doc_ids.device if doc_ids is not None else "cpu")
+
+    def window(b, h, q, kv):
+        return kv <= q + width
+
+    def window_in_document(b, h, q, kv):
+        return (kv <= q + width) & (doc_ids[b, q] == doc_ids[b, kv])
+
+    batch = None if doc_ids is None else doc_ids.shape[0]
+    mask_mod = window if doc_ids is None else window_in_document
+    return create_block_mask(mask_mod, batch, None, length, length, device=device,
+                             BLOCK_SIZE=min(block_size, length))
 
 
 def document_visibility(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -89,9 +127,11 @@ def backend_problem(backend: str, schedule: str, anneal_steps: int, document_mas
     if backend not in _ANNEAL_BACKENDS:
         return None  # reported by the choices check
     if anneal_steps > 0 and schedule not in _ANNEAL_BACKENDS[backend]:
-        return (f"attention backend `{backend}` cannot express the `{schedule}` annealing schedule "
-                f"(it takes no arbitrary mask); use model.attn_implementation=sdpa for annealing, "
-                f"or attention.anneal_steps=0 for bidirectional attention from the start")
+        return (f"attention backend `{backend}` cannot express the `{schedule}` annealing schedule: it takes no "
+                f"mask tensor, and transformers passes it only a symmetric sliding window (w-1, w-1), not the "
+                f"asymmetric causal+right window (-1, w) annealing needs; use model.attn_implementation="
+                f"flex_attention with attention.anneal_schedule=window (block-sparse kernel) or sdpa, or "
+                f"attention.anneal_steps=0 for bidirectional attention from the start (e.g. SFT)")
     if document_mask and backend == "flash_attention_2":
         return ("attention.document_mask needs a mask tensor, which flash_attention_2 does not take; "
                 "use model.attn_implementation=sdpa")

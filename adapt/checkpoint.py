@@ -5,6 +5,7 @@
     <run>/checkpoints/step_N/    DeepSpeed checkpoint + config.yaml + COMPLETE (written last)
     <run>/metrics.jsonl          one JSON line per logged step / evaluation
     <run>/final/                 exported HF folder: safetensors, config, tokenizer, generation config, diffusion.json
+    <run>/final/adapter/         the peft adapter, only for LoRA runs with lora.export=adapter (base weights beside it)
 
 A checkpoint without COMPLETE was interrupted while saving and is never resumed from. Exports are
 written to a temporary folder and renamed into place.
@@ -132,17 +133,16 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     meta = replace(meta, anneal_ratio=ratio, bidirectional=ratio >= 1.0)
     state = distributed.consolidated_state_dict(ckpt_root(run_dir), tag)
     config = AutoConfig.from_pretrained(base)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    missing = [k for k in missing if k not in _tied_keys(model)]
-    if missing or unexpected:
-        raise CheckpointError(f"checkpoint {tag} does not match the model: missing {missing[:5]}, "
-                              f"unexpected {unexpected[:5]}")
-    model.to(DTYPES[dtype or saved.model.dtype])
     out = Path(out) if out else run_dir / "final"
     tmp = _tmp_sibling(out)
+    if saved.lora.enabled:  # peft keys: merge the adapter, or keep it in tmp/adapter
+        from adapt.lora import ADAPTER_DIR, export_model
+
+        keep = tmp / ADAPTER_DIR if saved.lora.export == "adapter" else None
+        model = export_model(config, state, saved.lora, meta.mask_token_id, DTYPES[dtype or saved.model.dtype], keep)
+    else:
+        model = _model_from_state(config, state, tag)
+        model.to(DTYPES[dtype or saved.model.dtype])
     model.save_pretrained(tmp, safe_serialization=True)
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     if (base / "generation_config.json").is_file():
@@ -151,6 +151,18 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     (tmp / "recipe.yaml").write_text(to_yaml(saved))
     _swap_into_place(tmp, out)
     return out
+
+
+def _model_from_state(config, state: dict[str, torch.Tensor], tag: str):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {tag} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model
 
 
 def _tied_keys(model) -> set[str]:
@@ -185,6 +197,10 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     meta = DiffusionMeta.load(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  attn_implementation=attn_implementation)
+    if (path / "adapter").is_dir():  # a `lora.export=adapter` export: merge it for inference
+        from adapt.lora import merge_adapter
+
+        model = merge_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer, meta

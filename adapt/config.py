@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import math
 import os
 import re
@@ -93,6 +94,35 @@ class DataConfig:
 
 
 @dataclass
+class SftConfig:
+    prompt_field: str = "prompt"
+    """Column holding the prompt text (prompt/response data)."""
+    response_field: str = "response"
+    """Column holding the response text (prompt/response data)."""
+    messages_field: str = "messages"
+    """Column holding a chat ([{role, content}, ...]); when present, the last assistant turn is the response."""
+    chat_template: bool = True
+    """Format the prompt with the tokenizer's chat template when it has one (else `prompt` as plain text)."""
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of every weight; the mask token's embedding row stays trainable."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """Adapter scale: the update is (alpha / r) * B @ A."""
+    dropout: float = 0.05
+    """Dropout on the adapter input (probability)."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                               "gate_proj", "up_proj", "down_proj"])
+    """Names (suffixes) of the linear layers that get adapters; default: Llama/Qwen/Mistral projections."""
+    export: str = "merged"
+    """merged: fold the adapter into the exported weights; adapter: export the base weights and the peft adapter beside them."""
+
+
+@dataclass
 class OptimConfig:
     lr: float = 5e-5
     """Peak learning rate."""
@@ -157,7 +187,7 @@ class RunConfig:
     tensorboard: bool = False
     """Also write TensorBoard events."""
     sample_length: int = 48
-    """Tokens in the sample printed at the end (0 = none)."""
+    """Tokens in the sample printed at the end (0 = none); sft answers a held-out prompt instead when > 0."""
     sample_steps: int = 24
     """Ancestral sampling steps for that sample."""
 
@@ -165,11 +195,13 @@ class RunConfig:
 @dataclass
 class Config:
     stage: str = "adapt"
-    """Which stage run.py runs: adapt."""
+    """Which stage run.py runs: adapt (causal LM -> diffusion LM) or sft (prompt/response fine-tuning)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     attention: AttentionConfig = field(default_factory=AttentionConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    sft: SftConfig = field(default_factory=SftConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     dist: DistConfig = field(default_factory=DistConfig)
@@ -181,7 +213,8 @@ class Config:
 
 
 CHOICES: dict[str, tuple] = {
-    "stage": ("adapt",),
+    "stage": ("adapt", "sft"),
+    "lora.export": ("merged", "adapter"),
     "model.dtype": ("bf16", "fp32"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
@@ -217,12 +250,15 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("model.mask_token_id", -1, None),
     ("run.sample_length", 0, None),
     ("run.sample_steps", 1, None),
+    ("lora.r", 1, None),
+    ("lora.alpha", 1e-8, None),
+    ("lora.dropout", 0.0, 0.99),
 ]
 
 # Fields a resumed run may change without invalidating its checkpoint (everything else must match).
 RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
                "train.keep_last", "train.eval_t_samples", "train.max_bad_steps", "run.", "dist.",
-               "data.num_proc", "data.cache_dir", "optim.min_lr_ratio")
+               "data.num_proc", "data.cache_dir", "optim.min_lr_ratio", "lora.export")
 
 
 class _Loader(yaml.SafeLoader):
@@ -373,11 +409,33 @@ def validate(cfg: Config) -> list[str]:
                         "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
         problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
+    problems += _exported_model_problems(cfg)
     from adapt.attention import backend_problem  # local: attention imports torch
     problem = backend_problem(cfg.model.attn_implementation, cfg.attention.anneal_schedule,
                               cfg.attention.anneal_steps, cfg.attention.document_mask)
     if problem:
         problems.append(problem)
+    return problems
+
+
+def _exported_model_problems(cfg: Config) -> list[str]:
+    """A model exported by this project (diffusion.json beside config.json) is already bidirectional."""
+    meta = Path(cfg.model.name_or_path).expanduser() / "diffusion.json"
+    if not meta.is_file():
+        return []
+    try:
+        saved = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return [f"{meta} is not readable JSON; re-export the model with `python -m adapt.export RUN_DIR`"]
+    problems = []
+    if cfg.attention.anneal_steps > 0:
+        problems.append(f"`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
+                        f"set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
+    if "shift" in saved and bool(saved["shift"]) != cfg.diffusion.shift:
+        problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
+                        f"shift={saved['shift']}; set `diffusion.shift={str(saved['shift']).lower()}`")
     return problems
 
 

@@ -133,3 +133,20 @@ def consolidated_state_dict(folder: Path, tag: str) -> dict[str, torch.Tensor]:
         return get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=tag)
     states = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in states["module"].items()}
+
+
+def zero_estimate(total_params: int, largest_layer_params: int, stage: int, gpus_per_node: int, nodes: int,
+                  offload_optimizer: bool, offload_param: bool) -> tuple[int, int] | None:
+    """(CPU bytes per node, GPU bytes per GPU) of model states from DeepSpeed's own estimators for bf16
+    mixed-precision full training at ZeRO-2/3 (None for stages it has no estimator for)."""
+    if stage == 2:
+        from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+        return estimate_zero2_model_states_mem_needs(total_params, gpus_per_node, nodes, offload_optimizer)
+    if stage == 3:
+        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params, gpus_per_node, nodes,
+                                                            offload_optimizer or offload_param, offload_param)
+        return cpu, gpu
+    return None

@@ -198,6 +198,27 @@ def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> Diff
     return DiffusionMeta(mask_token_id=mask_id, real_vocab_size=real_vocab)
 
 
+def exported_meta(name_or_path: str) -> DiffusionMeta | None:
+    """The diffusion metadata of a folder exported by this project, or None for a plain causal LM."""
+    folder = Path(name_or_path).expanduser()
+    return DiffusionMeta.load(folder) if (folder / META_FILE).is_file() else None
+
+
+def prepare_diffusion(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> DiffusionMeta:
+    """The mask token and metadata for training: an exported diffusion model keeps its own mask token
+    (and its `parent`), a causal LM gets one from `add_mask_token`."""
+    meta = exported_meta(mcfg.name_or_path)
+    if meta is None:
+        meta = add_mask_token(model, tokenizer, mcfg)
+        return DiffusionMeta(**{**asdict(meta), "parent": mcfg.name_or_path, "parent_gguf_file": mcfg.gguf_file})
+    rows = model.get_input_embeddings().weight.shape[0]
+    if not 0 <= meta.mask_token_id < min(rows, len(tokenizer)):
+        raise ModelLoadError(f"{mcfg.name_or_path}: diffusion.json names mask token {meta.mask_token_id}, outside "
+                             f"the model's {rows} embedding rows / {len(tokenizer)} tokens; re-export the model")
+    tokenizer.mask_token = tokenizer.convert_ids_to_tokens(meta.mask_token_id)
+    return meta
+
+
 @torch.no_grad()
 def _row_means(model: PreTrainedModel, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Mean of the first n input rows, and of the output rows when the head is untied (else None)."""

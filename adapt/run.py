@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
 
     with friendly():
         cfg = load_config(recipe, overrides)
-        stages = {"adapt": "adapt.train:run_adapt"}
+        stages = {"adapt": "adapt.train:run_adapt", "sft": "adapt.sft:run_sft"}
         module, func = stages[cfg.stage].split(":")
         getattr(__import__(module, fromlist=[func]), func)(cfg)
     return 0

@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from adapt import checkpoint, distributed, faults
-from adapt.attention import anneal_ratio, build_mask, step_visibility
+from adapt.attention import anneal_ratio, build_mask, step_visibility, uses_block_mask, window_block_mask
 from adapt.config import Config, to_yaml
 from adapt.data import Blocks, batch_indices, build_blocks
 from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, normaliser, sample_t
 from adapt.likelihood import BoundEstimate, block_bounds, causal_nll
 from adapt.metrics import MetricsLog
-from adapt.model import DTYPES, DiffusionMeta, add_mask_token, load_causal_lm, load_tokenizer, set_causal
+from adapt.model import DTYPES, DiffusionMeta, load_causal_lm, load_tokenizer, prepare_diffusion, set_causal
 
 
 class TrainingError(RuntimeError):
@@ -72,23 +72,29 @@ def lr_lambda(cfg: Config):
 
 
 def setup(cfg: Config) -> State:
-    """Process group, model with mask token, data, DeepSpeed engine; resumes when a checkpoint exists."""
+    """Process group, model with mask token (and LoRA adapters), data, DeepSpeed engine; resumes when a
+    checkpoint exists. The data are packed blocks (adapt) or prompt/response examples (sft)."""
     distributed.init()
     world = distributed.world_size()
+    if cfg.model.attn_implementation == "flex_attention" and distributed.device().type == "cpu":
+        raise TrainingError("FlexAttention has no backward pass on CPU (torch 2.13); train with "
+                            "model.attn_implementation=sdpa on CPU (same masks, dense)")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
-    meta = add_mask_token(model, tokenizer, cfg.model)
-    meta = replace(meta, shift=cfg.diffusion.shift, eps=cfg.diffusion.eps, parent=cfg.model.name_or_path,
-                   parent_gguf_file=cfg.model.gguf_file)
+    meta = replace(prepare_diffusion(model, tokenizer, cfg.model), shift=cfg.diffusion.shift, eps=cfg.diffusion.eps)
     set_causal(model, False)  # from here on the masks we pass decide what is visible
+    rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
+    if cfg.lora.enabled:
+        from adapt.lora import apply_lora
+
+        model = apply_lora(model, cfg.lora, meta)
     if distributed.is_main():
-        blocks = build_blocks(cfg.data, tokenizer)  # rank 0 fills the cache first
+        blocks = _build_data(cfg, tokenizer)  # rank 0 fills the cache first
     distributed.barrier()
-    blocks = build_blocks(cfg.data, tokenizer)
+    blocks = _build_data(cfg, tokenizer)
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
-    rows = model.get_output_embeddings().weight.shape[0] if cfg.dist.zero_stage < 3 else _vocab_rows(model)
     blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
     run_dir = cfg.run_dir
     tag = checkpoint.find_resume(cfg)
@@ -108,9 +114,12 @@ def setup(cfg: Config) -> State:
     return state
 
 
-def _vocab_rows(model) -> int:
-    head = model.get_output_embeddings().weight
-    return getattr(head, "ds_shape", head.shape)[0]
+def _build_data(cfg: Config, tokenizer) -> Blocks:
+    if cfg.stage == "sft":
+        from adapt.sft import build_examples
+
+        return build_examples(cfg, tokenizer)
+    return build_blocks(cfg.data, tokenizer)
 
 
 def _logits(state: State, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -138,7 +147,8 @@ def train_step(state: State, step: int) -> dict:
     m, a, length = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.block_size
     idx, t_all, gen = global_batch(cfg, step, len(state.blocks.train))
     x0_all = state.blocks.train[idx]
-    maskable_all = maskable_positions(x0_all, cfg.diffusion.shift)
+    loss_mask = getattr(state.blocks, "train_loss_mask", None)  # sft: response positions only
+    maskable_all = maskable_positions(x0_all, cfg.diffusion.shift, None if loss_mask is None else loss_mask[idx])
     xt_all, masked_all = corrupt(x0_all, t_all, state.meta.mask_token_id, maskable_all, gen)
     count = normaliser(cfg.diffusion.loss_norm, maskable_all, masked_all)
     n_masked = int(masked_all.sum())
@@ -150,11 +160,15 @@ def train_step(state: State, step: int) -> dict:
     visible = step_visibility(length, r, cfg.attention.anneal_schedule,
                               torch.Generator().manual_seed(_seed(cfg.train.seed, step, 2)))
     dev, dtype = distributed.device(), DTYPES[cfg.model.dtype]
+    block_mask = visible is not None and uses_block_mask(cfg.model.attn_implementation, cfg.attention.anneal_schedule)
     total, bad = 0.0, False
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
-        mask = build_mask(visible, length, dtype, cfg.model.attn_implementation,
-                          docs[sl].to(dev) if docs is not None else None)
+        if block_mask:  # flex: the window as a BlockMask, hidden blocks skipped
+            mask = window_block_mask(length, r, docs[sl].to(dev) if docs is not None else None, dev)
+        else:
+            mask = build_mask(visible, length, dtype, cfg.model.attn_implementation,
+                              docs[sl].to(dev) if docs is not None else None)
         logits = _logits(state, xt[sl], mask if mask is None else mask.to(dev))
         loss_sum = diffusion_loss_sum(logits, x0[sl].to(dev), masked[sl].to(dev), t[sl], cfg.diffusion.shift,
                                       state.blocked)
@@ -205,7 +219,12 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
     """Held-out negative ELBO (stratified t, fixed noise so runs compare pairwise), split over ranks.
 
     attention: bidirectional, or causal (the parent's attention; the 'before' view).
+    SFT data (with a loss mask) are scored on their responses only, by `adapt.sft.evaluate_responses`.
     """
+    if getattr(state.blocks, "heldout_loss_mask", None) is not None:
+        from adapt.sft import evaluate_responses
+
+        return evaluate_responses(state)
     cfg, engine = state.cfg, state.engine
     engine.eval()
     length = cfg.data.block_size
@@ -311,10 +330,13 @@ def show_batch(state: State) -> None:
     """Print one corrupted training sequence, so the data and masking can be eyeballed at start."""
     if not distributed.is_main():
         return
-    x0 = state.blocks.train[batch_indices(state.step, len(state.blocks.train), 1, 0, 1, state.cfg.train.seed)]
+    idx = batch_indices(state.step, len(state.blocks.train), 1, 0, 1, state.cfg.train.seed)
+    x0 = state.blocks.train[idx]
+    loss_mask = getattr(state.blocks, "train_loss_mask", None)
     gen = torch.Generator().manual_seed(0)
     t = torch.tensor([0.5])
-    xt, _ = corrupt(x0, t, state.meta.mask_token_id, maskable_positions(x0, state.cfg.diffusion.shift), gen)
+    maskable = maskable_positions(x0, state.cfg.diffusion.shift, None if loss_mask is None else loss_mask[idx])
+    xt, _ = corrupt(x0, t, state.meta.mask_token_id, maskable, gen)
     text = state.tokenizer.decode(xt[0, :64]).replace(state.tokenizer.mask_token, "_")
     state.log.info(f"a training sequence at t=0.5 (first 64 tokens, _ = mask): {text!r}")
 

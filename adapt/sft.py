@@ -1,0 +1,295 @@
+"""Supervised fine-tuning of a diffusion LM on prompt/response pairs (LLaDA's SFT recipe).
+
+Each example becomes one sequence of `data.block_size` tokens:
+
+    [prompt (chat template when the tokenizer has one)] [response] [EOS] [EOS ...]
+     given, never masked, no loss                        noised and scored with the masked-diffusion loss
+
+The response is padded to the block with EOS, and the padding counts as response: the model learns
+to end its answer (sampling with a long masked tail then fills it with EOS). Examples that do not fit
+(prompt + response + one EOS > block size) are dropped and counted. Training reuses `adapt.train`
+unchanged: the examples carry a loss mask that `train_step` folds into the maskable positions.
+"""
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapt import checkpoint, distributed
+from adapt.attention import build_mask
+from adapt.config import Config, SftConfig
+from adapt.data import Blocks, DataError, embedded_corpus
+from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, sample_t
+from adapt.model import DTYPES
+
+
+@dataclass
+class SftBlocks(Blocks):
+    """Padded examples; the loss masks mark response positions (True) and prompt positions (False)."""
+
+    train_loss_mask: torch.Tensor | None = None  # (N_train, L) bool
+    heldout_loss_mask: torch.Tensor | None = None  # (N_heldout, L) bool
+    dropped: int = 0
+    """Examples left out because they do not fit in the block."""
+
+
+# --- the embedded SFT set ------------------------------------------------------------------------
+
+_SENTENCE = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
+
+
+def wiki_sft_pairs(corpus: Path, max_pairs: int = 4000) -> list[dict]:
+    """Prompt/response pairs from the embedded Wikipedia extract, made offline and deterministically.
+
+    Two tasks, interleaved: "Continue: <sentence>" -> the next sentence of the same paragraph, and
+    "Write the first sentence of the Wikipedia article about <title>." -> that sentence.
+    """
+    pairs: list[dict] = []
+    for line in corpus.read_text().splitlines():
+        page = json.loads(line)
+        paragraphs = [p for p in page["text"].split("\n") if len(p) > 80]
+        if not paragraphs:
+            continue
+        first = _sentences(paragraphs[0])
+        if first:
+            pairs.append({"prompt": f"Write the first sentence of the Wikipedia article about {page['title']}.",
+                          "response": first[0]})
+        for para in paragraphs:
+            sents = _sentences(para)
+            pairs += [{"prompt": f"Continue: {a}", "response": b} for a, b in zip(sents, sents[1:])]
+    return pairs[:max_pairs]
+
+
+def _sentences(paragraph: str) -> list[str]:
+    return [s.strip() for s in _SENTENCE.split(paragraph) if 20 <= len(s.strip()) <= 240]
+
+
+def embedded_sft(cache_dir: str | os.PathLike) -> Path:
+    """JSONL of `wiki_sft_pairs` under the cache, made once (written then renamed)."""
+    out = Path(cache_dir) / "embedded" / "wiki_sft.jsonl"
+    if out.is_file():
+        return out
+    pairs = wiki_sft_pairs(embedded_corpus(cache_dir))
+    tmp = out.with_suffix(f".tmp{os.getpid()}")
+    try:
+        tmp.write_text("".join(json.dumps(p) + "\n" for p in pairs))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+# --- reading and encoding ------------------------------------------------------------------------
+
+def sft_files(cfg: Config) -> list[str]:
+    if not cfg.data.train_files:
+        return [str(embedded_sft(cfg.data.cache_dir))]
+    files: list[str] = []
+    for pattern in cfg.data.train_files:
+        matches = sorted(glob.glob(os.path.expanduser(pattern)))
+        if not matches:
+            raise DataError(f"SFT data file `{pattern}` not found; data.train_files takes local .jsonl files")
+        files += matches
+    bad = [f for f in files if Path(f).suffix.lower() not in (".jsonl", ".json")]
+    if bad:
+        raise DataError(f"SFT data must be JSON lines (one object per line); got {bad[0]}")
+    return files
+
+
+def read_records(files: list[str]) -> list[dict]:
+    records = []
+    for f in files:
+        for n, line in enumerate(Path(f).read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except ValueError as err:
+                raise DataError(f"{f} line {n} is not JSON ({err}); SFT data are JSON lines") from None
+    if not records:
+        raise DataError(f"no examples in {', '.join(files)}")
+    return records
+
+
+def split_record(record: dict, scfg: SftConfig) -> tuple[list[dict] | str, str]:
+    """(prompt: chat turns or plain text, response text) of one record."""
+    msgs = record.get(scfg.messages_field)
+    if isinstance(msgs, list) and msgs:
+        if not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+            raise DataError(f"the last turn of `{scfg.messages_field}` must be the assistant's (the response)")
+        return msgs[:-1], str(msgs[-1].get("content", ""))
+    if scfg.prompt_field not in record or scfg.response_field not in record:
+        raise DataError(f"an SFT record has neither `{scfg.messages_field}` nor `{scfg.prompt_field}`/"
+                        f"`{scfg.response_field}` (keys: {', '.join(record)}); set sft.prompt_field, "
+                        f"sft.response_field or sft.messages_field")
+    return str(record[scfg.prompt_field]), str(record[scfg.response_field])
+
+
+def encode(tokenizer, prompt: list[dict] | str, response: str, use_template: bool) -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids). The prompt starts with the tokenizer's BOS (EOS when it has none),
+    the same given first token as in adaptation; a chat-templated prompt keeps the template's first token."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if use_template and getattr(tokenizer, "chat_template", None):
+        turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template's own first token
+    else:
+        text = prompt if isinstance(prompt, str) else "\n".join(str(t.get("content", "")) for t in prompt)
+        ids = [start] + tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids, tokenizer(response, add_special_tokens=False)["input_ids"]
+
+
+def pad_example(prompt_ids: list[int], response_ids: list[int], length: int,
+                eos_id: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(ids (L,), loss_mask (L,) bool) with the response padded by EOS to `length`; None if it does not fit.
+
+    loss_mask is False on the prompt and True on the response, its EOS and all EOS padding.
+    """
+    body = list(response_ids) + [eos_id]
+    if len(prompt_ids) + len(body) > length or not prompt_ids:
+        return None
+    ids = torch.full((length,), eos_id, dtype=torch.long)
+    ids[:len(prompt_ids)] = torch.tensor(prompt_ids, dtype=torch.long)
+    ids[len(prompt_ids):len(prompt_ids) + len(body)] = torch.tensor(body, dtype=torch.long)
+    loss_mask = torch.zeros(length, dtype=torch.bool)
+    loss_mask[len(prompt_ids):] = True
+    return ids, loss_mask
+
+
+def build_examples(cfg: Config, tokenizer) -> SftBlocks:
+    """Encoded, padded SFT examples, cached under data.cache_dir; held-out = the last data.heldout_blocks."""
+    files = sft_files(cfg)
+    stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
+    vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
+    key = hashlib.sha1(json.dumps([stamp, vocab, cfg.data.block_size, vars(cfg.sft)]).encode()).hexdigest()[:16]
+    cache = Path(cfg.data.cache_dir) / f"sft-{key}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+    else:
+        rows, dropped = [], 0
+        for record in read_records(files):
+            prompt, response = split_record(record, cfg.sft)
+            row = pad_example(*encode(tokenizer, prompt, response, cfg.sft.chat_template), cfg.data.block_size,
+                              tokenizer.eos_token_id)
+            dropped += row is None
+            rows += [row] if row is not None else []
+        if not rows:
+            raise DataError(f"no SFT example fits in data.block_size={cfg.data.block_size} tokens "
+                            f"(prompt + response + EOS); raise data.block_size")
+        saved = {"ids": torch.stack([r[0] for r in rows]), "loss_mask": torch.stack([r[1] for r in rows]),
+                 "dropped": torch.tensor(dropped)}
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".tmp{os.getpid()}")
+        torch.save(saved, tmp)
+        os.replace(tmp, cache)
+    ids, loss_mask = saved["ids"], saved["loss_mask"]
+    if len(ids) <= cfg.data.heldout_blocks:
+        raise DataError(f"{len(ids)} SFT examples fit, not more than data.heldout_blocks={cfg.data.heldout_blocks}; "
+                        f"add examples or lower data.heldout_blocks")
+    n = len(ids) - cfg.data.heldout_blocks
+    docs = torch.zeros_like(ids)
+    return SftBlocks(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], int(saved["dropped"]))
+
+
+# --- evaluation and the stage --------------------------------------------------------------------
+
+@torch.no_grad()
+def evaluate_responses(state) -> dict:
+    """Held-out negative ELBO of the responses given the prompts (nats per response token, EOS padding
+    included), stratified t with fixed noise, split over ranks."""
+    cfg, blocks = state.cfg, state.blocks
+    state.engine.eval()
+    length, dev = cfg.data.block_size, distributed.device()
+    mask = build_mask(None, length, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
+    rank, world = distributed.rank(), distributed.world_size()
+    x0, keep = blocks.heldout[rank::world], blocks.heldout_loss_mask[rank::world]
+    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 + rank)
+    n_t = cfg.train.eval_t_samples
+    per_example = []  # (summed bound, response tokens) per example
+    for i in range(len(x0)):
+        reps = x0[i:i + 1].repeat(n_t, 1)
+        t = sample_t(n_t, cfg.diffusion.eps, "stratified", gen)
+        xt, masked = corrupt(reps, t, state.meta.mask_token_id,
+                             maskable_positions(reps, cfg.diffusion.shift, keep[i:i + 1].repeat(n_t, 1)), gen)
+        batch_mask = None if mask is None else mask.to(dev).expand(n_t, -1, -1, -1)
+        logits = state.engine(input_ids=xt.to(dev), attention_mask=batch_mask, use_cache=False).logits
+        sums = [diffusion_loss_sum(logits[j:j + 1], reps[j:j + 1].to(dev), masked[j:j + 1].to(dev), t[j:j + 1],
+                                   cfg.diffusion.shift, state.blocked).item() for j in range(n_t)]
+        per_example.append((sum(sums) / n_t, float(keep[i].sum())))
+    ratios = [s / c for s, c in per_example]
+    nll, tokens, v, v2, n = distributed.all_sum([sum(s for s, _ in per_example), sum(c for _, c in per_example),
+                                                 sum(ratios), sum(r * r for r in ratios), float(len(ratios))])
+    state.engine.train()
+    mean = nll / tokens  # token-weighted; the interval comes from the spread of per-example values
+    var = max(0.0, (v2 - v * v / n) / (n - 1)) if n > 1 else float("nan")
+    ci = 1.96 * math.sqrt(var / n)
+    return {"nll": mean, "ppl": math.exp(mean), "ci95": ci, "ppl_low": math.exp(mean - ci),
+            "ppl_high": math.exp(mean + ci), "tokens": int(tokens)}
+
+
+def run_sft(cfg: Config) -> dict:
+    """The sft stage end to end: evaluate, train, export, evaluate, answer one held-out prompt."""
+    from adapt.train import fit, setup, show_batch
+
+    state = setup(cfg)
+    b = state.blocks
+    state.log.info(f"sft: {len(b.train)} train / {len(b.heldout)} held-out examples of {cfg.data.block_size} "
+                   f"tokens, {b.dropped} dropped (too long); response tokens per example "
+                   f"{b.train_loss_mask.sum(1).float().mean():.1f} (EOS padding included)")
+    summary: dict = {}
+    if state.step == 0:
+        show_batch(state)
+        summary.update({f"before_{k}": v for k, v in evaluate_responses(state).items()})
+        state.log.record(0, summary, "eval")
+    if not fit(state):
+        return summary
+    summary.update({f"after_{k}": v for k, v in evaluate_responses(state).items()})
+    distributed.barrier()
+    if distributed.is_main():
+        out = checkpoint.export(cfg.run_dir)
+        summary["export"] = str(out)
+        if cfg.run.sample_length:
+            summary.update(_answer(out, cfg, b.heldout[0], b.heldout_loss_mask[0]))
+        state.log.record(state.step, summary, "summary")
+        _report(summary)
+    distributed.barrier()
+    return summary
+
+
+def _report(summary: dict) -> None:
+    lines = ["", "=" * 72, f"exported diffusion model: {summary.get('export')}"]
+    for key, label in (("before_", "response bound before SFT"), ("after_", "response bound after SFT")):
+        lines.append(f"{label + ':':<32}<= {summary[key + 'ppl']:.2f} (95% CI {summary[key + 'ppl_low']:.2f}-"
+                     f"{summary[key + 'ppl_high']:.2f}) over {summary[key + 'tokens']} response tokens"
+                     if key + "ppl" in summary else f"{label}: not measured (resumed run)")
+    for key in ("prompt", "sample", "reference"):
+        if key in summary:
+            lines.append(f"{key}: {summary[key]!r}")
+    print("\n".join(lines + ["=" * 72]), flush=True)
+
+
+def _answer(folder: Path, cfg: Config, ids: torch.Tensor, response: torch.Tensor) -> dict:
+    """Fill the response positions of a held-out example with the exported model (ancestral sampler)."""
+    from adapt.denoiser import Denoiser
+    from adapt.sampling.ancestral import ancestral_sample
+
+    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    x = ids.clone()[None]
+    x[0, response] = meta.mask_token_id
+    out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,
+                           generator=torch.Generator().manual_seed(cfg.train.seed))[0, response].tolist()
+    return {"prompt": tokenizer.decode(ids[~response]), "sample": tokenizer.decode(_until_eos(out, tokenizer)),
+            "reference": tokenizer.decode(_until_eos(ids[response].tolist(), tokenizer))}
+
+
+def _until_eos(ids: list[int], tokenizer) -> list[int]:
+    eos = tokenizer.eos_token_id
+    return ids[:ids.index(eos)] if eos in ids else ids
