@@ -90,7 +90,7 @@ def summary_lines(result: dict) -> list[str]:
              f"{e['method']} t, {e['t_samples_per_block']} draws/block, {e['tokens']} tokens)",
              f"parent exact:         ppl  = {p['ppl']:.2f} (95% CI {p['ppl_low']:.2f}-{p['ppl_high']:.2f})"]
     for m, v in result["variance"]["per_token_nats2"].items():
-        lines.append(f"estimator variance ({m:>10} t, {result['variance']['t_samples']} draws): {v:.3e} nats^2/token^2")
+        lines.append(f"estimator variance ({m:>10}, {result['variance']['t_samples']} draws/block): {v:.3e} nats^2 per token^2")
     return lines
 
 

@@ -29,7 +29,7 @@ LOCAL_TASKS = ["adapt_cloze", "adapt_choice", "adapt_documents", "adapt_cloze_ge
 
 BUDGETS: dict[str, dict[str, dict]] = {
     "quick": {  # about 15k model-token forwards: ~3 min for 135M on 2 free cores
-        "likelihood": dict(blocks=4, length=64, t_samples=4, replicates=2),
+        "likelihood": dict(blocks=4, length=64, t_samples=4, replicates=4),
         "generation": dict(samplers=["analytic", "confidence"], steps=[4, 16], samples=2, length=24,
                            prompt_length=8, gen_length=16, batch_size=2),
         "infill": dict(spans=4, left=8, span_length=4, right=8, samplers=["ancestral", "confidence"]),
