@@ -22,6 +22,7 @@ Not included: CUDA context, NCCL buffers and allocator fragmentation (allow 2-4 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -222,7 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     with friendly():
         cfg = load_config(args.recipe, args.overrides)
         nodes, gpus = hostfile_size(args.hostfile) if args.hostfile else (args.nodes, args.gpus_per_node)
-        est = estimate(cfg, gpus, nodes, args.model_config)
+        with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed logs to stdout; keep stdout for the report
+            est = estimate(cfg, gpus, nodes, args.model_config)
         print(json.dumps(est, indent=2) if args.json else report(cfg, est))
     return 0
 

@@ -1,0 +1,66 @@
+"""Annealing on fast kernels: the window schedule as a FlexAttention BlockMask; flash refuses annealing.
+
+FlexAttention runs forward on CPU in torch 2.13 (compiled by inductor, a few seconds the first time);
+its backward is GPU-only, which `adapt.train.setup` reports before training on CPU.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, tiny_llama
+from torch.nn.attention.flex_attention import create_mask
+
+from adapt.attention import (annealed_visibility, backend_problem, build_mask, document_visibility,
+                             uses_block_mask, window_block_mask, window_width)
+from adapt.model import forward_logits, set_causal
+
+V, L = 64, 24
+
+
+def test_block_mask_is_the_window_schedule():
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 5 + [1] * 19])
+    for r in (0.0, 0.1, 0.5, 0.99):
+        dense = create_mask(window_block_mask(L, r, block_size=8).mask_mod, None, None, L, L, device="cpu")
+        assert torch.equal(dense[0, 0], annealed_visibility(L, r, "window")), r
+        with_docs = create_mask(window_block_mask(L, r, docs, block_size=8).mask_mod, 2, None, L, L, device="cpu")
+        assert torch.equal(with_docs[:, 0], annealed_visibility(L, r, "window")[None] & document_visibility(docs))
+    assert window_width(L, 0.5) == 12 and window_width(L, 2.0) == L
+    assert uses_block_mask("flex_attention", "window") and not uses_block_mask("flex_attention", "random")
+    assert not uses_block_mask("sdpa", "window")
+
+
+@torch.no_grad()
+def test_flex_block_mask_logits_match_dense_sdpa():
+    model = tiny_llama(V, layers=2)
+    set_causal(model, False)
+    x = torch.randint(3, V, (2, L), generator=torch.Generator().manual_seed(0))
+    docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 16 + [1] * 8])
+    for r, d in ((0.0, None), (0.3, None), (0.3, docs)):
+        model.set_attn_implementation("sdpa")
+        dense = build_mask(annealed_visibility(L, r, "window"), L, torch.float32, "sdpa", d)
+        reference = forward_logits(model, x, dense.expand(2, -1, -1, -1))
+        model.set_attn_implementation("flex_attention")
+        flex = forward_logits(model, x, window_block_mask(L, r, d, block_size=8))
+        torch.testing.assert_close(flex, reference, rtol=1e-4, atol=1e-5)
+    causal = forward_logits(model, x, window_block_mask(L, 0.0, block_size=8))
+    assert (causal - flex).abs().max() > 1e-3  # the comparison can fail
+
+
+def test_flash_attention_cannot_anneal():
+    for schedule in ("random", "window"):
+        problem = backend_problem("flash_attention_2", schedule, 100, False)
+        assert "(-1, w)" in problem and "flex_attention" in problem and "anneal_steps=0" in problem
+    assert backend_problem("flash_attention_2", "random", 0, False) is None  # bidirectional (SFT): fine
+    assert backend_problem("flex_attention", "window", 100, True) is None
+
+
+def test_flex_training_on_cpu_is_refused(tmp_path, tiny_model_dir, corpus_file):
+    proc = subprocess.run([sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "debug.yaml"),
+                           f"model.name_or_path={tiny_model_dir}", "model.dtype=fp32",
+                           "model.attn_implementation=flex_attention", "attention.anneal_schedule=window",
+                           f"data.train_files=[{corpus_file}]", f"run.output_dir={tmp_path}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "no backward pass on CPU" in proc.stderr and "Traceback" not in proc.stderr
