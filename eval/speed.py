@@ -6,6 +6,8 @@ Same prompt (the first `--prompt-length` tokens of a held-out block), same batch
 run; the parent draws with Hugging Face `generate` and its KV cache (001_*.txt section 5.3).
 Latency is the median of `--repeats` timed runs after one untimed warm-up call of each model.
 `--steps 0` means one step per generated token. Writes speed.json and speed.png.
+On a CPU shared with other jobs use `--threads 1`: with 2 threads under a load of 4 the same
+32-token parent generation took anywhere from 1.1 to 29 s, with 1 thread a steady 1.8 s.
 """
 from __future__ import annotations
 
