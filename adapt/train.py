@@ -87,6 +87,7 @@ def setup(cfg: Config) -> State:
     if cfg.lora.enabled:
         from adapt.lora import apply_lora
 
+        torch.manual_seed(cfg.train.seed)  # peft draws A from the global RNG: the same on every rank and run
         model = apply_lora(model, cfg.lora, meta)
     if distributed.is_main():
         blocks = _build_data(cfg, tokenizer)  # rank 0 fills the cache first
@@ -145,6 +146,8 @@ def train_step(state: State, step: int) -> dict:
     """One optimizer step over micro_batch_size * grad_accum sequences per rank."""
     cfg, world = state.cfg, distributed.world_size()
     m, a, length = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.block_size
+    # dropout (lora.dropout) draws from the global RNG: seed it per (step, rank) so a resume replays it
+    torch.manual_seed(_seed(cfg.train.seed, step, 3, distributed.rank()))
     idx, t_all, gen = global_batch(cfg, step, len(state.blocks.train))
     x0_all = state.blocks.train[idx]
     loss_mask = getattr(state.blocks, "train_loss_mask", None)  # sft: response positions only
