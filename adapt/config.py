@@ -80,13 +80,13 @@ class AttentionConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name; empty = embedded corpus."""
+    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name; empty = embedded corpus (sft: local jsonl; empty = embedded SFT set)."""
     text_field: str = "text"
     """Column holding the text in json/parquet data."""
     block_size: int = 256
-    """Tokens per packed training sequence."""
+    """Tokens per packed training sequence (sft: prompt + response + EOS padding)."""
     heldout_blocks: int = 16
-    """Blocks kept out of training for the likelihood bound."""
+    """Blocks (sft: examples) kept out of training for the likelihood bound."""
     num_proc: int = 1
     """Worker processes for tokenisation."""
     cache_dir: str = "data/cache"

@@ -214,7 +214,11 @@ def evaluate_responses(state) -> dict:
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 + rank)
     n_t = cfg.train.eval_t_samples
     per_example = []  # (summed bound, response tokens) per example
-    for i in range(len(x0)):
+    # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); extras are discarded
+    for i in range(math.ceil(len(blocks.heldout) / world)):
+        if i >= len(x0):
+            state.engine(input_ids=blocks.heldout[:1].repeat(n_t, 1).to(dev), use_cache=False)
+            continue
         reps = x0[i:i + 1].repeat(n_t, 1)
         t = sample_t(n_t, cfg.diffusion.eps, "stratified", gen)
         xt, masked = corrupt(reps, t, state.meta.mask_token_id,
