@@ -56,7 +56,8 @@ def export_model(config, state: dict[str, torch.Tensor], lcfg: LoraConfig, mask_
     """A plain HF model from a LoRA run's consolidated state dict.
 
     adapter_dir None: the adapter merged into the weights. Otherwise the peft adapter is saved there
-    and the returned model holds the base weights alone.
+    and the returned model holds the base weights alone. The tensors of `state` are taken over (assigned,
+    then merged in place), not copied: a 7B state dict is not duplicated in host memory.
     """
     from peft import get_peft_model
 
