@@ -201,19 +201,44 @@ def build_examples(cfg: Config, tokenizer) -> SftBlocks:
 
 # --- evaluation and the stage --------------------------------------------------------------------
 
+def answer_positions(ids: torch.Tensor, loss_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
+    """Response positions up to and including the EOS that ends the answer (bool, like `loss_mask`);
+    the response positions after it are EOS padding."""
+    pos = torch.arange(ids.shape[-1])
+    text = loss_mask & (ids != eos_id)
+    first = loss_mask.int().argmax(-1)  # where the response starts
+    last = torch.where(text.any(-1), torch.where(text, pos, -1).amax(-1), first - 1)
+    return loss_mask & (pos <= (last + 1)[..., None])
+
+
+def _token_weighted(per_example: list[tuple[float, float]]) -> dict:
+    """Token-weighted mean over all ranks' examples of (summed nats, tokens); 95% CI from the spread of
+    per-example nats per token."""
+    ratios = [s / c for s, c in per_example if c]
+    nll, tokens, v, v2, n = distributed.all_sum([sum(s for s, _ in per_example), sum(c for _, c in per_example),
+                                                 sum(ratios), sum(r * r for r in ratios), float(len(ratios))])
+    mean = nll / tokens
+    var = max(0.0, (v2 - v * v / n) / (n - 1)) if n > 1 else float("nan")
+    ci = 1.96 * math.sqrt(var / n)
+    return {"nll": mean, "ppl": math.exp(mean), "ci95": ci, "ppl_low": math.exp(mean - ci),
+            "ppl_high": math.exp(mean + ci), "tokens": int(tokens)}
+
+
 @torch.no_grad()
 def evaluate_responses(state) -> dict:
     """Held-out negative ELBO of the responses given the prompts (nats per response token, EOS padding
-    included), stratified t with fixed noise, split over ranks."""
+    included), stratified t with fixed noise, split over ranks. `answer_*`: the share of that bound on
+    the answer and its first EOS, per answer token (a diagnostic: the padding is easy to predict)."""
     cfg, blocks = state.cfg, state.blocks
     state.engine.eval()
     length, dev = cfg.data.block_size, distributed.device()
     mask = build_mask(None, length, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
     rank, world = distributed.rank(), distributed.world_size()
     x0, keep = blocks.heldout[rank::world], blocks.heldout_loss_mask[rank::world]
+    answer = answer_positions(x0, keep, state.tokenizer.eos_token_id)
     gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 + rank)
     n_t = cfg.train.eval_t_samples
-    per_example = []  # (summed bound, response tokens) per example
+    whole, part = [], []  # (summed bound, tokens) per example: all response tokens; the answer's share
     # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); extras are discarded
     for i in range(math.ceil(len(blocks.heldout) / world)):
         if i >= len(x0):
@@ -225,18 +250,13 @@ def evaluate_responses(state) -> dict:
                              maskable_positions(reps, cfg.diffusion.shift, keep[i:i + 1].repeat(n_t, 1)), gen)
         batch_mask = None if mask is None else mask.to(dev).expand(n_t, -1, -1, -1)
         logits = state.engine(input_ids=xt.to(dev), attention_mask=batch_mask, use_cache=False).logits
-        sums = [diffusion_loss_sum(logits[j:j + 1], reps[j:j + 1].to(dev), masked[j:j + 1].to(dev), t[j:j + 1],
-                                   cfg.diffusion.shift, state.blocked).item() for j in range(n_t)]
-        per_example.append((sum(sums) / n_t, float(keep[i].sum())))
-    ratios = [s / c for s, c in per_example]
-    nll, tokens, v, v2, n = distributed.all_sum([sum(s for s, _ in per_example), sum(c for _, c in per_example),
-                                                 sum(ratios), sum(r * r for r in ratios), float(len(ratios))])
+        sums = [[diffusion_loss_sum(logits[j:j + 1], reps[j:j + 1].to(dev), m[j:j + 1].to(dev), t[j:j + 1],
+                                    cfg.diffusion.shift, state.blocked).item() for j in range(n_t)]
+                for m in (masked, masked & answer[i])]
+        whole.append((sum(sums[0]) / n_t, float(keep[i].sum())))
+        part.append((sum(sums[1]) / n_t, float(answer[i].sum())))
     state.engine.train()
-    mean = nll / tokens  # token-weighted; the interval comes from the spread of per-example values
-    var = max(0.0, (v2 - v * v / n) / (n - 1)) if n > 1 else float("nan")
-    ci = 1.96 * math.sqrt(var / n)
-    return {"nll": mean, "ppl": math.exp(mean), "ci95": ci, "ppl_low": math.exp(mean - ci),
-            "ppl_high": math.exp(mean + ci), "tokens": int(tokens)}
+    return _token_weighted(whole) | {f"answer_{k}": v for k, v in _token_weighted(part).items()}
 
 
 def run_sft(cfg: Config) -> dict:
@@ -274,6 +294,10 @@ def _report(summary: dict) -> None:
         lines.append(f"{label + ':':<32}<= {summary[key + 'ppl']:.2f} (95% CI {summary[key + 'ppl_low']:.2f}-"
                      f"{summary[key + 'ppl_high']:.2f}) over {summary[key + 'tokens']} response tokens"
                      if key + "ppl" in summary else f"{label}: not measured (resumed run)")
+        if key + "answer_ppl" in summary:
+            lines.append(f"{'  its share on the answers:':<32}   {summary[key + 'answer_ppl']:.2f} (95% CI "
+                         f"{summary[key + 'answer_ppl_low']:.2f}-{summary[key + 'answer_ppl_high']:.2f}) per "
+                         f"token over {summary[key + 'answer_tokens']} answer tokens (EOS padding excluded)")
     for key in ("prompt", "sample", "reference"):
         if key in summary:
             lines.append(f"{key}: {summary[key]!r}")

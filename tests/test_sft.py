@@ -12,7 +12,7 @@ from adapt.config import ConfigError, load_config
 from adapt.data import DataError
 from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions
 from adapt.model import DiffusionMeta, prepare_diffusion
-from adapt.sft import build_examples, encode, pad_example, split_record, wiki_sft_pairs
+from adapt.sft import answer_positions, build_examples, encode, pad_example, split_record, wiki_sft_pairs
 
 EOS, MASK = 2, 99
 
@@ -23,6 +23,17 @@ def test_pad_example_layout():
     assert keep.tolist() == [False] * 3 + [True] * 5  # padding counts as response
     assert pad_example([1, 10, 11], [20, 21, 22, 23, 24], 8, EOS) is None  # no room for the EOS: dropped
     assert pad_example([1, 10, 11], [20, 21, 22, 23], 8, EOS) is not None
+
+
+def test_answer_positions_stop_after_the_first_eos():
+    rows = [pad_example([1, 10, 11], [20, 21], 8, EOS), pad_example([1, 10], [20, 21, 22, 23], 8, EOS),
+            pad_example([1, 10, 11, 12], [], 8, EOS)]  # padded; full to the last position; empty answer
+    ids, keep = torch.stack([r[0] for r in rows]), torch.stack([r[1] for r in rows])
+    answer = answer_positions(ids, keep, EOS)
+    assert answer.tolist() == [[False] * 3 + [True] * 3 + [False] * 2,
+                               [False] * 2 + [True] * 5 + [False],
+                               [False] * 4 + [True] + [False] * 3]
+    assert not (answer & ~keep).any()
 
 
 def test_prompt_never_masked_and_carries_no_loss():

@@ -48,6 +48,8 @@ def test_two_ranks(stage, zero, lora, tmp_path, tiny_model_dir, corpus_file, sft
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     summary = rows[-1]
     assert summary["kind"] == "summary" and "after_nll" in summary and "sample" in summary
+    if stage == "sft":  # the answers' share is counted over fewer tokens than the whole response bound
+        assert 0 < summary["after_answer_tokens"] < summary["after_tokens"]
     weights = load_file(run / "final" / "model.safetensors")
     assert not any("lora_" in k or "base_layer" in k for k in weights)  # a plain HF folder
     assert (run / "final" / "adapter").is_dir() == (stage == "sft" and lora)
