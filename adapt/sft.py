@@ -28,6 +28,7 @@ from adapt.attention import build_mask
 from adapt.config import Config, SftConfig
 from adapt.data import Blocks, DataError, embedded_corpus
 from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, sample_t
+from adapt.likelihood import BoundEstimate
 from adapt.model import DTYPES
 
 
@@ -214,14 +215,11 @@ def answer_positions(ids: torch.Tensor, loss_mask: torch.Tensor, eos_id: int) ->
 def _token_weighted(per_example: list[tuple[float, float]]) -> dict:
     """Token-weighted mean over all ranks' examples of (summed nats, tokens); 95% CI from the spread of
     per-example nats per token."""
-    ratios = [s / c for s, c in per_example if c]
+    ratios = [s / c for s, c in per_example]
     nll, tokens, v, v2, n = distributed.all_sum([sum(s for s, _ in per_example), sum(c for _, c in per_example),
                                                  sum(ratios), sum(r * r for r in ratios), float(len(ratios))])
-    mean = nll / tokens
     var = max(0.0, (v2 - v * v / n) / (n - 1)) if n > 1 else float("nan")
-    ci = 1.96 * math.sqrt(var / n)
-    return {"nll": mean, "ppl": math.exp(mean), "ci95": ci, "ppl_low": math.exp(mean - ci),
-            "ppl_high": math.exp(mean + ci), "tokens": int(tokens)}
+    return BoundEstimate(nll / tokens, 1.96 * math.sqrt(var / n), int(tokens), int(n)).as_dict()
 
 
 @torch.no_grad()

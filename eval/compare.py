@@ -18,11 +18,13 @@ from pathlib import Path
 
 import torch
 from tqdm import tqdm
+from transformers import AutoTokenizer
 
 from adapt.checkpoint import load_diffusion_model
 from adapt.denoiser import Denoiser
 from adapt.diffusion import maskable_positions
 from adapt.likelihood import summarize
+from adapt.model import DiffusionMeta
 from eval.elbo import METHODS, draw_masks, masked_nll_sums
 from eval.heldout import heldout_blocks
 from eval.models import data_config
@@ -33,9 +35,8 @@ NAME = "compare"
 
 def paired(a: torch.Tensor, b: torch.Tensor, tokens: int) -> dict:
     """Per-token difference b - a of two (N,) per-block bounds (nats): mean, 95% half-width, ppl ratio."""
-    diff = (b - a) / tokens
-    half = 1.96 * diff.std().item() / math.sqrt(len(diff)) if len(diff) > 1 else math.nan
-    mean = diff.mean().item()
+    est = summarize(b - a, tokens)
+    mean, half = est.nll_per_token, est.ci95
     return {"nll_diff": mean, "ci95": half, "ppl_ratio": math.exp(mean), "ppl_ratio_low": math.exp(mean - half),
             "ppl_ratio_high": math.exp(mean + half)}
 
@@ -55,7 +56,7 @@ def score(model_dir: Path, x0: torch.Tensor, masked: torch.Tensor, weight: torch
 
 def run(args: argparse.Namespace) -> dict:
     first = args.models[0]
-    _, tokenizer, meta = load_diffusion_model(first, device="cpu", dtype="fp32")
+    meta, tokenizer = DiffusionMeta.load(first), AutoTokenizer.from_pretrained(first)  # weights load in score()
     dcfg = data_config(first, args.data_files, args.cache_dir)
     blocks = heldout_blocks(dcfg, tokenizer, args.length, args.blocks)
     maskable = maskable_positions(blocks, meta.shift)
