@@ -136,3 +136,55 @@ def backend_problem(backend: str, schedule: str, anneal_steps: int, document_mas
         return ("attention.document_mask needs a mask tensor, which flash_attention_2 does not take; "
                 "use model.attn_implementation=sdpa")
     return None
+
+
+_FLEX_PROBLEMS: dict[tuple, str | None] = {}
+# (sequence length, BLOCK_SIZE) of the check problems: one that the block size does not divide, one ordinary
+FLEX_CHECKS = ((24, 8), (256, 128))
+
+
+def flex_problem(device: torch.device | str = "cpu", head_dim: int = 64,
+                 checks: tuple[tuple[int, int], ...] = FLEX_CHECKS) -> str | None:
+    """Why compiled FlexAttention cannot be trusted on `device` for this head size, or None when it matches sdpa.
+
+    torch 2.13's inductor-compiled flex_attention gives wrong results on some CPUs (seen on an AVX2-only
+    AMD EPYC: a causal BlockMask with head size 8 differs from sdpa by up to 2.0 or gives NaN, while eager
+    flex matches to 2e-7; other shapes are right), so before flex runs on a device it is checked once per
+    head size, on small causal problems, against sdpa.
+    """
+    key = (torch.device(device).type, head_dim, checks)
+    if key not in _FLEX_PROBLEMS:
+        _FLEX_PROBLEMS[key] = next(filter(None, (_check_flex(torch.device(device), head_dim, length, block)
+                                                 for length, block in checks)), None)
+    return _FLEX_PROBLEMS[key]
+
+
+def _check_flex(device: torch.device, head_dim: int, length: int, block: int) -> str | None:
+    import torch.nn.functional as F
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, length, head_dim, generator=g).to(device) for _ in range(3))
+    causal = create_block_mask(lambda b, h, i, j: j <= i, None, None, length, length, device=device,
+                               BLOCK_SIZE=block)
+    try:
+        got = torch.compile(flex_attention)(q, k, v, block_mask=causal)
+    except Exception as err:  # noqa: BLE001 - any compiler failure means: do not use it here
+        return f"compiled flex_attention fails on this {device.type} ({type(err).__name__}: {err})"
+    want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    err = float((got - want).abs().max())
+    if not err <= 1e-4:  # NaN fails too
+        return (f"compiled flex_attention differs from sdpa by up to {err:.3g} on a causal test problem "
+                f"(head size {head_dim}, length {length}, block {block}) on this {device.type}: a torch inductor "
+                f"issue seen on some CPUs")
+    return None
+
+
+def usable_backend(backend: str, device: torch.device | str, head_dim: int) -> tuple[str, str | None]:
+    """(backend to use, why it was changed or None): flex_attention falls back to sdpa where it is wrong."""
+    if backend != "flex_attention":
+        return backend, None
+    problem = flex_problem(device, head_dim)
+    if problem is None:
+        return backend, None
+    return "sdpa", f"{problem}; using sdpa with the same masks (dense) instead"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,6 +23,7 @@ import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from adapt import distributed, faults
+from adapt.attention import usable_backend
 from adapt.config import Config, from_dict, resume_conflicts, to_yaml
 from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, set_causal
 
@@ -195,6 +197,11 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     if not path.is_dir():
         raise ModelLoadError(f"{path} not found; pass an exported folder such as checkpoints/<run>/final")
     meta = DiffusionMeta.load(path)
+    config = AutoConfig.from_pretrained(path)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attn_implementation, why = usable_backend(attn_implementation, device, head_dim)
+    if why:
+        warnings.warn(why, stacklevel=2)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  attn_implementation=attn_implementation)
     if (path / "adapter").is_dir():  # a `lora.export=adapter` export: merge it for inference

@@ -13,8 +13,8 @@ import torch
 from conftest import ROOT, tiny_llama
 from torch.nn.attention.flex_attention import create_mask
 
-from adapt.attention import (annealed_visibility, backend_problem, build_mask, document_visibility,
-                             uses_block_mask, window_block_mask, window_width)
+from adapt.attention import (annealed_visibility, backend_problem, build_mask, document_visibility, flex_problem,
+                             usable_backend, uses_block_mask, window_block_mask, window_width)
 from adapt.model import forward_logits, set_causal
 
 V, L = 64, 24
@@ -34,7 +34,17 @@ def test_block_mask_is_the_window_schedule():
 
 @torch.no_grad()
 def test_flex_block_mask_logits_match_dense_sdpa():
+    """Where compiled flex is right (GPU, most CPUs) it equals dense sdpa; where this CPU's compiled flex is
+    wrong, the check sees it and the library falls back to sdpa instead of running it."""
     model = tiny_llama(V, layers=2)
+    head_dim = model.config.hidden_size // model.config.num_attention_heads
+    problem = flex_problem("cpu", head_dim, ((L, 8),))
+    if problem is not None:
+        assert "differs from sdpa" in problem or "fails" in problem
+        backend, why = usable_backend("flex_attention", "cpu", head_dim)
+        assert backend == "sdpa" and "using sdpa" in why
+        assert usable_backend("sdpa", "cpu", head_dim) == ("sdpa", None)
+        return
     set_causal(model, False)
     x = torch.randint(3, V, (2, L), generator=torch.Generator().manual_seed(0))
     docs = torch.tensor([[0] * 10 + [1] * 14, [0] * 16 + [1] * 8])
