@@ -24,15 +24,69 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 
 from adapt import distributed, faults
 from adapt.attention import usable_backend
-from adapt.config import Config, from_dict, resume_conflicts, to_yaml
+from adapt.config import Config, from_dict, to_yaml, values
 from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, set_causal
 
 COMPLETE = "COMPLETE"
+META_FILE = "diffusion.json"
+RECIPE_FILE = "recipe.yaml"
+ADAPTER_DIR = "adapter"
+WEIGHTS_FILE = "model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed or exported; the message says why and what to do."""
 
+
+# --- the export contract ------------------------------------------------------------------------
+
+def save_meta(folder: Path, meta: DiffusionMeta) -> None:
+    (Path(folder) / META_FILE).write_text(meta.to_json())
+
+
+def read_meta(folder: str | Path) -> DiffusionMeta:
+    """The diffusion metadata of an export (or a run's base/); ModelLoadError when there is none."""
+    path = Path(folder).expanduser() / META_FILE
+    if not path.is_file():
+        raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
+                             f"export one with `python -m adapt.export RUN_DIR`")
+    return DiffusionMeta.from_json(path.read_text(), str(path))
+
+
+def exported_meta(name_or_path: str | Path) -> DiffusionMeta | None:
+    """The metadata of a folder this project wrote (export or base/), or None for anything else (a causal LM)."""
+    folder = Path(name_or_path).expanduser()
+    return read_meta(folder) if (folder / META_FILE).is_file() else None
+
+
+def read_recipe(folder: str | Path) -> Config | None:
+    """The resolved training recipe an export was made with, or None when it has none."""
+    path = Path(folder) / RECIPE_FILE
+    return from_dict(yaml.safe_load(path.read_text())) if path.is_file() else None
+
+
+def export_problem(folder: str | Path) -> str | None:
+    """Why `folder` is not a loadable export (missing, a run folder, a checkpoint, a causal LM), or None."""
+    path = Path(folder).expanduser()
+    if not path.exists():
+        return f"{path} not found; pass an exported folder such as checkpoints/<run>/final"
+    if not path.is_dir():
+        return f"{path} is a file; pass an exported folder such as checkpoints/<run>/final"
+    run = path if (path / "base").is_dir() else path.parent if path.name == "base" else None
+    run = run or (path.parent.parent if path.parent.name == "checkpoints" else None)
+    run = run or (path.parent if path.name == "checkpoints" else None)
+    if run is not None and (ckpt_root(run).is_dir() or (run / "base").is_dir()):
+        return (f"{path} belongs to a training run, not an export; export it first with "
+                f"`python -m adapt.export {run}` (then use {run / 'final'})")
+    if not (path / META_FILE).is_file():
+        return (f"{path} has no {META_FILE}: it is not an exported diffusion model; export a run with "
+                f"`python -m adapt.export RUN_DIR`")
+    if not (path / WEIGHTS_FILE).is_file() and not any(path.glob("model-*.safetensors")):
+        return f"{path} has no {WEIGHTS_FILE}: the export is incomplete; export it again with `python -m adapt.export`"
+    return None
+
+
+# --- resumable checkpoints -----------------------------------------------------------------------
 
 def ckpt_root(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
@@ -58,7 +112,7 @@ def save_base(run_dir: Path, model, tokenizer, meta: DiffusionMeta) -> None:
     tokenizer.save_pretrained(tmp)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(tmp)
-    meta.save(tmp)
+    save_meta(tmp, meta)
     _swap_into_place(tmp, base)
 
 
@@ -84,6 +138,20 @@ def _fsync_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+# Fields a resumed run may change without invalidating its checkpoint (everything else must match).
+RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
+               "train.keep_last", "train.eval_t_samples", "train.max_bad_steps", "run.", "dist.",
+               "data.num_proc", "data.cache_dir", "optim.min_lr_ratio", "lora.export")
+
+
+
+def resume_conflicts(saved: Config, current: Config) -> list[str]:
+    """Fields that differ between a checkpoint's config and the current one and make resuming unsafe."""
+    a, b = values(saved), values(current)
+    return [f"`{k}`: checkpoint has {a[k]!r}, recipe has {b[k]!r}" for k in a
+            if a[k] != b.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
 
 
 def find_resume(cfg: Config) -> str | None:
@@ -127,7 +195,7 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
         raise CheckpointError(f"{tag} is not a complete checkpoint of {run_dir}; choose from {', '.join(tags)}")
     saved = from_dict(yaml.safe_load((ckpt_root(run_dir) / tag / "config.yaml").read_text()))
     base = run_dir / "base"
-    meta = DiffusionMeta.load(base)
+    meta = read_meta(base)
     step = int((ckpt_root(run_dir) / tag / COMPLETE).read_text())
     from adapt.attention import anneal_ratio
 
@@ -138,7 +206,7 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     out = Path(out) if out else run_dir / "final"
     tmp = _tmp_sibling(out)
     if saved.lora.enabled:  # peft keys: merge the adapter, or keep it in tmp/adapter
-        from adapt.lora import ADAPTER_DIR, export_model
+        from adapt.lora import export_model
 
         keep = tmp / ADAPTER_DIR if saved.lora.export == "adapter" else None
         model = export_model(config, state, saved.lora, meta.mask_token_id, DTYPES[dtype or saved.model.dtype], keep)
@@ -149,8 +217,11 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     if (base / "generation_config.json").is_file():
         GenerationConfig.from_pretrained(base).save_pretrained(tmp)
-    meta.save(tmp)
-    (tmp / "recipe.yaml").write_text(to_yaml(saved))
+    save_meta(tmp, meta)
+    (tmp / RECIPE_FILE).write_text(to_yaml(saved))
+    from adapt.hf_export import write_hf_extras  # custom_generate/, decoding defaults, model card
+
+    write_hf_extras(tmp, meta, saved, run_dir=run_dir)
     _swap_into_place(tmp, out)
     return out
 
@@ -194,9 +265,10 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
                          device: str | torch.device = "cpu"):
     """(model, tokenizer, meta) from an exported folder, in eval mode, attention set for diffusion."""
     path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"{path} not found; pass an exported folder such as checkpoints/<run>/final")
-    meta = DiffusionMeta.load(path)
+    problem = export_problem(path)
+    if problem:
+        raise ModelLoadError(problem)
+    meta = read_meta(path)
     config = AutoConfig.from_pretrained(path)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     attn_implementation, why = usable_backend(attn_implementation, device, head_dim)
@@ -204,10 +276,10 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
         warnings.warn(why, stacklevel=2)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
                                                  attn_implementation=attn_implementation)
-    if (path / "adapter").is_dir():  # a `lora.export=adapter` export: merge it for inference
+    if (path / ADAPTER_DIR).is_dir():  # a `lora.export=adapter` export: merge it for inference
         from adapt.lora import merge_adapter
 
-        model = merge_adapter(model, path)
+        model = merge_adapter(model, path / ADAPTER_DIR)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer, meta

@@ -255,12 +255,6 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("lora.dropout", 0.0, 0.99),
 ]
 
-# Fields a resumed run may change without invalidating its checkpoint (everything else must match).
-RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-               "train.keep_last", "train.eval_t_samples", "train.max_bad_steps", "run.", "dist.",
-               "data.num_proc", "data.cache_dir", "optim.min_lr_ratio", "lora.export")
-
-
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 safe loader that also reads `1e-4` as a float (PyYAML alone needs `1.0e-4`)."""
 
@@ -270,7 +264,7 @@ _Loader.add_implicit_resolver("tag:yaml.org,2002:float",
                               list("-+0123456789."))
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
@@ -278,7 +272,7 @@ def _schema_fields(cls: type) -> dict[str, Any]:
     return {f.name: t for f, t in zip(dataclasses.fields(cls), get_type_hints(cls).values())}
 
 
-def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
+def check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
     """Report unknown keys (with the nearest valid one) and leaf type errors under `cls`.
 
     Returns the tree without the offending entries, so the remaining values can still be
@@ -299,7 +293,7 @@ def _check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
             continue
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
-            clean[key] = _check_tree(kind, value, path + ".", problems)
+            clean[key] = check_tree(kind, value, path + ".", problems)
         elif not _type_ok(kind, value):
             problems.append(f"`{path}` must be {_type_name(kind)}, got {value!r}")
         else:
@@ -329,131 +323,16 @@ def _type_name(kind: Any) -> str:
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 
-def _parse_overrides(overrides: list[str], problems: list[str]) -> dict:
-    tree: dict = {}
-    for item in overrides:
-        if "=" not in item:
-            problems.append(f"override `{item}` is not key=value (e.g. train.max_steps=10)")
-            continue
-        key, raw = item.split("=", 1)
-        try:
-            value = _load_yaml(raw) if raw != "" else ""
-        except Exception:  # YAMLError, or ValueError/KeyError from tags and dates such as 2001-13-45
-            value = raw
-        node = tree
-        parts = key.strip().split(".")
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                problems.append(f"override `{item}` conflicts with an earlier override")
-                break
-        else:
-            node[parts[-1]] = value
-    return tree
-
-
-def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        problems.append(f"recipe `{path}` not found; pass a YAML file such as recipes/llama_to_mdlm.yaml")
-        return {}
-    try:
-        tree = _load_yaml(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problems.append(f"recipe `{path}` is not valid YAML{where}: {getattr(err, 'problem', err)}")
-        return {}
-    except (OSError, UnicodeDecodeError) as err:
-        problems.append(f"recipe `{path}` cannot be read: {err}")
-        return {}
-    except Exception as err:  # a value YAML parses but cannot construct: !!int x, 2001-13-45, ...
-        problems.append(f"recipe `{path}` has a value YAML cannot construct: {type(err).__name__}: {err}")
-        return {}
-    if not isinstance(tree, dict):
-        problems.append(f"recipe `{path}` must be a mapping of sections (model:, data:, ...)")
-        return {}
-    return tree
-
-
-def _values(cfg: Config, prefix: str = "") -> dict[str, Any]:
+def values(cfg: Config, prefix: str = "") -> dict[str, Any]:
+    """Every leaf of a config by its dotted key (`optim.lr` -> value)."""
     out = {}
     for f in dataclasses.fields(cfg):
         v = getattr(cfg, f.name)
         if dataclasses.is_dataclass(v):
-            out.update(_values(v, f"{prefix}{f.name}."))
+            out.update(values(v, f"{prefix}{f.name}."))
         else:
             out[f"{prefix}{f.name}"] = v
     return out
-
-
-def validate(cfg: Config) -> list[str]:
-    """Every out-of-range value and incompatible option combination, as messages."""
-    problems = []
-    values = _values(cfg)
-    for key, allowed in CHOICES.items():
-        if values[key] not in allowed:
-            problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {values[key]!r}")
-    for key, lo, hi in RANGES:
-        v = values[key]
-        finite = not isinstance(v, float) or math.isfinite(v)
-        if not (finite and lo <= v and (hi is None or v <= hi)):  # written so that NaN fails too
-            bound = f"finite and >= {lo}" if hi is None else f"in [{lo}, {hi}]"
-            problems.append(f"`{key}` must be {bound}; got {v!r}")
-    if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
-        problems.append("`dist.offload_param` needs `dist.zero_stage=3`")
-    if cfg.dist.offload_optimizer and cfg.dist.zero_stage == 0:
-        problems.append("`dist.offload_optimizer` needs `dist.zero_stage` >= 1")
-    if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
-        problems.append("antithetic t needs an even number of sequences per step "
-                        "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
-    if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
-        problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
-    if cfg.lora.enabled and not cfg.lora.target_modules:
-        problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
-    problems += _exported_model_problems(cfg)
-    from adapt.attention import backend_problem  # local: attention imports torch
-    problem = backend_problem(cfg.model.attn_implementation, cfg.attention.anneal_schedule,
-                              cfg.attention.anneal_steps, cfg.attention.document_mask)
-    if problem:
-        problems.append(problem)
-    return problems
-
-
-def _exported_model_problems(cfg: Config) -> list[str]:
-    """A model exported by this project (diffusion.json beside config.json) is already bidirectional."""
-    meta = Path(cfg.model.name_or_path).expanduser() / "diffusion.json"
-    if not meta.is_file():
-        return []
-    try:
-        saved = json.loads(meta.read_text())
-    except (OSError, ValueError):
-        return [f"{meta} is not readable JSON; re-export the model with `python -m adapt.export RUN_DIR`"]
-    problems = []
-    if cfg.attention.anneal_steps > 0:
-        problems.append(f"`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
-                        f"set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
-    if "shift" in saved and bool(saved["shift"]) != cfg.diffusion.shift:
-        problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
-                        f"shift={saved['shift']}; set `diffusion.shift={str(saved['shift']).lower()}`")
-    return problems
-
-
-def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
-    problems: list[str] = []
-    tree = _read_recipe(recipe, problems) if recipe is not None else {}
-    tree = _check_tree(Config, tree, "", problems)
-    cli = _check_tree(Config, _parse_overrides(list(overrides), problems), "", problems)
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
-        cfg: Config = OmegaConf.to_object(merged)
-    except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:  # what the schema walk missed
-        raise ConfigError(problems + [str(err).splitlines()[0]]) from None
-    problems += validate(cfg)
-    if problems:
-        raise ConfigError(problems)
-    return cfg
 
 
 def to_dict(cfg: Config) -> dict:
@@ -467,17 +346,10 @@ def to_yaml(cfg: Config) -> str:
 def from_dict(tree: dict) -> Config:
     """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths."""
     problems: list[str] = []
-    _check_tree(Config, tree, "", problems)
+    check_tree(Config, tree, "", problems)
     if problems:  # e.g. a checkpoint written by another version of the schema
         raise ConfigError(problems)
     try:
         return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
     except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:
         raise ConfigError([str(err).splitlines()[0]]) from None
-
-
-def resume_conflicts(saved: Config, current: Config) -> list[str]:
-    """Fields that differ between a checkpoint's config and the current one and make resuming unsafe."""
-    a, b = _values(saved), _values(current)
-    return [f"`{k}`: checkpoint has {a[k]!r}, recipe has {b[k]!r}" for k in a
-            if a[k] != b.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]

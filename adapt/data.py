@@ -15,12 +15,13 @@ import json
 import os
 import re
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from adapt.config import DataConfig
+from adapt.model import start_token
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
@@ -173,7 +174,7 @@ def pack(ds, tokenizer, block_size: int, num_proc: int = 1):
     masked under the shift, is the same given token at training and sampling time. `doc_ids`
     numbers the documents inside a block for per-document attention.
     """
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token(tokenizer)
     eos = tokenizer.eos_token_id
     body = block_size - 1
 
@@ -204,6 +205,14 @@ class Blocks:
     train_docs: torch.Tensor  # (N_train, L) long
     heldout: torch.Tensor  # (N_heldout, L) long
     heldout_docs: torch.Tensor
+    train_loss_mask: torch.Tensor | None = None
+    """(N_train, L) bool: the positions that may carry loss (SFT: the response); None = all."""
+    heldout_loss_mask: torch.Tensor | None = None
+    """(N_heldout, L) bool, the same for the held-out blocks."""
+    heldout_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Named subsets of the held-out eligible positions whose share of the bound is reported (SFT: answer)."""
+    summary: str = ""
+    """One line about the data for the start-up log."""
 
 
 def _cache_key(dcfg: DataConfig, tokenizer) -> str:

@@ -56,19 +56,16 @@ def all_sum(values: list[float]) -> list[float]:
     """Sum floats over ranks (float64, CPU tensors work with gloo)."""
     if not dist.is_initialized() or world_size() == 1:
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.tolist()
 
 
-def _device() -> torch.device:
+def device() -> torch.device:
+    """This rank's device, as DeepSpeed's accelerator names it (cpu, cuda:N, ...)."""
     from deepspeed.accelerator import get_accelerator
 
     return torch.device(get_accelerator().current_device_name())
-
-
-def device() -> torch.device:
-    return _device()
 
 
 def ds_config(cfg: Config) -> dict:

@@ -32,7 +32,9 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt.config import Config, load_config  # noqa: E402
+from adapt import checkpoint  # noqa: E402
+from adapt.config import Config  # noqa: E402
+from adapt.recipe import load_config  # noqa: E402
 
 GB = 1024**3
 
@@ -77,7 +79,7 @@ def model_shape(cfg: Config, config) -> Shape:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    exported = (Path(cfg.model.name_or_path).expanduser() / "diffusion.json").is_file()
+    exported = checkpoint.exported_meta(cfg.model.name_or_path) is not None
     if cfg.model.mask_token_id < 0 and not exported:  # assumes the mask token needs a new row
         multiple = cfg.model.pad_vocab_to_multiple_of
         config.vocab_size = math.ceil((config.vocab_size + 1) / multiple) * multiple

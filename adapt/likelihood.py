@@ -1,27 +1,41 @@
-"""Monte Carlo estimate of the negative ELBO (an upper bound on NLL) of token blocks.
+"""The one Monte Carlo estimator of the negative ELBO (an upper bound on NLL) of held-out blocks.
 
-For a block x0 of length L, with loss-eligible positions E (all but position 0 under the shift),
-    -log p(x0_E | x0_0) <= E_t [ (1/t) * sum_{i masked} -log p_theta(x0_i | x_t) ].
-Each block gets `n_t` draws of t, stratified over [eps, 1] by default, so the estimate of the
-bound per block is the mean over draws; dataset perplexity = exp(sum NLL / sum tokens).
+For a block x0 with loss-eligible positions E (under the shift never position 0; for SFT the response),
+the linear-schedule continuous-time bound is
+    -log p(x0_E | x0_rest) <= E_{t ~ U(eps, 1)} [ (1/t) sum_{i in E, masked} -log p_theta(x0_i | x_t) ].
+Integrating t out given the number l of masked positions gives the same bound (eps -> 0) as
+    E_{l ~ U{1..|E|}} [ (|E|/l) sum_{i masked} -log p_theta(x0_i | x_t) ], l positions masked uniformly
+(LLaDA eq. 6), exact for |E| = 1 and of lower variance. Methods (k draws per block, equal cost):
+    stratified  t: one t from each of k equal strata
+    uniform     t: k i.i.d. draws
+    antithetic  t: k/2 i.i.d. draws and their mirrors
+    count       l: k draws stratified over u in (0, 1], l = ceil(u |E|)
+
+The model call belongs to the objective (`objective.nll_sums`), so training evaluation, SFT evaluation,
+eval.likelihood, eval.compare and the harness share this file. Under several ranks every rank draws the
+masks of all blocks from the same generator and scores an equal share (the last padded), so every rank
+runs the same number of forwards (ZeRO-3 gathers weights in each) and the result does not depend on the
+number of ranks. Dataset perplexity is exp(sum NLL / sum tokens) (001_*.txt appendix A.1), with a 95%
+interval from the spread over blocks (a ratio estimator: blocks may hold different token counts).
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
-from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, sample_t, token_nll
+from adapt import distributed
+from adapt.diffusion import loss_weight, maskable_positions, sample_t, token_nll
+from adapt.objectives.base import Attention, Forward
 
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+METHODS = ("stratified", "uniform", "antithetic", "count")
 
 
 @dataclass
 class BoundEstimate:
     nll_per_token: float
-    """Mean negative ELBO per loss-eligible token (nats)."""
+    """Mean negative ELBO per loss-eligible token (nats): summed nats over summed tokens."""
     ci95: float
     """Half-width of the 95% interval of nll_per_token over blocks (normal approximation)."""
     tokens: int
@@ -39,44 +53,157 @@ class BoundEstimate:
                 f"{prefix}ppl_high": math.exp(self.nll_per_token + self.ci95), f"{prefix}tokens": self.tokens}
 
 
-def block_bounds(logits_fn: LogitsFn, x0: torch.Tensor, n_t: int, eps: float, mask_id: int, shift: bool,
-                 blocked: torch.Tensor, generator: torch.Generator, t_sampling: str = "stratified",
-                 batch_size: int = 8) -> torch.Tensor:
-    """(N,) negative-ELBO estimate of each block in nats (summed over its tokens, mean over t draws).
+# --- draws ---------------------------------------------------------------------------------------
 
-    `logits_fn` maps (B, L) ids to raw (B, L, V) logits of the model (unshifted).
+def stratified_unit(k: int, generator: torch.Generator) -> torch.Tensor:
+    """(k,) float64 in (0, 1]: one draw in each of k equal strata, shuffled."""
+    u = 1.0 - (torch.arange(k, dtype=torch.float64) + torch.rand(k, generator=generator, dtype=torch.float64)) / k
+    return u[torch.randperm(k, generator=generator)].clamp_min(1e-12)
+
+
+def draw_masks(maskable: torch.Tensor, k: int, method: str, eps: float,
+               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks for k draws of each block: maskable (N, L) bool -> (masked (N*k, L) bool, weight (N*k,) float64).
+
+    Rows j*k .. j*k+k-1 belong to block j; a row's bound is weight * (its masked NLL sum).
     """
-    n = x0.shape[0]
-    reps = x0.repeat_interleave(n_t, dim=0)
-    # stratify per block: the n_t draws of one block cover [eps, 1]
-    t = torch.cat([sample_t(n_t, eps, t_sampling, generator) for _ in range(n)])
-    maskable = maskable_positions(reps, shift)
-    xt, masked = corrupt(reps, t, mask_id, maskable, generator)
-    sums = torch.zeros(len(reps), dtype=torch.float64)
-    for i in range(0, len(reps), batch_size):
-        sl = slice(i, i + batch_size)
-        logits = logits_fn(xt[sl])
-        for j in range(logits.shape[0]):  # per-row sums without materialising all rows' softmax
-            row = slice(j, j + 1)
-            sums[i + j] = diffusion_loss_sum(logits[row], reps[sl][row].to(logits.device),
-                                             masked[sl][row].to(logits.device), t[sl][row], shift, blocked).double()
-    return sums.view(n, n_t).mean(1)
+    if method not in METHODS:
+        raise ValueError(f"unknown ELBO method {method!r}; use one of {', '.join(METHODS)}")
+    reps = maskable.repeat_interleave(k, dim=0)
+    if method == "count":
+        u = torch.rand(reps.shape, generator=generator, dtype=torch.float64)
+        size = reps.sum(1).double()
+        draws = torch.cat([stratified_unit(k, generator) for _ in range(len(maskable))])
+        n_mask = (draws * size).ceil().clamp(min=1)
+        # the n_mask maskable positions with the smallest random keys: a uniform subset of that size
+        rank = u.masked_fill(~reps, 2.0).argsort(1).argsort(1)
+        weight = torch.where(size > 0, size / n_mask, torch.zeros_like(size))
+        return (rank < n_mask[:, None]) & reps, weight
+    t = torch.cat([sample_t(k, eps, method, generator) for _ in range(len(maskable))])  # per block over [eps, 1]
+    u = torch.rand(reps.shape, generator=generator)  # the draw order of adapt.diffusion.corrupt
+    return (u < t[:, None]) & reps, loss_weight(t).double()
 
 
-def summarize(per_block: torch.Tensor, tokens_per_block: int) -> BoundEstimate:
-    per_token = per_block / tokens_per_block
-    n = per_token.numel()
-    ci = 1.96 * per_token.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("nan")
-    return BoundEstimate(per_token.mean().item(), ci, tokens_per_block * n, n)
+# --- estimates -----------------------------------------------------------------------------------
+
+def _chunk(n: int) -> tuple[range, int]:
+    """This rank's share of n items (contiguous) and how many padding items make every share equal."""
+    world, rank = distributed.world_size(), distributed.rank()
+    size = math.ceil(n / world)
+    mine = range(min(n, rank * size), min(n, (rank + 1) * size))
+    return mine, size - len(mine)
 
 
-def causal_nll(logits_fn: LogitsFn, x0: torch.Tensor, blocked: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """(N,) exact NLL (nats) of tokens 1..L-1 of each block under a causal LM's next-token logits."""
-    out = []
-    for i in range(0, len(x0), batch_size):
-        x = x0[i:i + batch_size]
-        logits = logits_fn(x)
+def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int,
+                    method: str, generator: torch.Generator, batch_size: int = 8,
+                    attention: Attention | None = None, parts: tuple[torch.Tensor, ...] = (),
+                    split: bool = False) -> torch.Tensor:
+    """(N, 1 + P) float64: each block's bound in nats (summed over its eligible tokens, mean of k draws),
+    then each part's share of it. Costs N * k model rows; with `split` this rank scores only its share
+    (equal forwards on every rank) and the rows of the other ranks' blocks are zero."""
+    eps = getattr(objective, "eps", 1e-3)
+    masked, weight = draw_masks(maskable, k, method, eps, generator)
+    n = len(x0)
+    blocks, pad = _chunk(n) if split else (range(n), 0)
+    rows = [b * k + j for b in blocks for j in range(k)]
+    rows += rows[:1] * (pad * k) if rows else [0] * (pad * k)  # padding rows: scored, then discarded
+    reps = x0.repeat_interleave(k, dim=0)
+    sums = torch.zeros(n * k, 1 + len(parts), dtype=torch.float64)
+    real = len(blocks) * k
+    for i in range(0, len(rows), batch_size):
+        idx = torch.tensor(rows[i:i + batch_size])
+        att = attention or Attention()
+        if att.docs is not None:
+            att = Attention(att.visible, att.ratio, att.schedule, att.docs.repeat_interleave(k, 0)[idx])
+        got = objective.nll_sums(forward, reps[idx], masked[idx], att,
+                                 tuple(p.repeat_interleave(k, 0)[idx] for p in parts))
+        keep = torch.arange(i, i + len(idx)) < real
+        sums[idx[keep]] = got[keep]
+    return (weight[:, None] * sums).view(n, k, -1).mean(1)
+
+
+def summarize(nats: torch.Tensor, tokens: torch.Tensor | int) -> BoundEstimate:
+    """Summed nats over summed tokens, with a 95% interval over blocks, across every rank's blocks.
+
+    nats (N,) per block; tokens (N,) or one count for all. Each rank passes the blocks it scored.
+    """
+    c = torch.as_tensor(tokens, dtype=torch.float64).expand(nats.shape).double()
+    s = nats.double()
+    S, C, n, S2, SC, C2 = distributed.all_sum([s.sum().item(), c.sum().item(), float(len(s)), (s * s).sum().item(),
+                                               (s * c).sum().item(), (c * c).sum().item()])
+    mean = S / C
+    # ratio estimator: var(mean) ~ sum (s_i - mean c_i)^2 / (n (n-1) cbar^2); with equal c_i it is var(s/c)/n
+    resid = max(0.0, S2 - 2 * mean * SC + mean * mean * C2)
+    ci = 1.96 * math.sqrt(resid / (n * (n - 1))) / (C / n) if n > 1 else float("nan")
+    return BoundEstimate(mean, ci, int(round(C)), int(n))
+
+
+def heldout_bound(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int, method: str,
+                  generator: torch.Generator, batch_size: int = 8, attention: Attention | None = None,
+                  parts: dict[str, torch.Tensor] | None = None) -> dict:
+    """The bound of blocks x0 (N, L) split over ranks, as `BoundEstimate.as_dict()`; `parts` name subsets of
+    the eligible positions whose share is reported beside it with the prefix `<name>_`."""
+    parts = parts or {}
+    est = block_estimates(objective, forward, x0, maskable, k, method, generator, batch_size, attention,
+                          tuple(parts.values()), split=True)
+    mine = _chunk(len(x0))[0]
+    sel = torch.tensor(list(mine), dtype=torch.long)
+    out = summarize(est[sel, 0], maskable[sel].sum(1)).as_dict()
+    for c, (name, part) in enumerate(parts.items(), 1):
+        out |= summarize(est[sel, c], (part & maskable)[sel].sum(1)).as_dict(f"{name}_")
+    return out
+
+
+def replicate_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int,
+                        method: str, replicates: int, generator: torch.Generator, batch_size: int = 8,
+                        progress=None) -> torch.Tensor:
+    """(N, R) float64: R independent k-draw estimates of each block's bound (for the estimator's variance)."""
+    cols = []
+    for _ in range(replicates):
+        cols.append(block_estimates(objective, forward, x0, maskable, k, method, generator, batch_size)[:, 0])
+        if progress is not None:
+            progress.update(1)
+    return torch.stack(cols, dim=1)
+
+
+def estimator_variance(estimates: torch.Tensor, tokens: torch.Tensor) -> float:
+    """Mean over blocks of the variance across replicates of the per-token estimate (nats^2).
+
+    estimates (N, R) with R >= 2, tokens (N,) eligible tokens of each block.
+    """
+    if estimates.shape[1] < 2:
+        raise ValueError("the estimator's variance needs at least 2 replicates")
+    per_token = estimates / tokens.double()[:, None]
+    return float(per_token.var(dim=1, unbiased=True).mean())
+
+
+# --- the parent ----------------------------------------------------------------------------------
+
+@torch.no_grad()
+def causal_nll(forward: Forward, x0: torch.Tensor, blocked: torch.Tensor, batch_size: int = 8,
+               split: bool = False) -> torch.Tensor:
+    """(N,) exact NLL (nats) of tokens 1..L-1 of each block under a causal LM's next-token logits.
+
+    `forward(ids, None)` is the causal model call. With `split` this rank scores its share (equal forwards
+    on every rank, the last share padded) and the other ranks' rows are zero."""
+    n = len(x0)
+    blocks, pad = _chunk(n) if split else (range(n), 0)
+    rows = list(blocks) + (list(blocks)[:1] or [0]) * pad
+    out = torch.zeros(n, dtype=torch.float64)
+    for i in range(0, len(rows), batch_size):
+        idx = torch.tensor(rows[i:i + batch_size])
+        x = x0[idx]
+        logits = forward(x, None)
         masked = maskable_positions(x, shift=True).to(logits.device)
-        nll = token_nll(logits, x.to(logits.device), masked, True, blocked)
-        out.append(nll.view(len(x), -1).sum(1).double().cpu())
-    return torch.cat(out)
+        nll = token_nll(logits, x.to(logits.device), masked, True, blocked).view(len(x), -1).sum(1).double().cpu()
+        keep = torch.arange(i, i + len(idx)) < len(blocks)
+        out[idx[keep]] = nll[keep]
+    return out
+
+
+def parent_perplexity(forward: Forward, x0: torch.Tensor, blocked: torch.Tensor, batch_size: int = 8) -> dict:
+    """Exact held-out perplexity of a causal LM over every rank's share of x0 (positions 1..L-1)."""
+    nll = causal_nll(forward, x0, blocked, batch_size, split=True)
+    mine = torch.tensor(list(_chunk(len(x0))[0]), dtype=torch.long)
+    est = summarize(nll[mine], x0.shape[1] - 1)
+    return {"parent_nll": est.nll_per_token, "parent_ppl": est.ppl, "parent_ci95": est.ci95}

@@ -20,7 +20,6 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from adapt.config import LoraConfig
 from adapt.model import DiffusionMeta, ModelLoadError
 
-ADAPTER_DIR = "adapter"
 
 
 def peft_config(lcfg: LoraConfig, mask_token_id: int):
@@ -98,4 +97,4 @@ def merge_adapter(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
     """Apply the peft adapter of an `lora.export=adapter` folder to its base weights, merged."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, folder / ADAPTER_DIR).merge_and_unload()
+    return PeftModel.from_pretrained(model, folder).merge_and_unload()

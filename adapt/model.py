@@ -17,7 +17,6 @@ from transformers.tokenization_utils_base import AddedToken
 from adapt.config import EMBEDDED_MODEL, ModelConfig
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-META_FILE = "diffusion.json"
 
 
 class ModelLoadError(RuntimeError):
@@ -49,20 +48,22 @@ class DiffusionMeta:
     format_version: int = 1
     """diffusion.json layout version."""
 
-    def save(self, folder: Path) -> None:
-        (Path(folder) / META_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def load(cls, folder: Path) -> "DiffusionMeta":
-        path = Path(folder) / META_FILE
-        if not path.is_file():
-            raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
-                                 f"export one with `python -m adapt.export RUN_DIR`")
+    def from_json(cls, text: str, where: str) -> "DiffusionMeta":
+        """Parse the metadata; `where` names the file in the message of the ModelLoadError a bad one raises."""
         try:
-            return cls(**json.loads(path.read_text()))
+            return cls(**json.loads(text))
         except (ValueError, TypeError) as err:  # not JSON, not an object, or unknown/missing fields
-            raise ModelLoadError(f"{path} is not a valid {META_FILE} ({err}); re-export the model with "
+            raise ModelLoadError(f"{where} is not valid diffusion metadata ({err}); re-export the model with "
                                  f"`python -m adapt.export RUN_DIR`") from None
+
+
+def start_token(tokenizer) -> int:
+    """The token every sequence starts with: BOS, or EOS for tokenizers without one (position 0 is always given)."""
+    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
 
 
 def embedded_gguf() -> Path:
@@ -198,22 +199,17 @@ def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> Diff
     return DiffusionMeta(mask_token_id=mask_id, real_vocab_size=real_vocab)
 
 
-def exported_meta(name_or_path: str) -> DiffusionMeta | None:
-    """The diffusion metadata of a folder exported by this project, or None for a plain causal LM."""
-    folder = Path(name_or_path).expanduser()
-    return DiffusionMeta.load(folder) if (folder / META_FILE).is_file() else None
-
-
-def prepare_diffusion(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> DiffusionMeta:
-    """The mask token and metadata for training: an exported diffusion model keeps its own mask token
-    (and its `parent`), a causal LM gets one from `add_mask_token`."""
-    meta = exported_meta(mcfg.name_or_path)
+def prepare_diffusion(model: PreTrainedModel, tokenizer, mcfg: ModelConfig,
+                      exported: DiffusionMeta | None = None) -> DiffusionMeta:
+    """The mask token and metadata for training: an exported diffusion model (`exported`, its metadata)
+    keeps its own mask token (and its `parent`), a causal LM gets one from `add_mask_token`."""
+    meta = exported
     if meta is None:
         meta = add_mask_token(model, tokenizer, mcfg)
         return DiffusionMeta(**{**asdict(meta), "parent": mcfg.name_or_path, "parent_gguf_file": mcfg.gguf_file})
     rows = model.get_input_embeddings().weight.shape[0]
     if not 0 <= meta.mask_token_id < min(rows, len(tokenizer)):
-        raise ModelLoadError(f"{mcfg.name_or_path}: diffusion.json names mask token {meta.mask_token_id}, outside "
+        raise ModelLoadError(f"{mcfg.name_or_path}: its diffusion metadata names mask token {meta.mask_token_id}, outside "
                              f"the model's {rows} embedding rows / {len(tokenizer)} tokens; re-export the model")
     tokenizer.mask_token = tokenizer.convert_ids_to_tokens(meta.mask_token_id)
     return meta

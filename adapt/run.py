@@ -7,7 +7,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt.config import ConfigError, load_config  # noqa: E402
+from adapt.recipe import load_config  # noqa: E402
 
 USAGE = "usage: [deepspeed] adapt/run.py RECIPE.yaml [section.key=value ...]"
 
@@ -26,9 +26,9 @@ def main(argv: list[str] | None = None) -> int:
 
     with friendly():
         cfg = load_config(recipe, overrides)
-        stages = {"adapt": "adapt.train:run_adapt", "sft": "adapt.sft:run_sft"}
-        module, func = stages[cfg.stage].split(":")
-        getattr(__import__(module, fromlist=[func]), func)(cfg)
+        from adapt.stages import STAGES
+
+        STAGES[cfg.stage](cfg)
     return 0
 
 

@@ -8,14 +8,14 @@ Each example becomes one sequence of `data.block_size` tokens:
 The response is padded to the block with EOS, and the padding counts as response: the model learns
 to end its answer (sampling with a long masked tail then fills it with EOS). Examples that do not fit
 (prompt + response + one EOS > block size) are dropped and counted. Training reuses `adapt.train`
-unchanged: the examples carry a loss mask that `train_step` folds into the maskable positions.
+unchanged (`adapt.stages.run_sft`): the examples carry a loss mask that the objective folds into the
+maskable positions, and the answer (up to its first EOS) as a named part whose share of the bound is reported.
 """
 from __future__ import annotations
 
 import glob
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass
@@ -23,21 +23,15 @@ from pathlib import Path
 
 import torch
 
-from adapt import checkpoint, distributed
-from adapt.attention import build_mask
 from adapt.config import Config, SftConfig
 from adapt.data import Blocks, DataError, embedded_corpus
-from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, sample_t
-from adapt.likelihood import BoundEstimate
-from adapt.model import DTYPES
+from adapt.model import start_token
 
 
 @dataclass
 class SftBlocks(Blocks):
     """Padded examples; the loss masks mark response positions (True) and prompt positions (False)."""
 
-    train_loss_mask: torch.Tensor | None = None  # (N_train, L) bool
-    heldout_loss_mask: torch.Tensor | None = None  # (N_heldout, L) bool
     dropped: int = 0
     """Examples left out because they do not fit in the block."""
 
@@ -137,7 +131,7 @@ def split_record(record: dict, scfg: SftConfig) -> tuple[list[dict] | str, str]:
 def encode(tokenizer, prompt: list[dict] | str, response: str, use_template: bool) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids). The prompt starts with the tokenizer's BOS (EOS when it has none),
     the same given first token as in adaptation; a chat-templated prompt keeps the template's first token."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    start = start_token(tokenizer)
     if use_template and getattr(tokenizer, "chat_template", None):
         turns = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -197,10 +191,16 @@ def build_examples(cfg: Config, tokenizer) -> SftBlocks:
                         f"add examples or lower data.heldout_blocks")
     n = len(ids) - cfg.data.heldout_blocks
     docs = torch.zeros_like(ids)
-    return SftBlocks(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], int(saved["dropped"]))
+    dropped = int(saved["dropped"])
+    summary = (f"sft: {n} train / {len(ids) - n} held-out examples of {cfg.data.block_size} tokens, {dropped} "
+               f"dropped (too long); response tokens per example {loss_mask[:n].sum(1).float().mean():.1f} "
+               f"(EOS padding included)")
+    answer = answer_positions(ids[n:], loss_mask[n:], tokenizer.eos_token_id)
+    return SftBlocks(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], {"answer": answer},
+                     summary, dropped)
 
 
-# --- evaluation and the stage --------------------------------------------------------------------
+# --- evaluation and the report ---------------------------------------------------------------------
 
 def answer_positions(ids: torch.Tensor, loss_mask: torch.Tensor, eos_id: int) -> torch.Tensor:
     """Response positions up to and including the EOS that ends the answer (bool, like `loss_mask`);
@@ -212,81 +212,7 @@ def answer_positions(ids: torch.Tensor, loss_mask: torch.Tensor, eos_id: int) ->
     return loss_mask & (pos <= (last + 1)[..., None])
 
 
-def _token_weighted(per_example: list[tuple[float, float]]) -> dict:
-    """Token-weighted mean over all ranks' examples of (summed nats, tokens); 95% CI from the spread of
-    per-example nats per token."""
-    ratios = [s / c for s, c in per_example]
-    nll, tokens, v, v2, n = distributed.all_sum([sum(s for s, _ in per_example), sum(c for _, c in per_example),
-                                                 sum(ratios), sum(r * r for r in ratios), float(len(ratios))])
-    var = max(0.0, (v2 - v * v / n) / (n - 1)) if n > 1 else float("nan")
-    return BoundEstimate(nll / tokens, 1.96 * math.sqrt(var / n), int(tokens), int(n)).as_dict()
-
-
-@torch.no_grad()
-def evaluate_responses(state) -> dict:
-    """Held-out negative ELBO of the responses given the prompts (nats per response token, EOS padding
-    included), stratified t with fixed noise, split over ranks. `answer_*`: the share of that bound on
-    the answer and its first EOS, per answer token (a diagnostic: the padding is easy to predict)."""
-    cfg, blocks = state.cfg, state.blocks
-    state.engine.eval()
-    length, dev = cfg.data.block_size, distributed.device()
-    mask = build_mask(None, length, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
-    rank, world = distributed.rank(), distributed.world_size()
-    x0, keep = blocks.heldout[rank::world], blocks.heldout_loss_mask[rank::world]
-    answer = answer_positions(x0, keep, state.tokenizer.eos_token_id)
-    gen = torch.Generator().manual_seed(cfg.train.seed * 1_000_003 + 7919 + rank)
-    n_t = cfg.train.eval_t_samples
-    whole, part = [], []  # (summed bound, tokens) per example: all response tokens; the answer's share
-    # every rank runs the same number of forwards (ZeRO-3 gathers weights collectively); extras are discarded
-    for i in range(math.ceil(len(blocks.heldout) / world)):
-        if i >= len(x0):
-            state.engine(input_ids=blocks.heldout[:1].repeat(n_t, 1).to(dev), use_cache=False)
-            continue
-        reps = x0[i:i + 1].repeat(n_t, 1)
-        t = sample_t(n_t, cfg.diffusion.eps, "stratified", gen)
-        xt, masked = corrupt(reps, t, state.meta.mask_token_id,
-                             maskable_positions(reps, cfg.diffusion.shift, keep[i:i + 1].repeat(n_t, 1)), gen)
-        batch_mask = None if mask is None else mask.to(dev).expand(n_t, -1, -1, -1)
-        logits = state.engine(input_ids=xt.to(dev), attention_mask=batch_mask, use_cache=False).logits
-        sums = [[diffusion_loss_sum(logits[j:j + 1], reps[j:j + 1].to(dev), m[j:j + 1].to(dev), t[j:j + 1],
-                                    cfg.diffusion.shift, state.blocked).item() for j in range(n_t)]
-                for m in (masked, masked & answer[i])]
-        whole.append((sum(sums[0]) / n_t, float(keep[i].sum())))
-        part.append((sum(sums[1]) / n_t, float(answer[i].sum())))
-    state.engine.train()
-    return _token_weighted(whole) | {f"answer_{k}": v for k, v in _token_weighted(part).items()}
-
-
-def run_sft(cfg: Config) -> dict:
-    """The sft stage end to end: evaluate, train, export, evaluate, answer one held-out prompt."""
-    from adapt.train import fit, setup, show_batch
-
-    state = setup(cfg)
-    b = state.blocks
-    state.log.info(f"sft: {len(b.train)} train / {len(b.heldout)} held-out examples of {cfg.data.block_size} "
-                   f"tokens, {b.dropped} dropped (too long); response tokens per example "
-                   f"{b.train_loss_mask.sum(1).float().mean():.1f} (EOS padding included)")
-    summary: dict = {}
-    if state.step == 0:
-        show_batch(state)
-        summary.update({f"before_{k}": v for k, v in evaluate_responses(state).items()})
-        state.log.record(0, summary, "eval")
-    if not fit(state):
-        return summary
-    summary.update({f"after_{k}": v for k, v in evaluate_responses(state).items()})
-    distributed.barrier()
-    if distributed.is_main():
-        out = checkpoint.export(cfg.run_dir)
-        summary["export"] = str(out)
-        if cfg.run.sample_length:
-            summary.update(_answer(out, cfg, b.heldout[0], b.heldout_loss_mask[0]))
-        state.log.record(state.step, summary, "summary")
-        _report(summary)
-    distributed.barrier()
-    return summary
-
-
-def _report(summary: dict) -> None:
+def report(summary: dict) -> None:
     lines = ["", "=" * 72, f"exported diffusion model: {summary.get('export')}"]
     for key, label in (("before_", "response bound before SFT"), ("after_", "response bound after SFT")):
         lines.append(f"{label + ':':<32}<= {summary[key + 'ppl']:.2f} (95% CI {summary[key + 'ppl_low']:.2f}-"
@@ -302,20 +228,6 @@ def _report(summary: dict) -> None:
     print("\n".join(lines + ["=" * 72]), flush=True)
 
 
-def _answer(folder: Path, cfg: Config, ids: torch.Tensor, response: torch.Tensor) -> dict:
-    """Fill the response positions of a held-out example with the exported model (ancestral sampler)."""
-    from adapt.denoiser import Denoiser
-    from adapt.sampling.ancestral import ancestral_sample
-
-    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
-    x = ids.clone()[None]
-    x[0, response] = meta.mask_token_id
-    out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,
-                           generator=torch.Generator().manual_seed(cfg.train.seed))[0, response].tolist()
-    return {"prompt": tokenizer.decode(ids[~response]), "sample": tokenizer.decode(_until_eos(out, tokenizer)),
-            "reference": tokenizer.decode(_until_eos(ids[response].tolist(), tokenizer))}
-
-
-def _until_eos(ids: list[int], tokenizer) -> list[int]:
+def until_eos(ids: list[int], tokenizer) -> list[int]:
     eos = tokenizer.eos_token_id
     return ids[:ids.index(eos)] if eos in ids else ids

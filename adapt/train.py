@@ -1,7 +1,9 @@
-"""Adaptation: setup -> fit -> train_step -> evaluate.
+"""The training loop: setup -> fit -> train_step -> evaluate, for any stage and any objective.
 
-Every random draw of a step (data order, t, the masked positions, the attention pattern) comes
-from generators seeded by (seed, step[, rank]), so resuming at step s replays exactly what an
+The loop takes its data (`adapt.data.Blocks`, with loss masks for SFT) and its objective
+(`adapt.objectives`) and knows neither stage; `adapt.stages` builds the data and runs the stages.
+Every random draw of a step (data order, t, the masked positions, the attention pattern) comes from a
+named stream of `adapt.rng` seeded by (seed, step[, rank]), so resuming at step s replays exactly what an
 uninterrupted run would have done, with no RNG state to carry.
 """
 from __future__ import annotations
@@ -10,18 +12,18 @@ import math
 import signal
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
+from typing import Callable
 
 import torch
 
-from adapt import checkpoint, distributed, faults
-from adapt.attention import anneal_ratio, build_mask, step_visibility, uses_block_mask, window_block_mask
+from adapt import checkpoint, distributed, faults, likelihood, objectives, rng
+from adapt.attention import anneal_ratio, step_visibility
 from adapt.config import Config, to_yaml
-from adapt.data import Blocks, batch_indices, build_blocks
-from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, normaliser, sample_t
-from adapt.likelihood import BoundEstimate, block_bounds, causal_nll
+from adapt.data import Blocks, batch_indices
+from adapt.diffusion import blocked_vocab, corrupt
 from adapt.metrics import MetricsLog
-from adapt.model import DTYPES, DiffusionMeta, load_causal_lm, load_tokenizer, prepare_diffusion, set_causal
+from adapt.model import DiffusionMeta, load_causal_lm, load_tokenizer, prepare_diffusion, set_causal
+from adapt.objectives import Attention, ModelForward
 
 
 class TrainingError(RuntimeError):
@@ -34,19 +36,18 @@ class State:
     engine: object
     tokenizer: object
     meta: DiffusionMeta
-    blocks: Blocks
-    blocked: torch.Tensor
+    data: Blocks
+    objective: object
+    """The training objective (adapt.objectives); it also gives the held-out bound."""
     log: MetricsLog
     step: int = 0
     stop_requested: bool = False
     skipped: int = 0
 
-
-def _seed(*parts: int) -> int:
-    h = 0
-    for p in parts:
-        h = (h * 1_000_003 + int(p)) % (2**63 - 1)
-    return h
+    @property
+    def forward(self) -> ModelForward:
+        """The model call under DeepSpeed: forward(ids, mask) -> logits."""
+        return ModelForward(self.engine, distributed.device())
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module):
@@ -71,9 +72,9 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def setup(cfg: Config) -> State:
-    """Process group, model with mask token (and LoRA adapters), data, DeepSpeed engine; resumes when a
-    checkpoint exists. The data are packed blocks (adapt) or prompt/response examples (sft)."""
+def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
+    """Process group, model with mask token (and LoRA adapters), data from `build_data(cfg, tokenizer)`,
+    the objective, the DeepSpeed engine; resumes when a checkpoint exists."""
     distributed.init()
     world = distributed.world_size()
     if cfg.model.attn_implementation == "flex_attention" and distributed.device().type == "cpu":
@@ -81,7 +82,9 @@ def setup(cfg: Config) -> State:
                             "model.attn_implementation=sdpa on CPU (same masks, dense)")
     tokenizer = load_tokenizer(cfg.model)
     model = load_causal_lm(cfg.model)
-    meta = replace(prepare_diffusion(model, tokenizer, cfg.model), shift=cfg.diffusion.shift, eps=cfg.diffusion.eps)
+    exported = checkpoint.exported_meta(cfg.model.name_or_path)
+    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
+                   eps=cfg.diffusion.eps)
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     if cfg.lora.enabled:
@@ -90,9 +93,9 @@ def setup(cfg: Config) -> State:
         torch.manual_seed(cfg.train.seed)  # peft draws A from the global RNG: the same on every rank and run
         model = apply_lora(model, cfg.lora, meta)
     if distributed.is_main():
-        blocks = _build_data(cfg, tokenizer)  # rank 0 fills the cache first
+        data = build_data(cfg, tokenizer)  # rank 0 fills the cache first
     distributed.barrier()
-    blocks = _build_data(cfg, tokenizer)
+    data = build_data(cfg, tokenizer)
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
@@ -104,77 +107,61 @@ def setup(cfg: Config) -> State:
         (run_dir / "config.yaml").write_text(to_yaml(cfg))
         checkpoint.save_base(run_dir, model, tokenizer, meta)
     log = MetricsLog(run_dir, cfg.run.tensorboard, distributed.is_main())
-    state = State(cfg, engine, tokenizer, meta, blocks, blocked, log)
+    state = State(cfg, engine, tokenizer, meta, data, objectives.from_config(cfg, meta, blocked), log)
     if tag is not None:
         client = distributed.load(engine, checkpoint.ckpt_root(run_dir), tag)
         state.step = int(client["step"])
         state.skipped = int(client.get("skipped_steps", 0))
         log.info(f"resumed from {checkpoint.ckpt_root(run_dir) / tag} at step {state.step}")
-    log.info(f"world {world} | {len(blocks.train)} train blocks, {len(blocks.heldout)} held-out, "
+    log.info(f"world {world} | {len(data.train)} train blocks, {len(data.heldout)} held-out, "
              f"{cfg.data.block_size} tokens each | mask token id {meta.mask_token_id}")
+    if data.summary:
+        log.info(data.summary)
     return state
 
 
-def _build_data(cfg: Config, tokenizer) -> Blocks:
-    if cfg.stage == "sft":
-        from adapt.sft import build_examples
-
-        return build_examples(cfg, tokenizer)
-    return build_blocks(cfg.data, tokenizer)
-
-
-def _logits(state: State, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    return state.engine(input_ids=x.to(distributed.device()), attention_mask=mask, use_cache=False).logits
-
-
-def global_batch(cfg: Config, step: int, n_blocks: int):
-    """The whole step's draws across ranks: (block indices, t, generator for the masks), m * a * world rows.
+def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, torch.Generator]:
+    """The whole step's block indices across ranks (m * a * world rows) and the generator of its noise.
 
     Every rank draws the same global batch (a pure function of seed and step) and keeps its own
     rows, so t is stratified over the global batch and a run's numbers do not depend on how many
     ranks share it.
     """
-    world = distributed.world_size()
-    n = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+    n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
     idx = batch_indices(step, n_blocks, n, 0, 1, cfg.train.seed)
-    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, step, 1))
-    t = sample_t(n, cfg.diffusion.eps, cfg.diffusion.t_sampling, gen)
-    return idx, t, gen
+    return idx, rng.generator(cfg.train.seed, "noise", step)
+
+
+def step_attention(cfg: Config, step: int) -> Attention:
+    """The step's attention: one annealed pattern, identical on every rank (DiffuLLaMA), or None once bidirectional."""
+    r = anneal_ratio(step, cfg.attention.anneal_steps)
+    visible = step_visibility(cfg.data.block_size, r, cfg.attention.anneal_schedule,
+                              rng.generator(cfg.train.seed, "attention", step))
+    return Attention(visible, r, cfg.attention.anneal_schedule)
 
 
 def train_step(state: State, step: int) -> dict:
     """One optimizer step over micro_batch_size * grad_accum sequences per rank."""
-    cfg, world = state.cfg, distributed.world_size()
-    m, a, length = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.block_size
+    cfg, world, obj, data = state.cfg, distributed.world_size(), state.objective, state.data
+    m, a = cfg.train.micro_batch_size, cfg.train.grad_accum
     # dropout (lora.dropout) draws from the global RNG: seed it per (step, rank) so a resume replays it
-    torch.manual_seed(_seed(cfg.train.seed, step, 3, distributed.rank()))
-    idx, t_all, gen = global_batch(cfg, step, len(state.blocks.train))
-    x0_all = state.blocks.train[idx]
-    loss_mask = getattr(state.blocks, "train_loss_mask", None)  # sft: response positions only
-    maskable_all = maskable_positions(x0_all, cfg.diffusion.shift, None if loss_mask is None else loss_mask[idx])
-    xt_all, masked_all = corrupt(x0_all, t_all, state.meta.mask_token_id, maskable_all, gen)
-    count = normaliser(cfg.diffusion.loss_norm, maskable_all, masked_all)
-    n_masked = int(masked_all.sum())
+    torch.manual_seed(rng.seed_for(cfg.train.seed, "dropout", step, distributed.rank()))
+    idx, gen = global_batch(cfg, step, len(data.train))
+    x0_all = data.train[idx]
+    maskable_all = obj.maskable(x0_all, None if data.train_loss_mask is None else data.train_loss_mask[idx])
+    noised = obj.corrupt(x0_all, maskable_all, gen)
+    count = obj.normaliser(maskable_all, noised.masked)
+    n_masked = int(noised.masked.sum())
     mine = slice(distributed.rank() * m * a, (distributed.rank() + 1) * m * a)
-    x0, xt, masked, t = x0_all[mine], xt_all[mine], masked_all[mine], t_all[mine]
-    docs = state.blocks.train_docs[idx[mine]] if cfg.attention.document_mask else None
-    r = anneal_ratio(step, cfg.attention.anneal_steps)
-    # one attention pattern per step, identical on every rank (DiffuLLaMA)
-    visible = step_visibility(length, r, cfg.attention.anneal_schedule,
-                              torch.Generator().manual_seed(_seed(cfg.train.seed, step, 2)))
-    dev, dtype = distributed.device(), DTYPES[cfg.model.dtype]
-    block_mask = visible is not None and uses_block_mask(cfg.model.attn_implementation, cfg.attention.anneal_schedule)
+    x0 = x0_all[mine]
+    noised = type(noised)(noised.xt[mine], noised.masked[mine], noised.t[mine])
+    attention = step_attention(cfg, step)
+    attention.docs = data.train_docs[idx[mine]] if cfg.attention.document_mask else None
     total, bad = 0.0, False
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
-        if block_mask:  # flex: the window as a BlockMask, hidden blocks skipped
-            mask = window_block_mask(length, r, docs[sl].to(dev) if docs is not None else None, dev)
-        else:
-            mask = build_mask(visible, length, dtype, cfg.model.attn_implementation,
-                              docs[sl].to(dev) if docs is not None else None)
-        logits = _logits(state, xt[sl], mask if mask is None else mask.to(dev))
-        loss_sum = diffusion_loss_sum(logits, x0[sl].to(dev), masked[sl].to(dev), t[sl], cfg.diffusion.shift,
-                                      state.blocked)
+        part = type(noised)(noised.xt[sl], noised.masked[sl], noised.t[sl])
+        loss_sum = obj.loss_sum(obj.logits(state.forward, part.xt, attention.rows(sl)), x0[sl], part)
         if step in faults.nan_steps():
             loss_sum = loss_sum * float("nan")
         finite = torch.isfinite(loss_sum)
@@ -193,9 +180,10 @@ def train_step(state: State, step: int) -> dict:
         check_finite_weights(state, f"after the skipped step {step + 1}")
     (total,) = distributed.all_sum([total])
     norm = state.engine.get_global_grad_norm()
-    return {"loss": float("nan") if bad else total / count, "masked_tokens": int(n_masked), "anneal_ratio": r,
-            "grad_norm": float(norm) if norm is not None and not bad else float("nan"), "skipped": bad,
-            "lr": state.engine.get_lr()[0], "tokens": m * a * world * length}
+    return {"loss": float("nan") if bad else total / count, "masked_tokens": n_masked,
+            "anneal_ratio": attention.ratio, "skipped": bad, "lr": state.engine.get_lr()[0],
+            "grad_norm": float(norm) if norm is not None and not bad else float("nan"),
+            "tokens": m * a * world * cfg.data.block_size}
 
 
 def _drop_update(engine) -> list[float]:
@@ -219,58 +207,35 @@ def check_finite_weights(state: State, when: str) -> None:
 
 @torch.no_grad()
 def evaluate(state: State, attention: str = "bidirectional") -> dict:
-    """Held-out negative ELBO (stratified t, fixed noise so runs compare pairwise), split over ranks.
+    """The objective's held-out bound (fixed draws, so runs compare pairwise), split over ranks.
 
-    attention: bidirectional, or causal (the parent's attention; the 'before' view).
-    SFT data (with a loss mask) are scored on their responses only, by `adapt.sft.evaluate_responses`.
+    attention: bidirectional, or causal (the parent's attention; the 'before' view). Blocks with a loss
+    mask (SFT) are scored on their eligible positions; the data's named parts are reported beside.
     """
-    if getattr(state.blocks, "heldout_loss_mask", None) is not None:
-        from adapt.sft import evaluate_responses
-
-        return evaluate_responses(state)
-    cfg, engine = state.cfg, state.engine
-    engine.eval()
-    length = cfg.data.block_size
-    visible = None if attention == "bidirectional" else step_visibility(length, 0.0, "random")
-    mask = build_mask(visible, length, DTYPES[cfg.model.dtype], cfg.model.attn_implementation)
-    mask = mask if mask is None else mask.to(distributed.device())
-    rank, world = distributed.rank(), distributed.world_size()
-    mine = state.blocks.heldout[rank::world]
-    gen = torch.Generator().manual_seed(_seed(cfg.train.seed, 7919, rank))
-    per_block = block_bounds(lambda x: _logits(state, x, _expand(mask, len(x))), mine, cfg.train.eval_t_samples,
-                             cfg.diffusion.eps, state.meta.mask_token_id, cfg.diffusion.shift, state.blocked, gen,
-                             batch_size=cfg.train.micro_batch_size)
-    est = _gather_summary(per_block, length - int(cfg.diffusion.shift))
-    engine.train()
-    return est.as_dict()
-
-
-def _expand(mask: torch.Tensor | None, batch: int) -> torch.Tensor | None:
-    return None if mask is None else mask.expand(batch, -1, -1, -1)
-
-
-def _gather_summary(per_block: torch.Tensor, tokens_per_block: int) -> BoundEstimate:
-    """Mean and 95% interval of per-token bounds over the blocks of every rank."""
-    per_token = per_block / tokens_per_block
-    s, s2, n = distributed.all_sum([per_token.sum().item(), (per_token**2).sum().item(), float(len(per_token))])
-    mean = s / n
-    var = max(0.0, (s2 - n * mean**2) / (n - 1)) if n > 1 else float("nan")
-    return BoundEstimate(mean, 1.96 * math.sqrt(var / n), int(n * tokens_per_block), int(n))
+    cfg, data, obj = state.cfg, state.data, state.objective
+    state.engine.eval()
+    visible = None if attention == "bidirectional" else step_visibility(cfg.data.block_size, 0.0, "random")
+    view = Attention(visible, 1.0 if visible is None else 0.0, "random",
+                     data.heldout_docs if cfg.attention.document_mask else None)
+    maskable = obj.maskable(data.heldout, data.heldout_loss_mask)
+    # phase 1 of the estimator switch: the stream and method of the original training evaluation
+    gen = torch.Generator().manual_seed(rng.seed_for(cfg.train.seed, "eval", rank=0))
+    out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,
+                                   "stratified", gen, cfg.train.micro_batch_size, view, data.heldout_parts)
+    state.engine.train()
+    return out
 
 
 @torch.no_grad()
 def parent_perplexity(state: State) -> dict:
     """Exact held-out perplexity of the parent causal LM on the same tokens (before any update)."""
-    cfg = state.cfg
     state.engine.eval()
     set_causal(state.engine.module, True)
-    rank, world = distributed.rank(), distributed.world_size()
-    nll = causal_nll(lambda x: _logits(state, x, None), state.blocks.heldout[rank::world], state.blocked,
-                     cfg.train.micro_batch_size)
+    out = likelihood.parent_perplexity(state.forward, state.data.heldout, state.objective.blocked,
+                                       state.cfg.train.micro_batch_size)
     set_causal(state.engine.module, False)
     state.engine.train()
-    total, tokens = distributed.all_sum([nll.sum().item(), float(len(nll) * (cfg.data.block_size - 1))])
-    return {"parent_nll": total / tokens, "parent_ppl": math.exp(total / tokens)}
+    return out
 
 
 def _install_stop_handler(state: State) -> None:
@@ -333,51 +298,10 @@ def show_batch(state: State) -> None:
     """Print one corrupted training sequence, so the data and masking can be eyeballed at start."""
     if not distributed.is_main():
         return
-    idx = batch_indices(state.step, len(state.blocks.train), 1, 0, 1, state.cfg.train.seed)
-    x0 = state.blocks.train[idx]
-    loss_mask = getattr(state.blocks, "train_loss_mask", None)
-    gen = torch.Generator().manual_seed(0)
-    t = torch.tensor([0.5])
-    maskable = maskable_positions(x0, state.cfg.diffusion.shift, None if loss_mask is None else loss_mask[idx])
-    xt, _ = corrupt(x0, t, state.meta.mask_token_id, maskable, gen)
+    data, obj = state.data, state.objective
+    idx = batch_indices(state.step, len(data.train), 1, 0, 1, state.cfg.train.seed)
+    x0 = data.train[idx]
+    maskable = obj.maskable(x0, None if data.train_loss_mask is None else data.train_loss_mask[idx])
+    xt, _ = corrupt(x0, torch.tensor([0.5]), state.meta.mask_token_id, maskable, torch.Generator().manual_seed(0))
     text = state.tokenizer.decode(xt[0, :64]).replace(state.tokenizer.mask_token, "_")
     state.log.info(f"a training sequence at t=0.5 (first 64 tokens, _ = mask): {text!r}")
-
-
-def run_adapt(cfg: Config) -> dict:
-    """The adapt stage end to end: evaluate, train, export, evaluate, sample. Returns the summary."""
-    from adapt.sampling.ancestral import ancestral_sample
-
-    state = setup(cfg)
-    summary: dict = {}
-    if state.step == 0:
-        show_batch(state)
-        summary.update(parent_perplexity(state))
-        summary.update({f"before_causal_{k}": v for k, v in evaluate(state, "causal").items()})
-        summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
-        state.log.record(0, summary, "eval")
-    if not fit(state):
-        return summary
-    summary.update({f"after_{k}": v for k, v in evaluate(state).items()})
-    distributed.barrier()
-    if distributed.is_main():
-        out = checkpoint.export(cfg.run_dir)
-        summary["export"] = str(out)
-        if cfg.run.sample_length:
-            summary["sample"] = _sample_text(out, cfg, ancestral_sample)
-        state.log.record(state.step, summary, "summary")
-        state.log.final(summary)
-    distributed.barrier()
-    return summary
-
-
-def _sample_text(folder: Path, cfg: Config, sampler) -> str:
-    from adapt.denoiser import Denoiser
-
-    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
-    den = Denoiser(model, meta)
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    x = torch.full((1, cfg.run.sample_length + 1), meta.mask_token_id, dtype=torch.long)
-    x[0, 0] = start
-    out = sampler(den, x, steps=cfg.run.sample_steps, generator=torch.Generator().manual_seed(cfg.train.seed))
-    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)

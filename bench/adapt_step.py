@@ -55,7 +55,8 @@ def _state(args):
     import torch
 
     from adapt import distributed
-    from adapt.config import load_config
+    from adapt.recipe import load_config
+    from adapt import objectives
     from adapt.data import Blocks
     from adapt.diffusion import blocked_vocab
     from adapt.metrics import MetricsLog
@@ -79,7 +80,8 @@ def _state(args):
     blocks = Blocks(ids, torch.zeros_like(ids), ids[:1], ids[:1])
     rows = model.get_output_embeddings().weight.shape[0]
     blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
-    return State(cfg, engine, tok, meta, blocks, blocked, MetricsLog(Path("."), False, False))
+    return State(cfg, engine, tok, meta, blocks, objectives.from_config(cfg, meta, blocked),
+                 MetricsLog(Path("."), False, False))
 
 
 def _causal_step(state, step: int) -> None:

@@ -11,7 +11,10 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapt.config import Config, ConfigError, _values, from_dict, load_config, resume_conflicts, to_dict, to_yaml
+from adapt.checkpoint import resume_conflicts
+from adapt.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from adapt.config import values as _values
+from adapt.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 from conftest import ROOT
 
-from adapt.config import load_config
+from adapt.recipe import load_config
 from adapt.estimate import GB, estimate, hostfile_size
 
 RECIPE = ROOT / "recipes" / "llama2_7b_to_mdlm.yaml"

@@ -24,7 +24,7 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     meta.parent = str(src)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    meta.save(out)
+    checkpoint.save_meta(out, meta)
     data = {"train_files": [str(corpus)], "block_size": 64, "heldout_blocks": 12, "cache_dir": str(cache)}
     (out / "recipe.yaml").write_text(yaml.safe_dump({"data": data}))
     return out

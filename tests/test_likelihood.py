@@ -10,14 +10,26 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 
 from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, sample_t
-from adapt.likelihood import BoundEstimate, block_bounds, causal_nll, summarize
+from adapt.likelihood import BoundEstimate, block_estimates, causal_nll, summarize
 from adapt.model import forward_logits, set_causal
+from adapt.objectives import MaskedDiffusion
 
 V, MASK, L = 21, 20, 12
 
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def block_bounds(fn, x0, n_t, eps, mask_id, shift, blocked, generator, t_sampling="stratified", batch_size=8):
+    """(N,) each block's bound through the library's one estimator (the masked-diffusion objective)."""
+    obj = MaskedDiffusion(mask_id, shift, blocked, eps)
+    return block_estimates(obj, lambda x, mask=None: fn(x), x0, obj.maskable(x0), n_t, t_sampling, generator,
+                           batch_size)[:, 0]
+
+
+def causal(fn):
+    return lambda x, mask=None: fn(x)
 
 
 def context_free(table: torch.Tensor):
@@ -55,7 +67,7 @@ def test_elbo_equals_exact_nll_for_a_context_free_model():
     assert (stderr < 0.03 * want).all()  # precise enough to see a wrong weight or a misaligned shift
     assert ((mean - want).abs() < 4 * stderr).all(), (mean, want, stderr)
     # and causal_nll of the same 'model' is the exact NLL itself
-    torch.testing.assert_close(causal_nll(context_free(table), x0, blocked), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(causal_nll(causal(context_free(table)), x0, blocked), want, rtol=1e-5, atol=1e-5)
 
 
 def test_elbo_is_per_block():
@@ -124,18 +136,18 @@ def test_causal_nll_matches_cross_entropy():
     logits = forward_logits(model, x0)
     no_block = torch.zeros(V, dtype=torch.bool)
     want = F.cross_entropy(logits[:, :-1].transpose(1, 2), x0[:, 1:], reduction="none").sum(1).double()
-    got = causal_nll(lambda x: forward_logits(model, x), x0, no_block, batch_size=2)
+    got = causal_nll(causal(lambda x: forward_logits(model, x)), x0, no_block, batch_size=2)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     # with the mask token blocked, the softmax runs over the real vocabulary only
     blocked = blocked_vocab(V, V, MASK)
     want = F.cross_entropy(logits[:, :-1, :MASK].transpose(1, 2), x0[:, 1:], reduction="none").sum(1).double()
-    torch.testing.assert_close(causal_nll(lambda x: forward_logits(model, x), x0, blocked), want,
+    torch.testing.assert_close(causal_nll(causal(lambda x: forward_logits(model, x)), x0, blocked), want,
                                rtol=1e-5, atol=1e-5)
 
 
 def test_summarize():
     per_block = torch.tensor([10.0, 12.0, 14.0], dtype=torch.float64)
-    est = summarize(per_block, tokens_per_block=10)
+    est = summarize(per_block, 10)
     assert isinstance(est, BoundEstimate) and est.blocks == 3 and est.tokens == 30
     assert est.nll_per_token == pytest.approx(1.2)
     assert est.ci95 == pytest.approx(1.96 * 0.2 / math.sqrt(3))

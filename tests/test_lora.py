@@ -7,7 +7,8 @@ from conftest import tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapt.config import LoraConfig
-from adapt.lora import ADAPTER_DIR, apply_lora, export_model, merge_adapter, trainable_counts
+from adapt.checkpoint import ADAPTER_DIR
+from adapt.lora import apply_lora, export_model, merge_adapter, trainable_counts
 from adapt.model import DiffusionMeta, ModelLoadError
 
 V, MASK = 100, 97
@@ -65,7 +66,7 @@ def test_export_matches_base_plus_adapter(tie, keep_adapter, tmp_path):
         assert (out / ADAPTER_DIR / "adapter_config.json").is_file()
         with torch.no_grad():  # the base alone differs: the adapter really is separate
             assert (loaded(input_ids=tokens()).logits - expected).abs().max() > 1e-3
-        loaded = merge_adapter(loaded, out)
+        loaded = merge_adapter(loaded, out / ADAPTER_DIR)
     else:
         assert loaded.config.tie_word_embeddings == tie  # one matrix on disk when the parent was tied
     with torch.no_grad():

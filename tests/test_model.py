@@ -10,6 +10,7 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from adapt import checkpoint
 from adapt.config import EMBEDDED_MODEL, ModelConfig
 from adapt.model import (ModelLoadError, add_mask_token, embedded_gguf, forward_logits, load_causal_lm,
                          load_tokenizer, resolve_source)
@@ -191,7 +192,8 @@ def test_bad_mask_token_refused(tiny_model_dir, kw, needle):
 
 
 def test_mask_token_id_below_minus_one_rejected_by_config():
-    from adapt.config import ConfigError, load_config
+    from adapt.config import ConfigError
+    from adapt.recipe import load_config
 
     with pytest.raises(ConfigError, match="mask_token_id"):
         load_config(None, ["model.mask_token_id=-5"])
@@ -222,11 +224,11 @@ def test_diffusion_meta_round_trip_and_bad_files(tmp_path):
     from adapt.model import DiffusionMeta
 
     meta = DiffusionMeta(mask_token_id=7, real_vocab_size=50, parent="p")
-    meta.save(tmp_path)
-    assert DiffusionMeta.load(tmp_path) == meta
+    checkpoint.save_meta(tmp_path, meta)
+    assert checkpoint.read_meta(tmp_path) == meta
     for text in ("{not json", "[1, 2]", '{"mask_token_id": 1}', '{"mask_token_id": 1, "real_vocab_size": 2, "x": 0}'):
         (tmp_path / "diffusion.json").write_text(text)
         with pytest.raises(ModelLoadError, match="re-export"):
-            DiffusionMeta.load(tmp_path)
+            checkpoint.read_meta(tmp_path)
     with pytest.raises(ModelLoadError, match="not an exported diffusion model"):
-        DiffusionMeta.load(tmp_path / "elsewhere")
+        checkpoint.read_meta(tmp_path / "elsewhere")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adapt import checkpoint
 from adapt import sample
 from conftest import ROOT
 
@@ -26,7 +27,7 @@ def exported_dir(tmp_path_factory, tiny_model_dir) -> Path:
     meta = add_mask_token(model, tok, ModelConfig(name_or_path=str(tiny_model_dir)))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    meta.save(out)
+    checkpoint.save_meta(out, meta)
     return out
 
 

@@ -1,0 +1,39 @@
+"""Training objectives: each owns how a batch is corrupted, the attention it needs, its loss sum and
+normaliser, and its held-out bound. The training loop, the evaluation scripts, the harness adapter and
+the benchmarks call an objective and never its internals.
+
+An objective is chosen by the recipe (`objective_name`); adding one means a module here and an entry
+in `OBJECTIVES`.
+"""
+from __future__ import annotations
+
+import torch
+
+from adapt.config import Config
+from adapt.model import DiffusionMeta
+from adapt.objectives.base import Attention, Forward, ModelForward, Noised
+from adapt.objectives.mdlm import MaskedDiffusion
+
+OBJECTIVES = {"mdlm": MaskedDiffusion}
+"""name -> objective class."""
+
+__all__ = ["OBJECTIVES", "Attention", "Forward", "MaskedDiffusion", "ModelForward", "Noised", "for_meta", "from_config",
+           "objective_name"]
+
+
+def objective_name(cfg: Config) -> str:
+    """The objective a recipe asks for (today there is one: masked diffusion over the whole block)."""
+    return "mdlm"
+
+
+def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
+    """The recipe's objective for training and its evaluation."""
+    return OBJECTIVES[objective_name(cfg)](meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
+                                           cfg.diffusion.t_sampling, cfg.diffusion.loss_norm,
+                                           cfg.model.attn_implementation, cfg.model.dtype)
+
+
+def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):
+    """The objective an export was trained with, from its diffusion.json (for evaluation)."""
+    return OBJECTIVES["mdlm"](meta.mask_token_id, meta.shift, blocked, meta.eps, "stratified", "token",
+                              backend, dtype)

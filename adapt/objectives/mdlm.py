@@ -1,0 +1,81 @@
+"""Masked diffusion over the whole block (MDLM / SEDD absorbing; DiffuLLaMA's adaptation objective).
+
+Every loss-eligible token of x0 is masked with probability t, t ~ U(eps, 1); the negative ELBO weights
+the cross-entropy of each masked token by 1/t (adapt.diffusion). Attention is whatever the loop's
+annealing asks for: causal at the start of adaptation, bidirectional after.
+"""
+from __future__ import annotations
+
+import torch
+
+from adapt.attention import build_mask, uses_block_mask, window_block_mask
+from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, normaliser, sample_t, token_nll
+from adapt.model import DTYPES
+from adapt.objectives.base import Attention, Forward, Noised
+
+
+class MaskedDiffusion:
+    name = "mdlm"
+
+    def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
+                 t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
+                 dtype: str = "fp32"):
+        self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
+        self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
+
+    # --- training ---------------------------------------------------------------------------------
+
+    def maskable(self, x0: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) bool: positions that may be noised and carry loss (never position 0 under the shift)."""
+        return maskable_positions(x0, self.shift, loss_mask)
+
+    def scored(self, x0: torch.Tensor) -> torch.Tensor:
+        """(B, L) bool: the positions a bound covers when it is compared with the parent's exact NLL:
+        never position 0 (the given BOS), with or without the shift."""
+        ok = self.maskable(x0)
+        ok[:, 0] = False
+        return ok
+
+    def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised:
+        """One t per row (`diffusion.t_sampling` over the batch), then each maskable token masked w.p. t."""
+        t = sample_t(len(x0), self.eps, self.t_sampling, generator)
+        xt, masked = corrupt(x0, t, self.mask_id, maskable, generator)
+        return Noised(xt, masked, t)
+
+    def normaliser(self, maskable: torch.Tensor, masked: torch.Tensor) -> float:
+        return normaliser(self.loss_norm, maskable, masked)
+
+    def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
+        """The attention mask of one forward: None (bidirectional), a dense 4D mask, or a flex BlockMask."""
+        docs = None if attention.docs is None else attention.docs.to(device)
+        if attention.visible is not None and uses_block_mask(self.backend, attention.schedule):
+            return window_block_mask(length, attention.ratio, docs, device)
+        mask = build_mask(attention.visible, length, self.dtype, self.backend, docs)
+        return None if mask is None else mask.to(device).expand(batch, -1, -1, -1)
+
+    def logits(self, forward: Forward, xt: torch.Tensor, attention: Attention) -> torch.Tensor:
+        """(B, L, V) raw logits of the model on x_t under `attention` (one model call)."""
+        return forward(xt, self.mask(attention, xt.shape[1], len(xt), getattr(forward, "device", xt.device)))
+
+    def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
+        """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
+        dev = logits.device
+        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.shift, self.blocked)
+
+    # --- the bound --------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def nll_sums(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor, attention: Attention,
+                 parts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+        """(B, 1 + P) float64: per row, the sum over masked positions of -log p_theta(x0_i | x_t), then
+        the same sum restricted to each of `parts` ((B, L) bool each). One model call."""
+        xt = x0.masked_fill(masked, self.mask_id)
+        logits = self.logits(forward, xt, attention)
+        dev = logits.device
+        sums = torch.zeros(len(x0), 1 + len(parts), dtype=torch.float64)
+        for j in range(len(x0)):  # per-row sums without materialising all rows' softmax
+            row = slice(j, j + 1)
+            for c, sel in enumerate((masked,) + tuple(masked & p for p in parts)):
+                nll = token_nll(logits[row], x0[row].to(dev), sel[row].to(dev), self.shift, self.blocked)
+                sums[j, c] = nll.float().sum().double().cpu()
+        return sums

@@ -1,0 +1,134 @@
+"""Load a recipe: schema defaults < recipe YAML < `section.key=value` overrides, then validate.
+
+Every problem is collected and raised once as a ConfigError (unknown keys with the nearest valid
+key, wrong types, values out of range, incompatible options, files that are not there), before
+anything loads. The schema itself is `adapt.config`; the resume policy is `adapt.checkpoint`'s.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from adapt import checkpoint
+from adapt.attention import backend_problem
+from adapt.config import CHOICES, RANGES, Config, ConfigError, check_tree, load_yaml, values
+from adapt.model import ModelLoadError
+
+
+def _parse_overrides(overrides: list[str], problems: list[str]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            problems.append(f"override `{item}` is not key=value (e.g. train.max_steps=10)")
+            continue
+        key, raw = item.split("=", 1)
+        try:
+            value = load_yaml(raw) if raw != "" else ""
+        except Exception:  # YAMLError, or ValueError/KeyError from tags and dates such as 2001-13-45
+            value = raw
+        node = tree
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                problems.append(f"override `{item}` conflicts with an earlier override")
+                break
+        else:
+            node[parts[-1]] = value
+    return tree
+
+
+def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        problems.append(f"recipe `{path}` not found; pass a YAML file such as recipes/llama_to_mdlm.yaml")
+        return {}
+    try:
+        tree = load_yaml(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problems.append(f"recipe `{path}` is not valid YAML{where}: {getattr(err, 'problem', err)}")
+        return {}
+    except (OSError, UnicodeDecodeError) as err:
+        problems.append(f"recipe `{path}` cannot be read: {err}")
+        return {}
+    except Exception as err:  # a value YAML parses but cannot construct: !!int x, 2001-13-45, ...
+        problems.append(f"recipe `{path}` has a value YAML cannot construct: {type(err).__name__}: {err}")
+        return {}
+    if not isinstance(tree, dict):
+        problems.append(f"recipe `{path}` must be a mapping of sections (model:, data:, ...)")
+        return {}
+    return tree
+
+
+def validate(cfg: Config) -> list[str]:
+    """Every out-of-range value and incompatible option combination, as messages."""
+    problems = []
+    leaves = values(cfg)
+    for key, allowed in CHOICES.items():
+        if leaves[key] not in allowed:
+            problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {leaves[key]!r}")
+    for key, lo, hi in RANGES:
+        v = leaves[key]
+        finite = not isinstance(v, float) or math.isfinite(v)
+        if not (finite and lo <= v and (hi is None or v <= hi)):  # written so that NaN fails too
+            bound = f"finite and >= {lo}" if hi is None else f"in [{lo}, {hi}]"
+            problems.append(f"`{key}` must be {bound}; got {v!r}")
+    if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
+        problems.append("`dist.offload_param` needs `dist.zero_stage=3`")
+    if cfg.dist.offload_optimizer and cfg.dist.zero_stage == 0:
+        problems.append("`dist.offload_optimizer` needs `dist.zero_stage` >= 1")
+    if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
+        problems.append("antithetic t needs an even number of sequences per step "
+                        "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
+    if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
+        problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
+    if cfg.lora.enabled and not cfg.lora.target_modules:
+        problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
+    problems += _exported_model_problems(cfg)
+    problem = backend_problem(cfg.model.attn_implementation, cfg.attention.anneal_schedule,
+                              cfg.attention.anneal_steps, cfg.attention.document_mask)
+    if problem:
+        problems.append(problem)
+    return problems
+
+
+def _exported_model_problems(cfg: Config) -> list[str]:
+    """A model exported by this project (its diffusion metadata beside config.json) is already bidirectional."""
+    try:
+        meta = checkpoint.exported_meta(cfg.model.name_or_path)
+    except (ModelLoadError, OSError) as err:
+        return [str(err)]
+    if meta is None:
+        return []
+    problems = []
+    if cfg.attention.anneal_steps > 0:
+        problems.append(f"`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
+                        f"set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
+    if meta.shift != cfg.diffusion.shift:
+        problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
+                        f"shift={meta.shift}; set `diffusion.shift={str(meta.shift).lower()}`")
+    return problems
+
+
+def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
+    problems: list[str] = []
+    tree = _read_recipe(recipe, problems) if recipe is not None else {}
+    tree = check_tree(Config, tree, "", problems)
+    cli = check_tree(Config, _parse_overrides(list(overrides), problems), "", problems)
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
+        cfg: Config = OmegaConf.to_object(merged)
+    except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:  # what the schema walk missed
+        raise ConfigError(problems + [str(err).splitlines()[0]]) from None
+    problems += validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg

@@ -1,0 +1,101 @@
+"""The stages, peers above one training loop (`adapt.train`): each builds its data, evaluates before,
+trains, exports, evaluates after and shows what the model does.
+
+    adapt  causal LM -> diffusion LM on packed text blocks (DiffuLLaMA)
+    sft    diffusion LM -> instruction-following diffusion LM on prompt/response pairs (LLaDA's SFT):
+           the same loop on blocks whose loss mask covers the response and its EOS padding only
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapt import checkpoint, distributed, rng, sft
+from adapt.config import Config
+from adapt.data import Blocks, build_blocks
+from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
+
+
+def _adapt_data(cfg: Config, tokenizer) -> Blocks:
+    return build_blocks(cfg.data, tokenizer)
+
+
+def run_adapt(cfg: Config) -> dict:
+    """The adapt stage end to end: evaluate, train, export, evaluate, sample. Returns the summary."""
+    state = setup(cfg, _adapt_data)
+    summary: dict = {}
+    if state.step == 0:
+        show_batch(state)
+        summary.update(parent_perplexity(state))
+        summary.update({f"before_causal_{k}": v for k, v in evaluate(state, "causal").items()})
+        summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
+        state.log.record(0, summary, "eval")
+    if not fit(state):
+        return summary
+    summary.update({f"after_{k}": v for k, v in evaluate(state).items()})
+    _finish(state, summary, lambda folder: {"sample": _sample_text(folder, cfg)} if cfg.run.sample_length else {})
+    if distributed.is_main():
+        state.log.final(summary)
+    return summary
+
+
+def run_sft(cfg: Config) -> dict:
+    """The sft stage end to end: evaluate, train, export, evaluate, answer one held-out prompt."""
+    state = setup(cfg, sft.build_examples)
+    summary: dict = {}
+    if state.step == 0:
+        show_batch(state)
+        summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
+        state.log.record(0, summary, "eval")
+    if not fit(state):
+        return summary
+    summary.update({f"after_{k}": v for k, v in evaluate(state).items()})
+    d = state.data
+    _finish(state, summary, lambda folder: _answer(folder, cfg, d.heldout[0], d.heldout_loss_mask[0])
+            if cfg.run.sample_length else {})
+    if distributed.is_main():
+        sft.report(summary)
+    return summary
+
+
+STAGES = {"adapt": run_adapt, "sft": run_sft}
+"""stage name (config `stage`) -> its run function."""
+
+
+def _finish(state: State, summary: dict, show) -> None:
+    """Export on rank 0, then `show(export folder)` (a sample), recorded in the summary."""
+    distributed.barrier()
+    if distributed.is_main():
+        out = checkpoint.export(state.cfg.run_dir)
+        summary["export"] = str(out)
+        summary.update(show(out))
+        state.log.record(state.step, summary, "summary")
+    distributed.barrier()
+
+
+def _sample_text(folder: Path, cfg: Config) -> str:
+    """An unconditional ancestral sample of run.sample_length tokens from the export."""
+    from adapt.denoiser import Denoiser
+    from adapt.sampling.ancestral import ancestral_sample
+    from adapt.sampling.canvas import prompt_canvas, start_token
+
+    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    x = prompt_canvas(start_token(tokenizer), meta.mask_token_id, cfg.run.sample_length)
+    out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,
+                           generator=torch.Generator().manual_seed(cfg.train.seed))
+    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+
+
+def _answer(folder: Path, cfg: Config, ids: torch.Tensor, response: torch.Tensor) -> dict:
+    """Fill the response positions of a held-out example with the exported model (ancestral sampler)."""
+    from adapt.denoiser import Denoiser
+    from adapt.sampling.ancestral import ancestral_sample
+
+    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    x = ids.clone()[None]
+    x[0, response] = meta.mask_token_id
+    out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,
+                           generator=torch.Generator().manual_seed(cfg.train.seed))[0, response].tolist()
+    return {"prompt": tokenizer.decode(ids[~response]), "sample": tokenizer.decode(sft.until_eos(out, tokenizer)),
+            "reference": tokenizer.decode(sft.until_eos(ids[response].tolist(), tokenizer))}
