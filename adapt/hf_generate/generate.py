@@ -1,0 +1,533 @@
+"""Masked-diffusion decoding of an adapt-diffusion export in plain transformers (needs torch and transformers only).
+
+An export carries this file as custom_generate/generate.py; transformers makes it the model's
+`generate` when the folder is loaded with trust_remote_code=True:
+
+    model = AutoModelForCausalLM.from_pretrained(EXPORT, trust_remote_code=True)
+    ids = model.generate(**tok("The cat", return_tensors="pt"), max_new_tokens=64)
+    pipeline("text-generation", model=EXPORT, trust_remote_code=True)("The cat", max_new_tokens=32)
+
+Without trust_remote_code=True, `generate` is transformers' own left-to-right decoding, which is
+not how the model was trained to generate.
+
+From diffusion.json beside the weights: mask_token_id; real_vocab_size (ids >= it and the mask id are
+never predicted); shift (the logits at i-1 predict token i, so position 0, BOS, is never predicted);
+bidirectional; block_length (> 0: a block-diffusion export, see below).
+
+Decoding options, as generation-config keys or generate() keyword arguments:
+    diffusion_sampler       "confidence": commit the most confident masked positions, n // steps per step
+                            and one more in the first n % steps steps (LLaDA, Nie et al. 2025);
+                            "threshold": commit every position whose confidence >= diffusion_tau, and at
+                            least LLaDA's share, so always >= 1 (Fast-dLLM, Wu et al. 2025)
+    diffusion_steps         sampler steps in total, shared among the blocks; 0 = one per generated token
+    diffusion_block_length  semi-autoregressive blocks of a whole-sequence export (0 = none); a block
+                            export always decodes in its own blocks
+    diffusion_tau           threshold of the threshold sampler
+    diffusion_confidence    prob (top probability), margin (top1 - top2) or entropy (negative entropy)
+    diffusion_cache         block exports: keep the committed blocks' keys/values (exact); False recomputes
+and the standard max_new_tokens (or max_length), do_sample (False = greedy: argmax, ties to the lowest id),
+temperature, top_k, top_p, eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate.
+
+Prompts: rows may be padded (attention_mask 0; left padding as for any decoder). BOS is put in
+front of every row whose first token is not BOS: with the shift position 0 is never predicted and
+the model was trained with BOS there (a tokenizer call often does not add it). The result is the
+given input_ids followed by the new ids (the added BOS is not returned); mask ids inside the prompt
+are filled too (infilling). After a row's first generated EOS every new position is pad_token_id
+(EOS when unset), and columns where every row has stopped are cut, as transformers' generate does.
+
+Block-diffusion exports (block_length b > 0): positions 0.. are cut into blocks of b from BOS;
+block i attends blocks <= i, bidirectionally inside a block. Decoding goes block by block with an
+exact KV cache: the prompt's complete blocks are run once, clean, into the cache; the current block
+(the prompt's partial last block keeps its tokens, the rest masked) attends the cache and itself;
+a finished block is run once, clean, to extend the cache (one more model call), and its last
+logits predict the first token of the next block. That equals an uncached forward over
+[clean blocks < k | current block] under the block-causal mask. A plain forward of such a model
+(no mask passed) is not its diffusion forward.
+
+Every forward gets an explicit 4D additive mask (built here), so attention is what diffusion.json
+says whatever the loaded config's causal flag; this needs attn_implementation "sdpa" or "eager".
+`model.generate(ids)` passes ids positionally next to the `model=` transformers binds, so `model`
+is keyword-only here (transformers always passes it by name).
+"""
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import os
+
+import torch
+
+OPTIONS = {"diffusion_sampler": "confidence", "diffusion_steps": 0, "diffusion_block_length": 0,
+           "diffusion_tau": 0.9, "diffusion_confidence": "prob", "diffusion_cache": True}
+"""Decoding options and their defaults (see the module docstring)."""
+SAMPLERS = ("confidence", "threshold")
+CONFIDENCES = ("prob", "margin", "entropy")
+META_FILE = "diffusion.json"
+_HARMLESS = {"tokenizer", "use_cache", "synced_gpus", "assistant_tokenizer", "use_model_defaults"}
+"""Keyword arguments transformers or its pipeline may pass that decoding does not need."""
+
+
+class DecodeError(ValueError):
+    """generate() cannot honour a request; the message says what to change."""
+
+
+# --- options ------------------------------------------------------------------------------------
+
+def load_meta(model, given=None) -> dict:
+    """diffusion.json of the model's folder (or hub repo), or `given` (a dict, a folder, or a file path)."""
+    if isinstance(given, dict):
+        return _checked_meta(dict(given), "diffusion_meta")
+    source = str(given or getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+    path = source if os.path.isfile(source) else os.path.join(source, META_FILE)
+    if not os.path.isfile(path) and source and not os.path.isdir(source):
+        try:
+            from transformers.utils import cached_file
+
+            path = cached_file(source, META_FILE)
+        except (OSError, ValueError):
+            path = None
+    if not path or not os.path.isfile(path):
+        raise DecodeError(f"no {META_FILE} found for {source or 'this model'}: it is not an adapt-diffusion export; "
+                          f"load the export folder itself or pass diffusion_meta=<folder or dict>")
+    with open(path, encoding="utf-8") as f:
+        return _checked_meta(json.load(f), path)
+
+
+def _checked_meta(meta: dict, where: str) -> dict:
+    for key in ("mask_token_id", "real_vocab_size"):
+        if not isinstance(meta.get(key), int):
+            raise DecodeError(f"{where}: {key} must be an integer, got {meta.get(key)!r}")
+    block = meta.get("block_length") or 0
+    if not isinstance(block, int) or block < 0:
+        raise DecodeError(f"{where}: block_length must be an integer >= 0, got {block!r}")
+    return {"shift": True, "bidirectional": True, **meta, "block_length": block}
+
+
+def merged_options(model, generation_config=None, kwargs: dict | None = None) -> dict:
+    """model.generation_config < a passed generation_config (its set values) < keyword arguments."""
+    from transformers import GenerationConfig
+
+    opts = dict(OPTIONS)
+    base = getattr(model, "generation_config", None)
+    opts.update({k: v for k, v in (base.to_dict() if base is not None else {}).items() if v is not None})
+    if generation_config is not None:
+        opts.update({k: v for k, v in generation_config.to_diff_dict().items() if v is not None})
+    fields = set(vars(GenerationConfig()))
+    unused = []
+    for key, value in (kwargs or {}).items():
+        if key in fields or key in OPTIONS:
+            if value is not None:
+                opts[key] = value
+        elif value is not None and key not in _HARMLESS and value != []:
+            unused.append(key)
+    if unused:
+        raise DecodeError(f"generate() of a diffusion export does not use {', '.join(sorted(unused))}")
+    return _checked_options(opts)
+
+
+def _checked_options(o: dict) -> dict:
+    problems = []
+    if o["diffusion_sampler"] not in SAMPLERS:
+        problems.append(f"diffusion_sampler must be one of {', '.join(SAMPLERS)}, got {o['diffusion_sampler']!r}")
+    if o["diffusion_confidence"] not in CONFIDENCES:
+        problems.append(f"diffusion_confidence must be one of {', '.join(CONFIDENCES)}, "
+                        f"got {o['diffusion_confidence']!r}")
+    for key in ("diffusion_steps", "diffusion_block_length"):
+        if not isinstance(o[key], int) or o[key] < 0:
+            problems.append(f"{key} must be an integer >= 0, got {o[key]!r}")
+    if (o.get("num_beams") or 1) > 1:
+        problems.append("beam search (num_beams > 1) does not apply to diffusion decoding")
+    sampling = bool(o.get("do_sample"))
+    o["temperature"] = float(o["temperature"]) if sampling and o.get("temperature") is not None else float(sampling)
+    o["top_k"] = int(o.get("top_k") or 0) if sampling else 0
+    o["top_p"] = float(o["top_p"]) if sampling and o.get("top_p") is not None else 1.0
+    if o["temperature"] < 0 or o["top_k"] < 0 or not 0 < o["top_p"] <= 1:
+        problems.append(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {o['temperature']}, "
+                        f"{o['top_k']}, {o['top_p']}")
+    if problems:
+        raise DecodeError("; ".join(problems))
+    return o
+
+
+# --- distributions (rows of log-probabilities (N, V)) --------------------------------------------
+
+def filtered(logp: torch.Tensor, o: dict) -> torch.Tensor:
+    """(N, V) log-probabilities -> renormalised after temperature / top-k / top-p (temperature 0 as 1)."""
+    t, k, p = o["temperature"], o["top_k"], o["top_p"]
+    if t in (0.0, 1.0) and k == 0 and p == 1.0:
+        return logp
+    if t > 0 and t != 1.0:
+        logp = logp / t
+    if 0 < k < logp.shape[-1]:
+        logp = logp.masked_fill(logp < logp.topk(k, dim=-1).values[..., -1:], -math.inf)
+    if p < 1.0:  # nucleus: drop a token once the strictly more likely ones reach p
+        sorted_logp, order = logp.sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logp, dim=-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= p)
+        logp = logp.masked_fill(drop, -math.inf)
+    return torch.log_softmax(logp, dim=-1)
+
+
+def draw(logp: torch.Tensor, o: dict) -> torch.Tensor:
+    """One id per row (N,): argmax when greedy (ties -> lowest id), else inverse-CDF sampling with one
+    float64 uniform per row from torch's global CPU generator (seed it with torch.manual_seed)."""
+    if logp.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=logp.device)
+    rows = filtered(logp, o)
+    if o["temperature"] == 0:
+        return rows.argmax(-1)
+    cdf = rows.exp().double().cumsum(-1)
+    u = torch.rand((logp.shape[0], 1), dtype=torch.float64).to(logp.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(logp.shape[-1] - 1)
+
+
+def confidence(logp: torch.Tensor, kind: str) -> torch.Tensor:
+    """(N, V) -> (N,): top probability, top1 - top2 margin, or negative entropy."""
+    if kind == "prob":
+        return logp.max(-1).values.exp()
+    if kind == "margin":
+        top2 = logp.topk(2, dim=-1).values.exp()
+        return top2[:, 0] - top2[:, 1]
+    p = logp.exp()
+    return (p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+
+
+def transfer_counts(n: torch.Tensor, steps: int) -> torch.Tensor:
+    """(B,) positions to fill -> (B, steps): n // steps per step, one more in the first n % steps."""
+    k = torch.arange(steps, device=n.device)
+    return (n[:, None] // steps) + (k[None, :] < (n[:, None] % steps)).long()
+
+
+def top_ranked(score: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """(B, W) bool: the count[b] allowed positions of each row with the highest score (ties: leftmost)."""
+    score = score.masked_fill(~allowed, -torch.inf)
+    order = score.argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(score.shape[1], device=score.device)
+                                            .expand_as(order).contiguous())
+    return (rank < count[:, None]) & allowed
+
+
+def split_steps(steps: int, blocks: int) -> list[int]:
+    if steps < blocks:
+        raise DecodeError(f"{steps} diffusion_steps cannot cover {blocks} blocks (one step each at least); "
+                          f"raise diffusion_steps or the block length")
+    return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
+
+
+def stop_after_eos(x: torch.Tensor, generated: torch.Tensor, eos: list[int]) -> torch.Tensor:
+    """Every generated position after a row's first generated EOS becomes EOS (given ones never change)."""
+    is_eos = generated & torch.isin(x, torch.tensor(eos, device=x.device))
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return torch.where(after & generated, torch.full_like(x, eos[0]), x)
+
+
+# --- the denoising loop ------------------------------------------------------------------------
+
+class Denoiser:
+    """Model calls on a canvas x (B, W) with explicit masks; `calls` counts them."""
+
+    def __init__(self, model, meta: dict, valid: torch.Tensor, pos: torch.Tensor):
+        backend = getattr(model.config, "_attn_implementation", "sdpa")
+        if backend not in ("sdpa", "eager"):
+            raise DecodeError(f"diffusion decoding passes 4D attention masks, which attn_implementation={backend!r} "
+                              f"cannot take; load the model with attn_implementation='sdpa'")
+        self.model, self.meta, self.valid, self.pos = model, meta, valid, pos
+        self.mask_id, self.shift, self.calls = meta["mask_token_id"], bool(meta["shift"]), 0
+        rows = model.get_output_embeddings().weight.shape[0]
+        blocked = torch.zeros(rows, dtype=torch.bool)
+        blocked[meta["real_vocab_size"]:] = True
+        blocked[self.mask_id] = True
+        self.blocked_ids = blocked.nonzero().flatten().to(valid.device)
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    def additive(self, visible: torch.Tensor) -> torch.Tensor:
+        """(B, q, k) bool visibility -> (B, 1, q, k) float: 0 where visible, dtype-min elsewhere."""
+        mask = torch.zeros(visible.shape, dtype=self.model.dtype, device=visible.device)
+        return mask.masked_fill_(~visible, torch.finfo(self.model.dtype).min)[:, None]
+
+    def forward(self, ids: torch.Tensor, start: int, mask: torch.Tensor, cache=None, keep: int = 0) -> torch.Tensor:
+        """Logits (B, q, V) of canvas columns start .. start+q, attending what `mask` (B, 1, q, k) allows."""
+        self.calls += 1
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=self.pos[:, start:start + ids.shape[1]],
+                         use_cache=cache is not None, logits_to_keep=keep, **{self.cache_arg: cache})
+        return out.logits
+
+    def log_probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, V) logits -> float32 log-probabilities with the never-predicted ids at -inf."""
+        logits = logits.float().index_fill(-1, self.blocked_ids, -math.inf)
+        return torch.log_softmax(logits, dim=-1)
+
+
+def aligned_rows(logits: torch.Tensor, masked: torch.Tensor, shift: bool, before: torch.Tensor | None = None):
+    """(B, W, V) logits of a window and (B, W) positions -> (N, V) logits predicting them, row-major.
+
+    With the shift, window column c is predicted by column c - 1, and column 0 by `before` (B, V)
+    (the previous block's last logits; None when column 0 is never predicted).
+    """
+    if not shift:
+        return logits[masked]
+    if before is None:
+        return logits[:, :-1][masked[:, 1:]]
+    return torch.cat([before[:, None].to(logits.dtype), logits[:, :-1]], 1)[masked]
+
+
+def denoise(den: Denoiser, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: int, o: dict) -> torch.Tensor:
+    """Fill positions `fill` (B, W) of x (B, W) in `steps` steps -> new x; other positions never change.
+
+    rows_of(x, masked) -> (N, V) logits predicting the masked positions (one model call). The
+    output is reused while no position was revealed (the input is then unchanged).
+    """
+    x, initial, rows = x.clone(), fill.sum(1), None
+    for k in range(steps):
+        masked = fill & (x == den.mask_id)
+        if not masked.any():
+            break
+        if rows is None:
+            rows = den.log_probs(rows_of(x, masked))
+        score = torch.full(masked.shape, -torch.inf, device=x.device)
+        score[masked] = confidence(filtered(rows, o), o["diffusion_confidence"]).float()
+        count = transfer_counts(initial, steps)[:, k]
+        if o["diffusion_sampler"] == "threshold":
+            reveal = ((score >= o["diffusion_tau"]) & masked) | top_ranked(score, masked, count.clamp_min(1))
+        else:
+            reveal = top_ranked(score, masked, count)
+        reveal &= masked
+        if reveal.any():
+            x[reveal] = draw(rows[reveal[masked]], o)
+            rows = None
+    return x
+
+
+def block_spans(fill: torch.Tensor, length: int) -> list[tuple[int, int]]:
+    """Column ranges [a, b) of `length` from the first to the last position to fill (whole span if 0)."""
+    cols = fill.any(0).nonzero().flatten()
+    if len(cols) == 0:
+        return []
+    first, last = int(cols[0]), int(cols[-1]) + 1
+    length = length or last - first
+    return [(a, min(a + length, last)) for a in range(first, last, length)]
+
+
+def decode_whole(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
+    """A whole-sequence export: every step is one forward over the canvas; optional semi-AR blocks."""
+    visible = den.valid[:, None, :].expand(-1, x.shape[1], -1)
+    if not den.meta["bidirectional"]:  # an export taken mid-anneal was trained causal
+        visible = visible.tril()
+    mask = den.additive(visible | torch.eye(x.shape[1], dtype=torch.bool, device=x.device))
+
+    def rows_of(xx, masked):
+        return aligned_rows(den.forward(xx, 0, mask), masked, den.shift)
+
+    generated = (x == den.mask_id) & den.valid
+    spans = block_spans(generated, o["diffusion_block_length"])
+    steps = o["diffusion_steps"] or max(1, int(generated.sum(1).max()))
+    for (a, b), n in zip(spans, split_steps(steps, len(spans)) if spans else []):
+        fill = generated & (x == den.mask_id)
+        fill[:, :a] = fill[:, b:] = False
+        if fill.any():
+            x = denoise(den, rows_of, x, fill, n, o)
+        if eos:
+            x = stop_after_eos(x, generated, eos)
+    return x
+
+
+class BlockCache:
+    """Block-causal decoding state of a block export: the clean keys/values of blocks < `done`.
+
+    The canvas width is a multiple of the block length b; column c is in block c // b.
+    """
+
+    def __init__(self, den: Denoiser, x: torch.Tensor, b: int, cached: bool = True):
+        from transformers import DynamicCache
+
+        self.den, self.b, self.cached = den, b, cached
+        self.blk = torch.arange(x.shape[1], device=x.device) // b
+        self.cache = DynamicCache(config=den.model.config) if cached else None
+        self.done, self.last = 0, None  # blocks in the cache; (B, V) logits at the last cached position
+
+    def mask(self, q0: int, q1: int, k1: int) -> torch.Tensor:
+        """(B, 1, q1 - q0, k1) additive: query c sees valid key j iff block(j) <= block(c) (and itself)."""
+        qb, kb = self.blk[q0:q1], self.blk[:k1]
+        visible = self.den.valid[:, None, :k1] & (kb[None, None, :] <= qb[None, :, None])
+        eye = torch.arange(q0, q1, device=qb.device)[:, None] == torch.arange(k1, device=qb.device)[None, :]
+        return self.den.additive(visible | eye)
+
+    def commit(self, x: torch.Tensor, upto: int) -> None:
+        """Run the clean blocks done .. upto-1 of x once and append them to the cache (one model call)."""
+        a, e = self.done * self.b, upto * self.b
+        if e <= a:
+            return
+        if self.cached:
+            logits = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache, keep=1)
+            self.last = logits[:, -1]
+        self.done = upto
+
+    def block_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits (B, b, V) of block k of x given the clean blocks < k (k == self.done)."""
+        a, e = k * self.b, (k + 1) * self.b
+        if not self.cached:  # one forward over [blocks < k | block k]
+            return self.den.forward(x[:, :e], 0, self.mask(0, e, e))[:, a:]
+        logits = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache)
+        self.cache.crop(-self.b)
+        return logits
+
+    def before(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
+        """(B, V) logits predicting block k's first column (None for block 0)."""
+        if k == 0:
+            return None
+        if self.cached:
+            return self.last
+        a = k * self.b
+        return self.den.forward(x[:, :a], 0, self.mask(0, a, a), keep=1)[:, -1]
+
+
+def decode_blocks(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
+    """A block-diffusion export: block by block, committed blocks in an exact KV cache."""
+    b = den.meta["block_length"]
+    state = BlockCache(den, x, b, cached=bool(o["diffusion_cache"]))
+    generated = (x == den.mask_id) & den.valid
+    todo = generated.any(0).view(-1, b).any(1).nonzero().flatten().tolist()
+    if not todo:
+        return x
+    steps = o["diffusion_steps"] or max(1, int(generated.sum(1).max()))
+    state.commit(x, todo[0])
+    for k, n in zip(range(todo[0], todo[-1] + 1), split_steps(steps, todo[-1] + 1 - todo[0])):
+        a, e = k * b, (k + 1) * b
+        fill = generated[:, a:e] & (x[:, a:e] == den.mask_id)
+        if fill.any():
+            before = state.before(x, k) if den.shift else None
+
+            def rows_of(xb, masked, k=k, prefix=x[:, :a], before=before):
+                return aligned_rows(state.block_logits(torch.cat([prefix, xb], 1), k), masked, den.shift, before)
+
+            x = x.clone()
+            x[:, a:e] = denoise(den, rows_of, x[:, a:e], fill, n, o)
+            if eos:
+                x = stop_after_eos(x, generated, eos)
+        if k == todo[-1] or not ((x == den.mask_id) & generated)[:, e:].any():
+            break
+        state.commit(x, k + 1)
+    return x
+
+
+# --- prompts in, ids out -------------------------------------------------------------------------
+
+def layout(rows: list[torch.Tensor], new: int, mask_id: int, fill_id: int, block: int):
+    """Canvas (B, W) of [BOS, prompt, new masks] rows, its valid (B, W) and position ids, and each row's start.
+
+    Whole-sequence exports: rows are left padded to one width. Block exports: each row is padded
+    on the left by whole blocks so that every row's last (partial) prompt block sits in the same
+    column block, and on the right up to a multiple of the block length.
+    """
+    lengths = [len(r) + new for r in rows]
+    if block:
+        full = [len(r) // block for r in rows]
+        starts = [block * (max(full) - f) for f in full]
+        width = -(-max(s + n for s, n in zip(starts, lengths)) // block) * block
+    else:
+        width = max(lengths)
+        starts = [width - n for n in lengths]
+    x = torch.full((len(rows), width), fill_id, dtype=torch.long)
+    valid = torch.zeros((len(rows), width), dtype=torch.bool)
+    for i, (r, s) in enumerate(zip(rows, starts)):
+        x[i, s:s + len(r)] = r
+        x[i, s + len(r):s + lengths[i]] = mask_id
+        valid[i, s:s + lengths[i]] = True
+    pos = (torch.arange(width)[None, :] - torch.tensor(starts)[:, None]).clamp_min(0).masked_fill(~valid, 0)
+    return x, valid, pos, starts
+
+
+def _prompts(input_ids, attention_mask, bos: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """Per row: BOS + the unpadded tokens, the input columns they came from, and 1 if BOS was added."""
+    rows, cols, added = [], [], []
+    for ids, keep in zip(input_ids, attention_mask.bool()):
+        c = keep.nonzero().flatten()
+        tokens = ids[c]
+        lead = int(len(tokens) == 0 or int(tokens[0]) != bos)
+        rows.append(torch.cat([torch.tensor([bos] * lead, dtype=torch.long), tokens.long()]))
+        cols.append(c)
+        added.append(lead)
+    return rows, cols, added
+
+
+def _inputs(args: tuple, model, input_ids, generation_config, kwargs: dict):
+    """Sort out `generate(model, ids)`, `model.generate(ids)`, and `inputs=` (transformers' name)."""
+    args = list(args)
+    if model is None and args and isinstance(args[0], torch.nn.Module):
+        model = args.pop(0)
+    if args and input_ids is None:
+        input_ids = args.pop(0)
+    if args and generation_config is None:
+        generation_config = args.pop(0)
+    if args or model is None:
+        raise TypeError("call generate(model=..., input_ids=..., attention_mask=..., generation_config=..., **options)")
+    if input_ids is None:
+        input_ids = kwargs.pop("inputs", None)
+    else:
+        kwargs.pop("inputs", None)
+    return model, input_ids, generation_config
+
+
+def _bos(model, o: dict) -> int:
+    for value in (o.get("bos_token_id"), getattr(model.config, "bos_token_id", None), o.get("decoder_start_token_id")):
+        if isinstance(value, int):
+            return value
+    raise DecodeError("no bos_token_id in the generation config or model config: pass bos_token_id=...")
+
+
+def _eos_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+
+
+@torch.no_grad()
+def generate(*args, model=None, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
+    """Diffusion decoding with transformers' calling convention -> (B * num_return_sequences, P + new) ids."""
+    model, input_ids, generation_config = _inputs(args, model, input_ids, generation_config, kwargs)
+    meta = load_meta(model, kwargs.pop("diffusion_meta", None))
+    o = merged_options(model, generation_config, kwargs)
+    device = next(model.parameters()).device
+    bos, eos = _bos(model, o), _eos_list(o.get("eos_token_id"))
+    if input_ids is None:
+        input_ids = torch.full((1, 1), bos, dtype=torch.long)
+    input_ids = torch.as_tensor(input_ids)
+    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    attention_mask = torch.as_tensor(attention_mask)
+    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
+    n_seq = int(o.get("num_return_sequences") or 1)
+    input_ids = input_ids.cpu().repeat_interleave(n_seq, 0)
+    attention_mask = attention_mask.cpu().repeat_interleave(n_seq, 0)
+    new = o["max_new_tokens"] if o.get("max_new_tokens") is not None else (o.get("max_length") or 0) - input_ids.shape[1]
+    if new < 1:
+        raise DecodeError(f"nothing to generate: set max_new_tokens >= 1 (got {new} new tokens)")
+    rows, cols, added = _prompts(input_ids, attention_mask, bos)
+    x, valid, pos, starts = layout(rows, new, meta["mask_token_id"], bos, meta["block_length"])
+    den = Denoiser(model, meta, valid.to(device), pos.to(device))
+    decode = decode_blocks if meta["block_length"] else decode_whole
+    x = decode(den, x.to(device), o, eos).cpu()
+    out = _assemble(x, input_ids, rows, cols, added, starts, new, eos, o.get("pad_token_id"))
+    if o.get("return_dict_in_generate"):
+        from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+        return GenerateDecoderOnlyOutput(sequences=out.to(device))
+    return out.to(device)
+
+
+def _assemble(x, input_ids, rows, cols, added, starts, new, eos, pad) -> torch.Tensor:
+    """The given input_ids (their mask ids filled) then the new ids; pad after EOS, stopped columns cut."""
+    prompt, tail = input_ids.clone(), torch.empty((len(rows), new), dtype=torch.long)
+    for i, (r, c, lead, s) in enumerate(zip(rows, cols, added, starts)):
+        prompt[i, c] = x[i, s + lead:s + len(r)]
+        tail[i] = x[i, s + len(r):s + len(r) + new]
+    if eos:
+        is_eos = torch.isin(tail, torch.tensor(eos))
+        after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+        tail = tail.masked_fill(after, eos[0] if pad is None else int(pad))
+        live = (~after).any(0).nonzero().flatten()
+        tail = tail[:, :int(live[-1]) + 1] if len(live) else tail[:, :1]
+    return torch.cat([prompt, tail], 1)
