@@ -5,6 +5,7 @@
     python -m adapt.sample FOLDER --infill "The <mask> sat on the <mask:4>." --steps 16          # spans in text
     python -m adapt.sample FOLDER --text "The cat sat on the mat." --mask-range 1:3 --steps 4    # spans by token index
     python -m adapt.sample FOLDER --length 64 --num-samples 4 --trajectory                       # unconditional
+    python -m adapt.sample FOLDER --prompt "Once" --length 32 --trajectory-out order.png          # or order.html
 
 Samples go to stdout (one block per sample); speed (NFE, seconds, tokens/s) goes to stderr.
 """
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--prefix-cache", action="store_true", help="reuse the prompt's keys/values (approximate)")
     how.add_argument("--stop-at-eos", action="store_true", help="cut each sample after its first generated EOS")
     how.add_argument("--trajectory", action="store_true", help="print which tokens were revealed at which step")
+    how.add_argument("--trajectory-out", metavar="FILE.png|FILE.html",
+                     help="draw the canvas step by step, each token coloured by the step it was revealed at")
     run = p.add_argument_group("runtime")
     run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -106,11 +109,32 @@ def print_trajectory(result: SampleResult, row: int, tokenizer) -> None:
         print(f"  step {step:3d}: {pieces}")
 
 
+def draw_trajectory(args: argparse.Namespace, x: torch.Tensor, result: SampleResult, mask_id: int, tokenizer) -> None:
+    from adapt.trajectory import frames, render
+
+    samples = frames(x, result.ids.cpu(), result.trajectory.cpu(), mask_id, tokenizer, result.steps_run)
+    title = f"{args.model}: {args.sampler}, {result.steps_run} steps, {result.nfe} model calls"
+    try:
+        out = render(args.trajectory_out, samples, title)
+    except (ValueError, OSError) as err:
+        print(f"error: cannot write {args.trajectory_out}: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    print(f"# trajectory -> {out}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     from adapt.checkpoint import load_diffusion_model
     from adapt.denoiser import Denoiser
 
     args = parse_args(argv)
+    if args.trajectory_out:
+        from adapt.trajectory import check_path
+
+        try:
+            check_path(args.trajectory_out)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            raise SystemExit(2) from None
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
     bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     x = build_input(args, tokenizer, bos_id, meta.mask_token_id)
@@ -119,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = generate(Denoiser(model, meta), x, args.sampler, args.steps, generator, args.block_length,
                           args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
-                          args.trajectory, **sampler_kwargs(args, meta.eps))
+                          args.trajectory or bool(args.trajectory_out), **sampler_kwargs(args, meta.eps))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     seconds = time.perf_counter() - start
@@ -128,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         print(tokenizer.decode(result.ids[row, 1:], skip_special_tokens=True))
         if args.trajectory:
             print_trajectory(result, row, tokenizer)
+    if args.trajectory_out:
+        draw_trajectory(args, x, result, meta.mask_token_id, tokenizer)
     generated = int((x == meta.mask_token_id).sum())
     print(f"# sampler={args.sampler} steps_run={result.steps_run} nfe={result.nfe} seconds={seconds:.2f} "
           f"tokens/s={generated / max(seconds, 1e-9):.1f}", file=sys.stderr)
