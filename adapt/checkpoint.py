@@ -142,7 +142,7 @@ def _fsync_write(path: Path, text: str) -> None:
 
 # Fields a resumed run may change without invalidating its checkpoint (everything else must match).
 RESUME_SAFE = ("train.max_steps", "train.log_every", "train.eval_every", "train.save_every",
-               "train.keep_last", "train.eval_t_samples", "train.max_bad_steps", "run.", "dist.",
+               "train.keep_last", "train.eval_t_samples", "train.eval_method", "train.max_bad_steps", "run.", "dist.",
                "data.num_proc", "data.cache_dir", "optim.min_lr_ratio", "lora.export")
 
 

@@ -155,7 +155,9 @@ class TrainConfig:
     eval_every: int = 0
     """Steps between held-out evaluations; 0 = only before and after."""
     eval_t_samples: int = 8
-    """Monte Carlo t samples per held-out block for the likelihood bound."""
+    """Monte Carlo draws per held-out block for the likelihood bound."""
+    eval_method: str = "count"
+    """How held-out draws are made (adapt.likelihood): count (masked-count, lowest variance), stratified, uniform or antithetic t."""
     save_every: int = 50
     """Steps between resumable checkpoints; 0 = only at the end."""
     keep_last: int = 2
@@ -219,6 +221,7 @@ CHOICES: dict[str, tuple] = {
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
+    "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window"),
     "dist.zero_stage": (0, 1, 2, 3),
 }

@@ -116,10 +116,10 @@ def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: tor
         if att.docs is not None:
             att = Attention(att.visible, att.ratio, att.schedule, att.docs.repeat_interleave(k, 0)[idx])
         got = objective.nll_sums(forward, reps[idx], masked[idx], att,
-                                 tuple(p.repeat_interleave(k, 0)[idx] for p in parts))
+                                 tuple(p.repeat_interleave(k, 0)[idx] for p in parts), weight[idx])
         keep = torch.arange(i, i + len(idx)) < real
         sums[idx[keep]] = got[keep]
-    return (weight[:, None] * sums).view(n, k, -1).mean(1)
+    return sums.view(n, k, -1).mean(1)
 
 
 def summarize(nats: torch.Tensor, tokens: torch.Tensor | int) -> BoundEstimate:

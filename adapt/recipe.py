@@ -87,6 +87,8 @@ def validate(cfg: Config) -> list[str]:
     if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
         problems.append("antithetic t needs an even number of sequences per step "
                         "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
+    if cfg.train.eval_method == "antithetic" and cfg.train.eval_t_samples % 2:
+        problems.append("`train.eval_method=antithetic` needs an even `train.eval_t_samples` (t, 1-t pairs)")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
         problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
     if cfg.lora.enabled and not cfg.lora.target_modules:

@@ -217,11 +217,10 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
     visible = None if attention == "bidirectional" else step_visibility(cfg.data.block_size, 0.0, "random")
     view = Attention(visible, 1.0 if visible is None else 0.0, "random",
                      data.heldout_docs if cfg.attention.document_mask else None)
-    maskable = obj.maskable(data.heldout, data.heldout_loss_mask)
-    # phase 1 of the estimator switch: the stream and method of the original training evaluation
-    gen = torch.Generator().manual_seed(rng.seed_for(cfg.train.seed, "eval", rank=0))
+    maskable = obj.scored(data.heldout, data.heldout_loss_mask)  # the parent's positions, shift or not
     out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,
-                                   "stratified", gen, cfg.train.micro_batch_size, view, data.heldout_parts)
+                                   cfg.train.eval_method, rng.generator(cfg.train.seed, "eval"),
+                                   cfg.train.micro_batch_size, view, data.heldout_parts)
     state.engine.train()
     return out
 

@@ -29,10 +29,10 @@ class MaskedDiffusion:
         """(B, L) bool: positions that may be noised and carry loss (never position 0 under the shift)."""
         return maskable_positions(x0, self.shift, loss_mask)
 
-    def scored(self, x0: torch.Tensor) -> torch.Tensor:
-        """(B, L) bool: the positions a bound covers when it is compared with the parent's exact NLL:
+    def scored(self, x0: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L) bool: the positions a held-out bound covers, the same the parent's exact NLL covers:
         never position 0 (the given BOS), with or without the shift."""
-        ok = self.maskable(x0)
+        ok = self.maskable(x0, loss_mask)
         ok[:, 0] = False
         return ok
 
@@ -66,9 +66,11 @@ class MaskedDiffusion:
 
     @torch.no_grad()
     def nll_sums(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor, attention: Attention,
-                 parts: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
-        """(B, 1 + P) float64: per row, the sum over masked positions of -log p_theta(x0_i | x_t), then
-        the same sum restricted to each of `parts` ((B, L) bool each). One model call."""
+                 parts: tuple[torch.Tensor, ...] = (), weight: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 1 + P) float64: per row, the sum over masked positions of w_row * -log p_theta(x0_i | x_t)
+        (w = `weight` (B,), else 1), then the same sum restricted to each of `parts` ((B, L) bool each).
+        One model call. The weight multiplies each term in float32 before the sum, as the training loss does."""
+        w = torch.ones(len(x0)) if weight is None else weight.float()
         xt = x0.masked_fill(masked, self.mask_id)
         logits = self.logits(forward, xt, attention)
         dev = logits.device
@@ -77,5 +79,5 @@ class MaskedDiffusion:
             row = slice(j, j + 1)
             for c, sel in enumerate((masked,) + tuple(masked & p for p in parts)):
                 nll = token_nll(logits[row], x0[row].to(dev), sel[row].to(dev), self.shift, self.blocked)
-                sums[j, c] = nll.float().sum().double().cpu()
+                sums[j, c] = (w[j].to(dev) * nll.float()).sum().double().cpu()
         return sums

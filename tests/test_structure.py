@@ -1,0 +1,99 @@
+"""The shape of the code: no import circle, files and functions short enough to read at once, and only
+adapt/checkpoint.py spelling the names of an export's files."""
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+
+from conftest import ROOT
+
+PACKAGES = ("adapt", "eval")
+MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
+# the decoder shipped inside every export runs without this package, so it reads diffusion.json itself
+EXPORT_NAME_OWNERS = {"adapt/checkpoint.py", "adapt/hf_generate/generate.py"}
+# file names as strings; the adapter folder only where it is joined to a path ("adapter" is also a lora.export value)
+EXPORT_NAMES = re.compile(r"""["'](diffusion\.json|recipe\.yaml)["']|/ *["']adapter["']|["']adapter/""")
+
+
+def sources() -> dict[str, Path]:
+    """module name -> file, for every module of the packages."""
+    out = {}
+    for pkg in PACKAGES:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return out
+
+
+def imports(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules `name` imports anywhere in its file (module level or inside functions)."""
+    found = set()
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+            targets = [base] + [f"{base}.{a.name}" for a in node.names]
+        else:
+            continue
+        found |= {t for t in targets if t in known and t != name}
+    return found
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_no_import_circle():
+    mods = sources()
+    graph = {name: imports(name, path, set(mods)) for name, path in mods.items()}
+    # a package importing its own submodules is not a circle; a submodule importing its package is
+    for name in graph:
+        graph[name] = {m for m in graph[name] if not m.startswith(name + ".")}
+    assert find_cycle(graph) is None, f"import circle: {' -> '.join(find_cycle(graph))}"
+    assert find_cycle({"a": {"b"}, "b": {"a"}}) == ["a", "b", "a"]  # the check can fail
+
+
+def test_files_and_functions_are_short():
+    long_files, long_functions = [], []
+    for path in sources().values():
+        text = path.read_text()
+        if text.count("\n") > MAX_FILE_LINES:
+            long_files.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                n = node.end_lineno - node.lineno + 1
+                if n > MAX_FUNCTION_LINES:
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
+    assert not long_files, long_files
+    assert not long_functions, long_functions
+
+
+def test_only_checkpoint_spells_export_file_names():
+    spelled = [f"{path.relative_to(ROOT)}: {m.group(0)}" for path in sources().values()
+               if str(path.relative_to(ROOT)) not in EXPORT_NAME_OWNERS
+               for m in EXPORT_NAMES.finditer(path.read_text())]
+    assert not spelled, spelled
+    assert EXPORT_NAMES.search((ROOT / "adapt" / "checkpoint.py").read_text())  # the pattern matches the owner
