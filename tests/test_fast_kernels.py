@@ -67,6 +67,31 @@ def test_flash_attention_cannot_anneal():
     assert backend_problem("flex_attention", "window", 100, True) is None
 
 
+def test_flex_random_schedule_is_refused_and_flex_masks_are_block_masks():
+    """flex takes the random schedule's dense pattern as a score_mod tensor indexed by batch row (micro batch > 1
+    failed): it is refused at start with the reason; every mask the objective builds for flex is a BlockMask."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from adapt.diffusion import blocked_vocab
+    from adapt.objectives import Attention, MaskedDiffusion
+
+    problem = backend_problem("flex_attention", "random", 100, False)
+    assert "window" in problem and "sdpa" in problem and "batch" in problem
+    assert backend_problem("flex_attention", "random", 0, False) is None  # no annealing: no pattern
+    obj = MaskedDiffusion(V - 1, True, blocked_vocab(V, V, V - 1), backend="flex_attention")
+    docs = torch.tensor([[0] * 10 + [1] * 14] * 3)
+    causal = Attention(annealed_visibility(L, 0.0, "window"), 0.0, "window")
+    for att in (causal, Attention(None, 1.0, "window", docs), Attention(annealed_visibility(L, 0.5, "window"),
+                                                                        0.5, "window", docs)):
+        mask = obj.mask(att, L, 3, torch.device("cpu"))
+        assert isinstance(mask, BlockMask)
+        want = att.visible if att.visible is not None else torch.ones(L, L, dtype=torch.bool)
+        want = want[None] & (document_visibility(docs) if att.docs is not None else True)
+        got = create_mask(mask.mask_mod, 3 if att.docs is not None else None, None, L, L, device="cpu")[:, 0]
+        assert torch.equal(got, want.expand_as(got))
+    assert obj.mask(Attention(None, 1.0, "window"), L, 3, torch.device("cpu")) is None  # bidirectional: no mask
+
+
 def test_flex_training_on_cpu_is_refused(tmp_path, tiny_model_dir, corpus_file):
     proc = subprocess.run([sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "debug.yaml"),
                            f"model.name_or_path={tiny_model_dir}", "model.dtype=fp32",

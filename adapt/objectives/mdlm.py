@@ -48,8 +48,10 @@ class MaskedDiffusion:
     def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
         """The attention mask of one forward: None (bidirectional), a dense 4D mask, or a flex BlockMask."""
         docs = None if attention.docs is None else attention.docs.to(device)
-        if attention.visible is not None and uses_block_mask(self.backend, attention.schedule):
-            return window_block_mask(length, attention.ratio, docs, device)
+        if uses_block_mask(self.backend, attention.schedule) and (attention.visible is not None or docs is not None):
+            # flex takes masks as BlockMasks only: the window at the step's ratio (the schedule flex anneals
+            # with; ratio 0 is causal, 1 all visible), within documents
+            return window_block_mask(length, attention.ratio if attention.visible is not None else 1.0, docs, device)
         mask = build_mask(attention.visible, length, self.dtype, self.backend, docs)
         return None if mask is None else mask.to(device).expand(batch, -1, -1, -1)
 
