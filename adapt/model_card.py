@@ -70,13 +70,15 @@ def metadata(meta: dict, recipe: dict) -> dict:
 def model_card(meta: dict, recipe: dict, figures: dict, bos_added: bool | None = None) -> str:
     """README.md text of an export; `figures` from adapt.hf_export.run_figures ({} = not measured)."""
     head = yaml.safe_dump(metadata(meta, recipe), sort_keys=False).strip()
-    parts = [f"---\n{head}\n---\n", _what(meta), _training(meta, recipe), _figures(figures),
+    parts = [f"---\n{head}\n---\n", _what(meta, recipe), _training(meta, recipe), _figures(figures),
              _usage(meta, bos_added), _limits(meta)]
     return "\n".join(parts)
 
 
-def _what(meta: dict) -> str:
-    parent = meta.get("parent") or "a causal LM"
+def _what(meta: dict, recipe: dict) -> str:
+    parent = parent_facts(meta.get("parent", ""))[0] or meta.get("parent") or "a causal LM"
+    sft = (" It was then fine-tuned on prompt/response pairs (SFT: the prompt is never masked, the response and "
+           "its EOS padding are)." if recipe.get("stage") == "sft" else "")
     block = meta.get("block_length") or 0
     if block:
         attention = (f"block diffusion with blocks of {block} tokens: attention is bidirectional inside a block and "
@@ -94,7 +96,7 @@ def _what(meta: dict) -> str:
             f"positions over a few steps, several tokens per model call, not left to right. It has {attention}. "
             f"With the shift (`shift: {str(meta.get('shift', True)).lower()}` in diffusion.json) the logits at "
             f"position i-1 predict token i, as in the parent, so position 0 (BOS) is never predicted. "
-            f"Ids >= {meta['real_vocab_size']} (embedding padding) and the mask id are never generated.\n")
+            f"Ids >= {meta['real_vocab_size']} (embedding padding) and the mask id are never generated.{sft}\n")
 
 
 def _training(meta: dict, recipe: dict) -> str:
@@ -140,6 +142,8 @@ def _usage(meta: dict, bos_added: bool | None) -> str:
              "a plain forward follows config.json.")
     return f"""## Use it in plain transformers (this package not installed)
 
+`THIS_FOLDER` is this folder's path, or its Hub id once uploaded.
+
 ```python
 from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
@@ -177,6 +181,7 @@ model, tokenizer, meta = load_diffusion_model("THIS_FOLDER")  # attention set fo
 ## Evaluate it with the lm-evaluation-harness
 
 ```bash
+python -m eval.tasks.make_data THIS_FOLDER    # local tasks made from the recipe's held-out text
 python -m eval.harness --model diffusion-lm --model_args pretrained=THIS_FOLDER --tasks adapt_local --device cpu
 ```
 """

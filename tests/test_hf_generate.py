@@ -276,15 +276,15 @@ def test_block_cache_equals_uncached_forward(block_export):
 
     model, b = remote_model(block_export).eval(), 4
     meta = hg.load_meta(model)
-    rows = [torch.tensor([1, 50, 51, 52, 53, 54]), torch.tensor([1, 60, 61])]  # 1 full block + 2, and 3 tokens
+    rows = [torch.tensor([1, *range(50, 59)]), torch.tensor([1, 60, 61])]  # 2 full blocks + 2; 3 tokens
     x, valid, pos, starts = hg.layout(rows, 9, meta["mask_token_id"], 1, b)
-    assert x.shape[1] % b == 0 and starts == [0, 4]
+    assert x.shape[1] % b == 0 and starts == [0, 8]  # the short row is padded by whole blocks
     den = hg.Denoiser(model, meta, valid, pos)
     state = hg.BlockCache(den, x, b)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        state.commit(x, 1)
-        for k in range(1, x.shape[1] // b):
+        state.commit(x, 2)  # the prompts' complete blocks, in one call
+        for k in range(2, x.shape[1] // b):
             a, e = k * b, (k + 1) * b
             ref = block_causal_logits(model, x[:, :e], valid[:, :e], pos[:, :e], b)
             torch.testing.assert_close(state.block_logits(x, k), ref[:, a:e], atol=1e-5, rtol=0)
@@ -293,7 +293,7 @@ def test_block_cache_equals_uncached_forward(block_export):
             x[:, a:e] = torch.where(valid[:, a:e] & (x[:, a:e] == den.mask_id),
                                     torch.randint(100, 1000, (2, b), generator=gen), x[:, a:e])
             state.commit(x, k + 1)
-    assert den.calls == 1 + 2 * (x.shape[1] // b - 1)
+    assert den.calls == 1 + 2 * (x.shape[1] // b - 2)
     # a later block never changes an earlier block's logits (block-causal), but moves its own
     with torch.no_grad():
         y = x.clone()
@@ -358,3 +358,33 @@ def test_bad_requests_say_what_to_change(export, tmp_path):
     plain.name_or_path = plain.config._name_or_path = str(tmp_path)
     with pytest.raises(ValueError, match="no diffusion.json"):
         generate(model=plain, input_ids=ids, max_new_tokens=4)
+
+
+# --- the real export path ------------------------------------------------------------------------------
+
+@pytest.mark.slow  # a two-step training run through adapt/run.py (about a minute)
+def test_a_trained_export_carries_decoder_defaults_and_card(tmp_path, tiny_model_dir, corpus_file):
+    from transformers import AutoTokenizer
+
+    from test_pipeline import launch
+
+    launch(tmp_path, tiny_model_dir, corpus_file, "train.max_steps=2", "train.save_every=2")
+    run = tmp_path / "debug"
+    final = run / "final"
+    assert (final / "custom_generate" / "generate.py").is_file()
+    head = front_matter(final / "README.md")
+    assert head["library_name"] == "transformers" and "base_model" not in head  # a local parent has no Hub id
+    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    parent = next(r["parent_ppl"] for r in evals if r["kind"] == "eval" and "parent_ppl" in r)
+    body = (final / "README.md").read_text()
+    assert f"| parent causal LM, exact perplexity | 0 | {parent:.2f} |" in body
+    assert "2 steps x 2 sequences (2 x 1 accumulation) x 64 tokens" in body
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok(PROMPT).input_ids
+    got = remote_model(final).generate(torch.tensor([prompt]), max_new_tokens=8, diffusion_steps=4,
+                                       diffusion_block_length=4, eos_token_id=None)
+    expect = library_ids(final, prompt, 8, "confidence", 4, 4, temperature=0)
+    stop = tok.eos_token_id
+    if stop in expect[len(prompt):]:  # generate cuts after EOS; the library fills with it
+        expect = expect[:len(prompt) + expect[len(prompt):].index(stop) + 1]
+    assert got[0].tolist() == expect
