@@ -18,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from adapt.attention import to_additive
-from adapt.diffusion import blocked_vocab, prediction_logits
+from adapt.diffusion import blocked_vocab
 from adapt.model import DiffusionMeta, forward_logits
 
 _CACHE_BACKENDS = ("eager", "sdpa")
@@ -51,13 +51,6 @@ class Denoiser:
             return to_additive(torch.ones(x.shape[1], x.shape[1], dtype=torch.bool, device=x.device),
                                self.model.dtype)
         return None
-
-    @torch.no_grad()
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Raw (B, L, V) logits aligned so row i predicts token i (one model call)."""
-        self.nfe += 1
-        x = x.to(self.device)
-        return prediction_logits(forward_logits(self.model, x, self._mask(x)), self.shift)
 
     def _log_probs_into(self, out: torch.Tensor, logits: torch.Tensor) -> None:
         """out (B, R, V) float32 view <- log-softmax of logits (B, R, V) with blocked ids at -inf.

@@ -3,37 +3,52 @@
     python -m eval.compare MODEL_A MODEL_B [MODEL_C ...] [--blocks 16] [--length 256] [--t-samples 8]
 
 For exports of one parent trained by different recipes (say the random and the window annealing
-schedules). Held-out blocks come from the first model's recipe; every model is scored on the same
-(t, mask) draws, so most of the Monte Carlo noise cancels in the per-block difference, and the 95%
-interval of a difference (over blocks) is much narrower than the intervals of the two bounds. Models
-are loaded one at a time. Writes <out-dir>/compare.json.
+schedules). Held-out blocks come from the first model's recipe. The masks are drawn once
+(adapt.likelihood.draw_masks, `--method`, the masked-count estimator by default; stratified t uses the
+first model's eps) and every model is scored on those same masks, so most of the Monte Carlo noise
+cancels in the per-block difference, and the 95% interval of a difference (over blocks) is much
+narrower than the intervals of the two bounds. The first model is loaded once (the common arguments),
+the others one at a time. Writes <out-dir>/compare.json.
 """
 from __future__ import annotations
 
 import argparse
 import math
-import os
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
-from transformers import AutoTokenizer
 
+from adapt import objectives
 from adapt.checkpoint import load_diffusion_model
-from adapt.denoiser import Denoiser
-from adapt.diffusion import maskable_positions
-from adapt.likelihood import summarize
-from adapt.model import DiffusionMeta
-from eval.elbo import METHODS, draw_masks, masked_nll_sums
+from adapt.diffusion import blocked_vocab
+from adapt.likelihood import METHODS, draw_masks, summarize
+from adapt.objectives import Attention, ModelForward
+from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
-from eval.models import data_config
-from eval.results import machine, write_results
+from eval.models import EvalContext
+from eval.options import ESTIMATOR, EvalError, at_least, export_check
 
 NAME = "compare"
 
 
-def paired(a: torch.Tensor, b: torch.Tensor, tokens: int) -> dict:
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("others", nargs="+", type=Path, metavar="MODEL",
+                        help="exported folders compared with MODEL_DIR (one or more)")
+    parser.add_argument("--blocks", type=at_least(2), default=16)
+    parser.add_argument("--length", type=at_least(2), default=256)
+    parser.add_argument("--t-samples", type=at_least(1), default=8, help="draws per block, shared by all models")
+    parser.add_argument("--method", default=ESTIMATOR, choices=METHODS)
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+
+
+def check(args: argparse.Namespace) -> None:
+    for path in args.others:
+        export_check(path)
+
+
+def paired(a: torch.Tensor, b: torch.Tensor, tokens: torch.Tensor | int) -> dict:
     """Per-token difference b - a of two (N,) per-block bounds (nats): mean, 95% half-width, ppl ratio."""
     est = summarize(b - a, tokens)
     mean, half = est.nll_per_token, est.ci95
@@ -41,38 +56,55 @@ def paired(a: torch.Tensor, b: torch.Tensor, tokens: int) -> dict:
             "ppl_ratio_high": math.exp(mean + half)}
 
 
-def score(model_dir: Path, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor, k: int,
-          args: argparse.Namespace, reference: tuple | None) -> tuple[torch.Tensor, tuple]:
-    """(N,) per-block bound of one export on the shared draws, and its (mask id, vocabulary) signature."""
+def bounds_on(objective, forward, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor,
+              batch_size: int) -> torch.Tensor:
+    """(N,) per-block bound (nats) of one model on given draws: x0 (N, L), masked (N*k, L), weight (N*k,)."""
+    k = len(masked) // len(x0)
+    reps = x0.repeat_interleave(k, dim=0)
+    sums = torch.zeros(len(reps), dtype=torch.float64)
+    for i in range(0, len(reps), batch_size):
+        rows = slice(i, i + batch_size)
+        sums[rows] = objective.nll_sums(forward, reps[rows], masked[rows], Attention())[:, 0]
+    return (weight * sums).view(len(x0), k).mean(1)
+
+
+def _signature(tokenizer, meta) -> tuple:
+    return meta.mask_token_id, len(tokenizer), meta.shift
+
+
+def other_bounds(ctx: EvalContext, model_dir: Path, x0: torch.Tensor, masked: torch.Tensor, weight: torch.Tensor,
+                 args: argparse.Namespace) -> torch.Tensor:
+    """(N,) per-block bound of another export on the shared draws (loaded here, freed after)."""
     model, tokenizer, meta = load_diffusion_model(model_dir, dtype=args.dtype, device=args.device)
-    signature = (meta.mask_token_id, len(tokenizer), meta.shift)
-    if reference is not None and signature != reference:
-        raise SystemExit(f"error: {model_dir} does not share the first model's tokenizer (mask id, vocabulary "
-                         f"size, shift {signature} vs {reference}); compare exports of the same parent")
-    sums = masked_nll_sums(Denoiser(model, meta), x0.repeat_interleave(k, dim=0), masked, args.batch_size)
-    del model
-    return (weight * sums).view(len(x0), k).mean(1), signature
+    mine, first = _signature(tokenizer, meta), _signature(ctx.tokenizer, ctx.meta)
+    if mine != first:
+        raise EvalError(f"{model_dir} does not share the first model's tokenizer (mask id, vocabulary size, shift "
+                        f"{mine} vs {first}); compare exports of the same parent")
+    rows = model.get_output_embeddings().weight.shape[0]
+    blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, ctx.device)
+    backend = getattr(model.config, "_attn_implementation", None) or "sdpa"
+    objective = objectives.for_meta(meta, blocked, backend, args.dtype)
+    return bounds_on(objective, ModelForward(model, ctx.device), x0, masked, weight, args.batch_size)
 
 
-def run(args: argparse.Namespace) -> dict:
-    first = args.models[0]
-    meta, tokenizer = DiffusionMeta.load(first), AutoTokenizer.from_pretrained(first)  # weights load in score()
-    dcfg = data_config(first, args.data_files, args.cache_dir)
-    blocks = heldout_blocks(dcfg, tokenizer, args.length, args.blocks)
-    maskable = maskable_positions(blocks, meta.shift)
-    tokens = int(maskable[0].sum())
-    generator = torch.Generator().manual_seed(args.seed)
-    masked, weight = draw_masks(maskable, args.t_samples, args.method, meta.eps, generator)
-    bounds, reference, rows = [], None, []
-    for model_dir in tqdm(args.models, desc="models", unit="model"):
+def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
+    blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.length, args.blocks)
+    objective, forward = ctx.bound_model()
+    scored = objective.scored(blocks)
+    tokens = scored.sum(1)
+    masked, weight = draw_masks(scored, args.t_samples, args.method, ctx.meta.eps, ctx.generator("estimate", NAME))
+    models = [args.model_dir, *args.others]
+    bounds, rows = [], []
+    for i, model_dir in enumerate(tqdm(models, desc="models", unit="model")):
         start = time.perf_counter()
-        per_block, reference = score(Path(model_dir), blocks, masked, weight, args.t_samples, args, reference)
+        per_block = (bounds_on(objective, forward, blocks, masked, weight, args.batch_size) if i == 0
+                     else other_bounds(ctx, model_dir, blocks, masked, weight, args))
         bounds.append(per_block)
         rows.append({"model": str(model_dir), **summarize(per_block, tokens).as_dict(),
                      "seconds": time.perf_counter() - start, "per_block_nats": per_block.tolist()})
-    diffs = [{"model": row["model"], "vs": str(first), **paired(bounds[0], b, tokens)}
+    diffs = [{"model": row["model"], "vs": str(models[0]), **paired(bounds[0], b, tokens)}
              for row, b in zip(rows[1:], bounds[1:])]
-    return {"bounds": rows, "differences": diffs, "blocks": len(blocks), "tokens_per_block": tokens,
+    return {"bounds": rows, "differences": diffs, "blocks": len(blocks), "tokens_per_block": int(tokens[0]),
             "method": args.method, "t_samples": args.t_samples, "seed": args.seed}
 
 
@@ -87,36 +119,11 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
+SCRIPT = Script(NAME, "eval.compare", __doc__, add_args, run, summary_lines, check=check)
+
+
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n")[0])
-    parser.add_argument("models", nargs="+", type=Path, help="exported diffusion model folders (two or more)")
-    parser.add_argument("--out-dir", type=Path, default=Path("eval_out"))
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-files", nargs="*", default=None, help="text/jsonl files to hold out from")
-    parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    parser.add_argument("--blocks", type=int, default=16)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--t-samples", type=int, default=8, help="draws per block, shared by all models")
-    parser.add_argument("--method", default="stratified", choices=METHODS)
-    parser.add_argument("--batch-size", type=int, default=8)
-    args = parser.parse_args(argv)
-    if len(args.models) < 2:
-        parser.error("give two or more exported folders to compare")
-    missing = [str(m) for m in args.models if not (m / "diffusion.json").is_file()]
-    if missing:
-        parser.error(f"not an exported diffusion model (no diffusion.json): {', '.join(missing)}; "
-                     f"export a run with `python -m adapt.export`")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    result = run(args)
-    result["provenance"] = {"options": vars(args), "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
-    path = write_results(args.out_dir, NAME, result)
-    print("\n".join(summary_lines(result)) + f"\nwrote {path}")
-    return result
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

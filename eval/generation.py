@@ -18,27 +18,28 @@ import time
 import torch
 from tqdm import tqdm
 
+from eval.cli import Script, run_script
 from eval.diversity import diversity
 from eval.heldout import heldout_blocks
-from eval.models import EvalContext, add_common_args, check_samplers, context_from_args, diffusion_sample, parent_sample
+from eval.models import EvalContext, diffusion_sample, parent_sample
+from eval.options import add_samplers, at_least, fraction, non_negative
 from eval.plots import frontier_plot
-from eval.results import provenance, write_results
 
 NAME = "generation"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samplers", nargs="+", default=["ancestral", "euler", "analytic", "confidence", "threshold"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[16, 64, 256])
-    parser.add_argument("--samples", type=int, default=16, help="samples per setting (and prompts)")
-    parser.add_argument("--length", type=int, default=128, help="generated tokens of unconditional samples")
-    parser.add_argument("--prompt-length", type=int, default=32, help="prompt tokens (BOS included)")
-    parser.add_argument("--gen-length", type=int, default=64, help="generated tokens of prompted samples")
+    add_samplers(parser, ["ancestral", "euler", "analytic", "confidence", "threshold"])
+    parser.add_argument("--steps", nargs="+", type=at_least(1), default=[16, 64, 256])
+    parser.add_argument("--samples", type=at_least(1), default=16, help="samples per setting (and prompts)")
+    parser.add_argument("--length", type=at_least(1), default=128, help="generated tokens of unconditional samples")
+    parser.add_argument("--prompt-length", type=at_least(1), default=32, help="prompt tokens (BOS included)")
+    parser.add_argument("--gen-length", type=at_least(1), default=64, help="generated tokens of prompted samples")
     parser.add_argument("--modes", nargs="+", default=["unconditional", "prompted"], choices=["unconditional", "prompted"])
-    parser.add_argument("--temperature", type=float, default=1.0, help="diffusion samplers' temperature")
-    parser.add_argument("--top-p", type=float, default=0.95, help="nucleus p of the parent reference")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--window", type=int, default=100, help="repetition-rate window (tokens)")
+    parser.add_argument("--temperature", type=non_negative, default=1.0, help="diffusion samplers' temperature")
+    parser.add_argument("--top-p", type=fraction, default=0.95, help="nucleus p of the parent reference")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--window", type=at_least(1), default=100, help="repetition-rate window (tokens)")
 
 
 def prefixes(ctx: EvalContext, mode: str, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,12 +61,13 @@ def score(ctx: EvalContext, prefix: torch.Tensor, cont: torch.Tensor, args: argp
 
 
 def run_sampler(ctx: EvalContext, prefix: torch.Tensor, gen_len: int, sampler: str, steps: int,
-                args: argparse.Namespace, salt: int) -> tuple[torch.Tensor, dict]:
-    """Sample continuations of `gen_len` tokens for each prefix row -> ((N, gen_len) ids, cost)."""
+                args: argparse.Namespace, mode: str) -> tuple[torch.Tensor, dict]:
+    """Sample continuations of `gen_len` tokens for each prefix row -> ((N, gen_len) ids, cost).
+    The draws are a stream of (mode, sampler, steps), the same whichever other settings run."""
     mask = torch.full((len(prefix), gen_len), ctx.meta.mask_token_id, dtype=torch.long)
     x = torch.cat([prefix, mask], dim=1)
     outs, nfe, start = [], 0, time.perf_counter()
-    gen = ctx.generator(2, salt)
+    gen = ctx.generator("sample", NAME, mode, sampler, steps)
     for i in range(0, len(x), args.batch_size):
         ids, calls = diffusion_sample(ctx, x[i:i + args.batch_size], sampler, steps, gen,
                                       temperature=args.temperature)
@@ -81,7 +83,8 @@ def references(ctx: EvalContext, mode: str, prefix: torch.Tensor, real: torch.Te
     out = [{"mode": mode, "source": "heldout", **score(ctx, prefix, real, args)}]
     for name, top_p in (("parent", 1.0), (f"parent_top_p_{args.top_p:g}", args.top_p)):
         start = time.perf_counter()
-        conts = [parent_sample(ctx.parent(), prefix[i:i + args.batch_size], real.shape[1], ctx.seed + i, top_p)
+        conts = [parent_sample(ctx.parent(), prefix[i:i + args.batch_size], real.shape[1],
+                               ctx.seed_for("sample", NAME, mode, name, i), top_p)
                  for i in range(0, len(prefix), args.batch_size)]
         cont = torch.cat(conts)[:, prefix.shape[1]:]
         out.append({"mode": mode, "source": name, "seconds": time.perf_counter() - start,
@@ -90,15 +93,14 @@ def references(ctx: EvalContext, mode: str, prefix: torch.Tensor, real: torch.Te
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    check_samplers(args.samplers)
     runs, refs = [], []
     total = len(args.modes) * len(args.samplers) * len(args.steps)
     bar = tqdm(total=total, desc="sampling", unit="setting")
-    for m, mode in enumerate(args.modes):
+    for mode in args.modes:
         prefix, real = prefixes(ctx, mode, args)
-        for s, sampler in enumerate(args.samplers):
-            for k, steps in enumerate(args.steps):
-                cont, cost = run_sampler(ctx, prefix, real.shape[1], sampler, steps, args, salt=(m * 97 + s) * 997 + k)
+        for sampler in args.samplers:
+            for steps in args.steps:
+                cont, cost = run_sampler(ctx, prefix, real.shape[1], sampler, steps, args, mode)
                 runs.append({"mode": mode, "sampler": sampler, "steps": steps, **cost, **score(ctx, prefix, cont, args)})
                 bar.set_postfix(sampler=sampler, steps=steps, ppl=f"{runs[-1]['gen_ppl']['ppl']:.1f}")
                 bar.update(1)
@@ -119,31 +121,30 @@ def strip_texts(result: dict) -> tuple[dict, list[dict]]:
     return result, records
 
 
-def write_all(result: dict, out_dir, ctx: EvalContext, args: argparse.Namespace) -> dict:
-    """generation.json (+ provenance), generation_samples.jsonl and generation.png."""
+def write_files(result: dict, ctx: EvalContext, args: argparse.Namespace) -> dict:
+    """generation_samples.jsonl (every text) and generation.png; returns the result with two examples each."""
     result, records = strip_texts(result)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / f"{NAME}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    result["plot"] = str(frontier_plot(result, out_dir / f"{NAME}.png"))
-    result["provenance"] = provenance(ctx, vars(args))
-    write_results(out_dir, NAME, result)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / f"{NAME}_samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    result["plot"] = str(frontier_plot(result, args.out_dir / f"{NAME}.png"))
     return result
+
+
+def summary_lines(result: dict) -> list[str]:
+    lines = []
+    for row in result["runs"] + result["references"]:
+        name = row.get("source") or f"{row['sampler']} {row['steps']} steps"
+        lines.append(f"{row['mode']:>13} {name:<28} gen ppl {row['gen_ppl']['ppl']:9.2f}  "
+                     f"unique {row['diversity']['unique_unigrams']:.3f}  H {row['diversity']['unigram_entropy']:.2f}  "
+                     f"rep {row['diversity']['repetition_rate']:.3f}")
+    return lines + [f"wrote {result['plot']}"]
+
+
+SCRIPT = Script(NAME, "eval.generation", __doc__, add_args, run, summary_lines, write_files)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.generation", description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = write_all(run(ctx, args), args.out_dir, ctx, args)
-    for row in result["runs"] + result["references"]:
-        name = row.get("source") or f"{row['sampler']} {row['steps']} steps"
-        print(f"{row['mode']:>13} {name:<28} gen ppl {row['gen_ppl']['ppl']:9.2f}  "
-              f"unique {row['diversity']['unique_unigrams']:.3f}  H {row['diversity']['unigram_entropy']:.2f}  "
-              f"rep {row['diversity']['repetition_rate']:.3f}")
-    print(f"wrote {args.out_dir / (NAME + '.json')} and {result['plot']}")
-    return result
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,21 @@ import re
 import torch
 
 from adapt.config import DataConfig
-from adapt.data import build_blocks
+from adapt.data import DataError, build_blocks
+from eval.options import EvalError
 
 
-class HeldoutError(RuntimeError):
-    """Not enough held-out text for the request; the message says what to change."""
+class HeldoutError(EvalError):
+    """The held-out text cannot serve the request; the message says what to change."""
 
 
 def heldout_stream(dcfg: DataConfig, tokenizer) -> tuple[torch.Tensor, int]:
     """(held-out token stream (T,) long without the per-block BOS, the start token id)."""
-    held = build_blocks(dcfg, tokenizer).heldout  # (N, block_size)
+    try:
+        held = build_blocks(dcfg, tokenizer).heldout  # (N, block_size)
+    except DataError as err:
+        source = ", ".join(map(str, dcfg.train_files)) or "the embedded corpus"
+        raise HeldoutError(f"no held-out text from {source}: {err}") from None
     return held[:, 1:].reshape(-1), int(held[0, 0])
 
 

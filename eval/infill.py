@@ -17,22 +17,23 @@ import time
 import torch
 from tqdm import tqdm
 
+from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
-from eval.models import EvalContext, add_common_args, check_samplers, context_from_args, diffusion_sample, parent_sample
-from eval.results import provenance, write_results
+from eval.models import EvalContext, diffusion_sample, parent_sample
+from eval.options import add_samplers, at_least, non_negative
 
 NAME = "infill"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spans", type=int, default=32, help="held-out examples")
-    parser.add_argument("--left", type=int, default=24, help="left context tokens (BOS included)")
-    parser.add_argument("--span-length", type=int, default=8, help="masked tokens to fill")
-    parser.add_argument("--right", type=int, default=24, help="right context tokens")
-    parser.add_argument("--samplers", nargs="+", default=["ancestral", "confidence"])
-    parser.add_argument("--steps", type=int, default=0, help="sampling steps (0 = one per span token)")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--spans", type=at_least(1), default=32, help="held-out examples")
+    parser.add_argument("--left", type=at_least(1), default=24, help="left context tokens (BOS included)")
+    parser.add_argument("--span-length", type=at_least(1), default=8, help="masked tokens to fill")
+    parser.add_argument("--right", type=at_least(0), default=24, help="right context tokens")
+    add_samplers(parser, ["ancestral", "confidence"])
+    parser.add_argument("--steps", type=at_least(0), default=0, help="sampling steps (0 = one per span token)")
+    parser.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
+    parser.add_argument("--batch-size", type=at_least(1), default=8)
 
 
 def span_metrics(fill: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
@@ -51,14 +52,14 @@ def judge_scores(ctx: EvalContext, blocks: torch.Tensor, fill: torch.Tensor, arg
     return out
 
 
-def diffusion_fill(ctx: EvalContext, blocks: torch.Tensor, sampler: str, args: argparse.Namespace,
-                   salt: int) -> tuple[torch.Tensor, dict]:
+def diffusion_fill(ctx: EvalContext, blocks: torch.Tensor, sampler: str,
+                   args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
     """Mask the span of each block and fill it -> ((N, S) fill, cost)."""
     lo, hi = args.left, args.left + args.span_length
     x = blocks.clone()
     x[:, lo:hi] = ctx.meta.mask_token_id
     steps = args.steps or args.span_length
-    outs, nfe, start, gen = [], 0, time.perf_counter(), ctx.generator(3, salt)
+    outs, nfe, start, gen = [], 0, time.perf_counter(), ctx.generator("sample", NAME, sampler)
     for i in range(0, len(x), args.batch_size):
         ids, calls = diffusion_sample(ctx, x[i:i + args.batch_size], sampler, steps, gen, temperature=args.temperature)
         outs.append(ids[:, lo:hi])
@@ -70,20 +71,17 @@ def parent_fill(ctx: EvalContext, blocks: torch.Tensor, args: argparse.Namespace
     """The parent continues each left context for the span's length -> ((N, S) fill, cost)."""
     start = time.perf_counter()
     outs = [parent_sample(ctx.parent(), blocks[i:i + args.batch_size, :args.left], args.span_length,
-                          ctx.seed + i, temperature=args.temperature)[:, args.left:]
+                          ctx.seed_for("sample", NAME, "parent", i), temperature=args.temperature)[:, args.left:]
             for i in range(0, len(blocks), args.batch_size)]
     return torch.cat(outs), {"seconds": time.perf_counter() - start}
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    check_samplers(args.samplers)
-    if args.left < 1 or args.span_length < 1:
-        raise SystemExit("error: --left and --span-length must be >= 1 (the left context holds BOS)")
     blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.left + args.span_length + args.right, args.spans)
     truth = blocks[:, args.left:args.left + args.span_length]
     rows = [{"method": "truth", **span_metrics(truth, truth), **judge_scores(ctx, blocks, truth, args)}]
-    for i, sampler in enumerate(tqdm(args.samplers + ["parent"], desc="infill", unit="method")):
-        fill, cost = parent_fill(ctx, blocks, args) if sampler == "parent" else diffusion_fill(ctx, blocks, sampler, args, i)
+    for sampler in tqdm(args.samplers + ["parent"], desc="infill", unit="method"):
+        fill, cost = parent_fill(ctx, blocks, args) if sampler == "parent" else diffusion_fill(ctx, blocks, sampler, args)
         rows.append({"method": sampler if sampler != "parent" else "parent (left context only)", **cost,
                      **span_metrics(fill, truth), **judge_scores(ctx, blocks, fill, args),
                      "examples": [{"left": ctx.tokenizer.decode(blocks[j, 1:args.left]),
@@ -93,21 +91,20 @@ def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
             "left": args.left, "right": args.right}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.infill", description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx, args)
-    result["provenance"] = provenance(ctx, vars(args))
-    path = write_results(args.out_dir, NAME, result)
+def summary_lines(result: dict) -> list[str]:
+    lines = []
     for row in result["rows"]:
         right = row.get("right_ppl", {}).get("ppl", float("nan"))
-        print(f"{row['method']:<28} exact {row['exact_match']:.3f}  token acc {row['token_accuracy']:.3f}  "
-              f"fill ppl {row['fill_ppl']['ppl']:9.2f}  right-context ppl {right:9.2f}")
-    print(f"wrote {path}")
-    return result
+        lines.append(f"{row['method']:<28} exact {row['exact_match']:.3f}  token acc {row['token_accuracy']:.3f}  "
+                     f"fill ppl {row['fill_ppl']['ppl']:9.2f}  right-context ppl {right:9.2f}")
+    return lines
+
+
+SCRIPT = Script(NAME, "eval.infill", __doc__, add_args, run, summary_lines)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

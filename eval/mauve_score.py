@@ -1,12 +1,14 @@
 """MAUVE of prompted samples against the held-out continuations of the same prompts (001_*.txt A.4).
 
-    python -m eval.mauve_score eval_out/generation_samples.jsonl [--featurizer gpt2-large] [--seeds 5]
+    python -m eval.mauve_score [eval_out/generation_samples.jsonl] [--featurizer gpt2-large] [--seeds 5]
 
 Reads the samples eval.generation wrote (prompt + continuation texts), embeds each text with the
 featurizer (last-layer hidden state of its last token, at most `--max-tokens` tokens, as MAUVE does)
 and averages MAUVE over `--seeds` k-means seeds (the score moves by a few points with the seed).
 Needs the `mauve-text` package and a featurizer loadable without network (gpt2-large by default,
-any local causal LM folder with --featurizer); otherwise it writes the reason it skipped.
+any local causal LM folder with --featurizer); otherwise it writes the reason it skipped. Without a
+samples file it reads <out-dir>/generation_samples.jsonl (what eval.suite does); mauve.json goes beside
+the samples unless --out-dir says otherwise.
 """
 from __future__ import annotations
 
@@ -19,7 +21,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from eval.results import machine, write_results
+from eval.cli import Script, run_script
+from eval.options import EvalError, at_least
 
 NAME = "mauve"
 HUMAN = "heldout"
@@ -76,7 +79,8 @@ def score(p: np.ndarray, q: np.ndarray, seeds: int) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def run(samples: Path, featurizer: str, seeds: int = 5, max_tokens: int = 100, device: str = "cpu") -> dict:
+def measure(samples: Path, featurizer: str, seeds: int = 5, max_tokens: int = 100, device: str = "cpu") -> dict:
+    """MAUVE of every prompted sample set in `samples` against the held-out one, or {"skipped": why}."""
     reason = unavailable(featurizer)
     if reason:
         return {"skipped": reason}
@@ -96,23 +100,43 @@ def run(samples: Path, featurizer: str, seeds: int = 5, max_tokens: int = 100, d
             "rows": rows}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.mauve_score", description=__doc__.split("\n")[0])
-    parser.add_argument("samples", type=Path, help="generation_samples.jsonl, or the folder holding it")
+def add_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("samples", nargs="?", type=Path, default=None,
+                        help="generation_samples.jsonl, or the folder holding it (default: in --out-dir)")
     parser.add_argument("--featurizer", default="gpt2-large", help="local HF model (name in the HF cache, or a folder)")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--max-tokens", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out-dir", type=Path, default=None, help="default: the samples' folder")
-    args = parser.parse_args(argv)
-    result = run(args.samples, args.featurizer, args.seeds, args.max_tokens, args.device)
-    result["machine"] = machine()
-    out = args.out_dir or (args.samples if args.samples.is_dir() else args.samples.parent)
-    path = write_results(out, NAME, result)
-    print(result.get("skipped") or "\n".join(f"{r['source']:<28} MAUVE {r['mauve']:.3f} ± {r['mauve_std']:.3f}"
-                                             for r in result["rows"]))
-    print(f"wrote {path}")
-    return result
+    parser.add_argument("--seeds", type=at_least(1), default=5)
+    parser.add_argument("--max-tokens", type=at_least(1), default=100)
+    parser.set_defaults(out_dir=None)
+
+
+def check(args: argparse.Namespace) -> None:
+    """Resolve the samples file and the output folder; a samples path that is named but missing is an error."""
+    if args.samples is None:
+        args.out_dir = args.out_dir or Path("eval_out")
+        args.samples = args.out_dir / "generation_samples.jsonl"
+        return
+    if not args.samples.exists():
+        raise EvalError(f"{args.samples} not found; write samples with `python -m eval.generation MODEL_DIR` first")
+    args.out_dir = args.out_dir or (args.samples if args.samples.is_dir() else args.samples.parent)
+
+
+def run(ctx, args: argparse.Namespace) -> dict:
+    if not args.samples.exists():
+        return {"skipped": f"MAUVE skipped: no generation samples at {args.samples} (run eval.generation first)"}
+    return measure(args.samples, args.featurizer, args.seeds, args.max_tokens, args.device)
+
+
+def summary_lines(result: dict) -> list[str]:
+    if "skipped" in result:
+        return [result["skipped"]]
+    return [f"{r['source']:<28} MAUVE {r['mauve']:.3f} ± {r['mauve_std']:.3f}" for r in result["rows"]]
+
+
+SCRIPT = Script(NAME, "eval.mauve_score", __doc__, add_args, run, summary_lines, check=check, model=False)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

@@ -1,26 +1,32 @@
 """The models under evaluation, loaded once per run: the diffusion model, its parent causal LM, a judge.
 
 Every script takes the same leading arguments (MODEL_DIR, --device, --dtype, --seed, --parent,
---judge, ...); `context_from_args` turns them into an `EvalContext` that loads the parent and the
-judge only when a metric needs them, so `eval.suite` pays for each model once.
+--judge, ...; eval.options); `context_from_args` turns them into an `EvalContext` that loads the parent
+and the judge only when a metric needs them, so `eval.suite` pays for each model once. The context
+also holds the objective the export was trained with and its model call, which the bounds use
+(adapt.likelihood), and the named random streams of the run (adapt.rng).
 """
 from __future__ import annotations
 
 import argparse
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import GenerationConfig, PreTrainedModel
 
-from adapt.checkpoint import load_diffusion_model
-from adapt.config import DataConfig, ModelConfig, from_dict
+from adapt import objectives, rng
+from adapt.checkpoint import load_diffusion_model, read_recipe
+from adapt.config import DataConfig, ModelConfig
 from adapt.denoiser import Denoiser
+from adapt.diffusion import blocked_vocab
 from adapt.model import DiffusionMeta, load_causal_lm, load_tokenizer
-from adapt.sampling import SAMPLERS, generate
+from adapt.objectives import ModelForward
+from adapt.sampling import generate
 from eval.judge import Judge
+from eval.options import EvalError
 
 
 @dataclass
@@ -32,6 +38,7 @@ class EvalContext:
     tokenizer: object
     meta: DiffusionMeta
     denoiser: Denoiser
+    """What the samplers call (log-probabilities aligned so row i predicts token i)."""
     data: DataConfig
     """Where the held-out text comes from (the training recipe's data section when exported with one)."""
     dtype: str = "fp32"
@@ -42,15 +49,27 @@ class EvalContext:
     """Judge causal LM for generative perplexity; empty = the parent."""
     _parent: PreTrainedModel | None = field(default=None, repr=False)
     _judge: Judge | None = field(default=None, repr=False)
+    _bound: tuple | None = field(default=None, repr=False)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    def bound_model(self) -> tuple[object, ModelForward]:
+        """(the objective the export was trained with, its model call): what adapt.likelihood scores with.
+        The model call counts forwards (`.calls`) over the whole run."""
+        if self._bound is None:
+            rows = self.model.get_output_embeddings().weight.shape[0]
+            blocked = blocked_vocab(rows, self.meta.real_vocab_size, self.meta.mask_token_id, self.device)
+            backend = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
+            self._bound = (objectives.for_meta(self.meta, blocked, backend, self.dtype),
+                           ModelForward(self.model, self.device))
+        return self._bound
+
     def parent_config(self) -> ModelConfig:
         source = self.parent_path or self.meta.parent
         if not source:
-            raise SystemExit(f"error: {self.model_dir}/diffusion.json names no parent model; pass --parent PATH")
+            raise EvalError(f"the metadata of {self.model_dir} names no parent model; pass --parent PATH")
         gguf = "" if self.parent_path else self.meta.parent_gguf_file
         return ModelConfig(name_or_path=source, gguf_file=gguf, dtype=self.dtype)
 
@@ -71,35 +90,30 @@ class EvalContext:
                 self._judge = Judge(self.parent(), self.tokenizer, self.parent_config().name_or_path, self.tokenizer)
         return self._judge
 
-    def generator(self, *salt: int) -> torch.Generator:
-        """A CPU generator seeded from the run seed and `salt`, so each stage draws the same numbers alone or in the suite."""
-        return torch.Generator().manual_seed(hash((self.seed, *salt)) % (2 ** 63))
+    def seed_for(self, stream: str, *salt: int | str) -> int:
+        """The seed of a named stream (adapt.rng) of this run; `salt` (a script name, a setting's index)
+        makes it distinct per use, so each script draws the same numbers alone or in the suite."""
+        return rng.seed_for(self.seed, stream, step=stream_step(*salt) if salt else None)
+
+    def generator(self, stream: str, *salt: int | str) -> torch.Generator:
+        """A CPU generator of `seed_for(stream, *salt)`."""
+        return torch.Generator().manual_seed(self.seed_for(stream, *salt))
+
+
+def stream_step(*salt: int | str) -> int:
+    """One step number from names and indices (names by CRC-32: stable across runs, unlike hash())."""
+    return rng.mix(*(zlib.crc32(s.encode()) if isinstance(s, str) else int(s) for s in salt))
 
 
 def data_config(model_dir: Path, data_files: list[str] | None = None, cache_dir: str | None = None) -> DataConfig:
     """The data section of the model's training recipe (so held-out stays held out), else the defaults."""
-    recipe = Path(model_dir) / "recipe.yaml"
-    dcfg = from_dict(yaml.safe_load(recipe.read_text())).data if recipe.is_file() else DataConfig()
+    recipe = read_recipe(model_dir)
+    dcfg = recipe.data if recipe is not None else DataConfig()
     if data_files:
-        dcfg.train_files = list(data_files)
+        dcfg.train_files = [str(f) for f in data_files]
     if cache_dir:
         dcfg.cache_dir = cache_dir
     return dcfg
-
-
-def add_common_args(parser: argparse.ArgumentParser) -> None:
-    """MODEL_DIR and the options every eval script shares."""
-    parser.add_argument("model_dir", type=Path, help="exported diffusion model folder (e.g. checkpoints/<run>/final)")
-    parser.add_argument("--out-dir", type=Path, default=Path("eval_out"), help="folder for results JSON and plots")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--parent", default="", help="parent causal LM (default: the one named in diffusion.json)")
-    parser.add_argument("--judge", default="", help="judge causal LM for generative perplexity (default: the parent)")
-    parser.add_argument("--data-files", nargs="*", default=None, help="text/jsonl files to hold out from "
-                        "(default: the training recipe's data, else the embedded corpus)")
-    parser.add_argument("--cache-dir", default=None, help="cache of tokenised blocks (default: the recipe's)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
 
 
 def context_from_args(args: argparse.Namespace) -> EvalContext:
@@ -110,13 +124,6 @@ def context_from_args(args: argparse.Namespace) -> EvalContext:
     return EvalContext(Path(args.model_dir), model, tokenizer, meta, Denoiser(model, meta),
                        data_config(args.model_dir, args.data_files, args.cache_dir), args.dtype, args.seed,
                        args.parent, args.judge)
-
-
-def check_samplers(names: list[str]) -> list[str]:
-    unknown = [n for n in names if n not in SAMPLERS]
-    if unknown:
-        raise SystemExit(f"error: unknown sampler(s) {', '.join(unknown)}; choose from {', '.join(SAMPLERS)}")
-    return names
 
 
 def diffusion_sample(ctx: EvalContext, x: torch.Tensor, sampler: str, steps: int, generator: torch.Generator,

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eval.cli import user_errors
+from eval.options import EvalError
 from eval.results import read_results
 from eval.speed import table as speed_table
 
@@ -110,8 +112,8 @@ def speed_section(r: dict, out_dir: Path) -> list[str]:
     return lines
 
 
-def header(out_dir: Path) -> list[str]:
-    suite = read_results(out_dir, "suite") or {}
+def header(out_dir: Path, suite: dict | None = None) -> list[str]:
+    suite = suite if suite is not None else read_results(out_dir, "suite") or {}
     prov = next((x["provenance"] for x in (read_results(out_dir, n) for n in ("likelihood", "generation", "speed"))
                  if x and "provenance" in x), {})
     m = prov.get("machine", {})
@@ -127,10 +129,11 @@ def header(out_dir: Path) -> list[str]:
     return lines + [""]
 
 
-def build_report(out_dir: Path) -> Path:
-    """Write out_dir/report.md from whatever results files are there; returns its path."""
+def build_report(out_dir: Path, suite: dict | None = None) -> Path:
+    """Write out_dir/report.md from whatever results files are there; returns its path. `suite`: the suite's
+    summary when it is not (yet) in out_dir/suite.json."""
     out_dir = Path(out_dir)
-    lines = header(out_dir)
+    lines = header(out_dir, suite)
     sections = (("likelihood", likelihood_section), ("generation", lambda r: generation_section(r, out_dir)),
                 ("infill", infill_section), ("harness", harness_section), ("mauve", mauve_section),
                 ("speed", lambda r: speed_section(r, out_dir)))
@@ -145,8 +148,12 @@ def build_report(out_dir: Path) -> Path:
 
 def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(prog="python -m eval.report", description=__doc__.split("\n")[0])
-    parser.add_argument("out_dir", type=Path)
-    path = build_report(parser.parse_args(argv).out_dir)
+    parser.add_argument("out_dir", type=Path, metavar="OUT_DIR", help="a folder of eval results (JSON files)")
+    out_dir = parser.parse_args(argv).out_dir
+    with user_errors():
+        if not out_dir.is_dir() or not any(out_dir.glob("*.json")):
+            raise EvalError(f"{out_dir} holds no eval results (*.json); run an eval script with --out-dir {out_dir}")
+        path = build_report(out_dir)
     print(f"wrote {path}")
     return path
 

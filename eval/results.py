@@ -22,8 +22,10 @@ def machine() -> dict:
     return info
 
 
-def provenance(ctx: EvalContext, options: dict) -> dict:
-    """What a results file was computed from."""
+def provenance(ctx: EvalContext | None, options: dict) -> dict:
+    """What a results file was computed from (`ctx` None: a script that loads no model)."""
+    if ctx is None:
+        return {"options": options, "machine": machine(), "time": time.strftime("%Y-%m-%d %H:%M:%S")}
     return {"model_dir": str(ctx.model_dir), "meta": vars(ctx.meta).copy(), "parent": ctx.parent_config().name_or_path
             if (ctx.parent_path or ctx.meta.parent) else "", "judge": ctx.judge_path or "parent",
             "seed": ctx.seed, "dtype": ctx.dtype, "device": str(ctx.device), "options": options,

@@ -18,21 +18,22 @@ import time
 import torch
 from tqdm import tqdm
 
+from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
-from eval.models import EvalContext, add_common_args, check_samplers, context_from_args, diffusion_sample, parent_sample
+from eval.models import EvalContext, diffusion_sample, parent_sample
+from eval.options import add_samplers, at_least
 from eval.plots import speed_plot
-from eval.results import provenance, write_results
 
 NAME = "speed"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--samplers", nargs="+", default=["ancestral", "euler", "analytic", "confidence", "threshold"])
-    parser.add_argument("--steps", nargs="+", type=int, default=[16, 64], help="0 = one step per token")
-    parser.add_argument("--lengths", nargs="+", type=int, default=[32, 64, 128], help="generated tokens")
-    parser.add_argument("--prompt-length", type=int, default=16, help="prompt tokens (BOS included)")
-    parser.add_argument("--batch-size", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
+    add_samplers(parser, ["ancestral", "euler", "analytic", "confidence", "threshold"])
+    parser.add_argument("--steps", nargs="+", type=at_least(0), default=[16, 64], help="0 = one step per token")
+    parser.add_argument("--lengths", nargs="+", type=at_least(1), default=[32, 64, 128], help="generated tokens")
+    parser.add_argument("--prompt-length", type=at_least(1), default=16, help="prompt tokens (BOS included)")
+    parser.add_argument("--batch-size", type=at_least(1), default=1)
+    parser.add_argument("--repeats", type=at_least(1), default=3)
 
 
 def _sync(device: torch.device) -> None:
@@ -61,13 +62,14 @@ def _row(method: str, length: int, batch: int, times: list[float], nfe: float, *
 def measure_length(ctx: EvalContext, prompt: torch.Tensor, length: int, args: argparse.Namespace) -> list[dict]:
     """One row per method for `length` generated tokens after `prompt` (B, P)."""
     parent = ctx.parent()
-    times, _ = timed(lambda: parent_sample(parent, prompt, length, ctx.seed), args.repeats, ctx.device)
+    seed = ctx.seed_for("sample", NAME, "parent")
+    times, _ = timed(lambda: parent_sample(parent, prompt, length, seed), args.repeats, ctx.device)
     rows = [_row("parent (KV cache)", length, len(prompt), times, float(length), sampler="parent", steps=length)]
     x = torch.cat([prompt, torch.full((len(prompt), length), ctx.meta.mask_token_id, dtype=torch.long)], 1)
     for sampler in args.samplers:
         for steps in args.steps:
             n = steps or length
-            times, (_, nfe) = timed(lambda: diffusion_sample(ctx, x, sampler, n, ctx.generator(5, n)),
+            times, (_, nfe) = timed(lambda: diffusion_sample(ctx, x, sampler, n, ctx.generator("sample", NAME, sampler, n)),
                                     args.repeats, ctx.device)
             rows.append(_row(f"{sampler} ({steps or 'L'} steps)", length, len(prompt), times, float(nfe),
                              sampler=sampler, steps=n))
@@ -75,12 +77,11 @@ def measure_length(ctx: EvalContext, prompt: torch.Tensor, length: int, args: ar
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    check_samplers(args.samplers)
     prompt = heldout_blocks(ctx.data, ctx.tokenizer, args.prompt_length, args.batch_size)
     # warm-up: first calls pay for kernel selection and allocation
-    parent_sample(ctx.parent(), prompt, 2, ctx.seed)
+    parent_sample(ctx.parent(), prompt, 2, ctx.seed_for("sample", NAME, "parent"))
     warm = torch.cat([prompt, torch.full((len(prompt), 2), ctx.meta.mask_token_id, dtype=torch.long)], 1)
-    diffusion_sample(ctx, warm, args.samplers[0], 1, ctx.generator(5))
+    diffusion_sample(ctx, warm, args.samplers[0], 1, ctx.generator("sample", NAME))
     rows = []
     for length in tqdm(args.lengths, desc="speed", unit="length"):
         rows += measure_length(ctx, prompt, length, args)
@@ -98,19 +99,17 @@ def table(rows: list[dict]) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m eval.speed", description=__doc__.split("\n")[0])
-    add_common_args(parser)
-    add_args(parser)
-    args = parser.parse_args(argv)
-    ctx = context_from_args(args)
-    result = run(ctx, args)
+def write_plot(result: dict, ctx: EvalContext, args: argparse.Namespace) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     result["plot"] = str(speed_plot(result["rows"], args.out_dir / f"{NAME}.png"))
-    result["provenance"] = provenance(ctx, vars(args))
-    path = write_results(args.out_dir, NAME, result)
-    print("\n".join(table(result["rows"])) + f"\nwrote {path} and {result['plot']}")
     return result
+
+
+SCRIPT = Script(NAME, "eval.speed", __doc__, add_args, run, lambda result: table(result["rows"]), write_plot)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run_script(SCRIPT, argv)
 
 
 if __name__ == "__main__":

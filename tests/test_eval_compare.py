@@ -1,4 +1,4 @@
-"""eval.compare: paired bounds on shared draws, checked against eval.elbo and against a changed model."""
+"""eval.compare: paired bounds on shared draws, checked against adapt.likelihood and against a changed model."""
 from __future__ import annotations
 
 import shutil
@@ -8,13 +8,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_eval_fixtures import exported_dir  # noqa: F401
 
+from adapt import objectives, rng
 from adapt.checkpoint import load_diffusion_model
-from adapt.denoiser import Denoiser
-from adapt.diffusion import maskable_positions
+from adapt.diffusion import blocked_vocab
+from adapt.likelihood import block_estimates
+from adapt.objectives import ModelForward
 from eval import compare
-from eval.elbo import elbo_estimates
 from eval.heldout import heldout_blocks
-from eval.models import data_config
+from eval.models import data_config, stream_step
 
 ARGS = ["--blocks", "6", "--length", "32", "--t-samples", "4", "--device", "cpu", "--seed", "3"]
 
@@ -36,8 +37,11 @@ def test_same_draws_as_the_estimator_and_a_real_difference(exported_dir, changed
     assert (tmp_path / "compare.json").is_file()
     model, tok, meta = load_diffusion_model(exported_dir)
     blocks = heldout_blocks(data_config(exported_dir), tok, 32, 6)
-    expected = elbo_estimates(Denoiser(model, meta), blocks, maskable_positions(blocks, meta.shift), 4, "stratified",
-                              meta.eps, torch.Generator().manual_seed(3))
+    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
+    objective = objectives.for_meta(meta, blocked)
+    assert result["method"] == "count"  # the default estimator
+    expected = block_estimates(objective, ModelForward(model, "cpu"), blocks, objective.scored(blocks), 4, "count",
+                               rng.generator(3, "estimate", step=stream_step("compare")))[:, 0]
     a, b = (torch.tensor(row["per_block_nats"], dtype=torch.float64) for row in result["bounds"])
     torch.testing.assert_close(a, expected, rtol=1e-6, atol=1e-6)
     d = result["differences"][0]

@@ -15,6 +15,7 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     recipe.yaml whose data section holds out the tail of `corpus` in 64-token blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from adapt import checkpoint
     from adapt.config import ModelConfig
     from adapt.model import add_mask_token
 
@@ -26,7 +27,7 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     tok.save_pretrained(out)
     checkpoint.save_meta(out, meta)
     data = {"train_files": [str(corpus)], "block_size": 64, "heldout_blocks": 12, "cache_dir": str(cache)}
-    (out / "recipe.yaml").write_text(yaml.safe_dump({"data": data}))
+    (out / checkpoint.RECIPE_FILE).write_text(yaml.safe_dump({"data": data}))
     return out
 
 
@@ -49,6 +50,28 @@ def ctx(exported_dir, tmp_path_factory):
     from eval.models import context_from_args
 
     return context_from_args(common_args(exported_dir, tmp_path_factory.mktemp("ctx_out")))
+
+
+class AlignedForward:
+    """A model call (forward(ids, mask) -> raw logits, counting `.calls`) made of a function that gives
+    log-probabilities aligned so row i predicts token i (the fake denoisers below): its rows move back by
+    one, where a causal LM's logits are, so an objective with the shift reads row i-1 for token i."""
+
+    def __init__(self, aligned, shift: bool = True):
+        self.aligned, self.shift, self.calls = aligned, shift, 0
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask=None) -> torch.Tensor:
+        self.calls += 1
+        out = self.aligned(input_ids)
+        return torch.cat([out[:, 1:], out[:, :1]], dim=1) if self.shift else out
+
+
+def objective_for(vocab: int, mask_id: int, shift: bool = True):
+    """The masked-diffusion objective over a vocabulary of `vocab` ids, none blocked (the fake denoisers'
+    log-probabilities are used as they are)."""
+    from adapt.objectives import MaskedDiffusion
+
+    return MaskedDiffusion(mask_id, shift, torch.zeros(vocab, dtype=torch.bool))
 
 
 class TableDenoiser:

@@ -64,7 +64,9 @@ def test_generation_script_runs_and_plots(ctx, tmp_path):  # noqa: F811
     args = common_args(ctx.model_dir, tmp_path, samplers=["ancestral", "confidence"], steps=[2, 4], samples=2,
                        length=12, prompt_length=6, gen_length=8, modes=["unconditional", "prompted"],
                        temperature=1.0, top_p=0.95, batch_size=2, window=100)
-    result = generation.write_all(generation.run(ctx, args), tmp_path, ctx, args)
+    from eval.cli import execute
+
+    result = execute(generation.SCRIPT, ctx, args)
     assert len(result["runs"]) == 2 * 2 * 2
     assert {r["source"] for r in result["references"]} == {"heldout", "parent", "parent_top_p_0.95"}
     for row in result["runs"]:

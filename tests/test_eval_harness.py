@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from test_eval_fixtures import TableDenoiser, exported_dir  # noqa: F401
+from test_eval_fixtures import AlignedForward, TableDenoiser, exported_dir  # noqa: F401
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +36,10 @@ def test_registered_with_lm_eval():
 def test_loglikelihood_is_the_exact_log_prob_for_a_product_denoiser(lm):
     """With a product-distribution denoiser the bound is exact; one-token continuations have no noise."""
     vocab = lm.model.get_output_embeddings().weight.shape[0]
-    table = torch.log_softmax(torch.randn(lm.max_length, vocab, generator=torch.Generator().manual_seed(0)), -1)
-    real = lm.denoiser
-    lm.denoiser = TableDenoiser(table, lm.meta.mask_token_id)
+    logits = torch.randn(lm.max_length, vocab, generator=torch.Generator().manual_seed(0))
+    table = torch.log_softmax(logits.masked_fill(lm.objective.blocked, -1e9), -1)  # never the mask or padding ids
+    real = lm.forward
+    lm.forward = AlignedForward(TableDenoiser(table, lm.meta.mask_token_id))
     try:
         ctx, cont = lm._split("The cat sat on the", " mat")
         ll, _ = lm.score_tokens(ctx, cont, torch.Generator().manual_seed(0), greedy=False)
@@ -52,7 +53,7 @@ def test_loglikelihood_is_the_exact_log_prob_for_a_product_denoiser(lm):
         se = (sum((v - mean) ** 2 for v in lls) / (len(lls) - 1) / len(lls)) ** 0.5
         assert len(cont) > 1 and abs(mean - exact) < 4 * se + 1e-6
     finally:
-        lm.denoiser = real
+        lm.forward = real
 
 
 def test_split_moves_trailing_space_to_continuation(lm):

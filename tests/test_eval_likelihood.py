@@ -1,13 +1,14 @@
-"""The ELBO estimator and eval.likelihood on known answers."""
+"""The ELBO estimator (adapt.likelihood, as eval.likelihood calls it) and eval.likelihood on known answers."""
 from __future__ import annotations
 
 import math
 
 import torch
-from test_eval_fixtures import PeekingDenoiser, TableDenoiser, common_args, ctx, exported_dir  # noqa: F401
+from test_eval_fixtures import (AlignedForward, PeekingDenoiser, TableDenoiser, common_args, ctx,  # noqa: F401
+                                exported_dir, objective_for)
 
 from adapt.diffusion import maskable_positions
-from eval.elbo import draw_masks, elbo_estimates, estimator_variance, replicate_estimates
+from adapt.likelihood import block_estimates, draw_masks, estimator_variance, replicate_estimates
 
 V, L, MASK = 11, 12, 10
 
@@ -23,12 +24,12 @@ def test_product_denoiser_bound_equals_true_nll():
     """With p(x0_i | x_t) independent of x_t the ELBO is the exact NLL; every method must agree."""
     g = torch.Generator().manual_seed(0)
     table = torch.log_softmax(torch.randn(L, V, generator=g).index_fill(1, torch.tensor([MASK]), -1e9), -1)
-    den = TableDenoiser(table, MASK)
+    objective, forward = objective_for(V, MASK), AlignedForward(TableDenoiser(table, MASK))
     x0 = _blocks(3)
     maskable = maskable_positions(x0, shift=True)
     exact = torch.stack([-table[torch.arange(1, L), x0[b, 1:]].sum() for b in range(3)]).double()
     for method in ("stratified", "uniform", "count"):
-        est = replicate_estimates(den, x0, maskable, 64, method, 1e-3, 6, g)  # (3, 6)
+        est = replicate_estimates(objective, forward, x0, maskable, 64, method, 6, g)  # (3, 6)
         mean, se = est.mean(1), est.std(1) / math.sqrt(est.shape[1])
         assert torch.all((mean - exact).abs() < 4 * se + 1e-6), (method, mean, exact, se)
 
@@ -39,7 +40,8 @@ def test_count_estimator_is_exact_for_one_position():
     x0 = _blocks(2)
     maskable = torch.zeros_like(x0, dtype=torch.bool)
     maskable[:, 5] = True
-    est = elbo_estimates(TableDenoiser(table, MASK), x0, maskable, 4, "count", 1e-3, torch.Generator().manual_seed(1))
+    forward = AlignedForward(TableDenoiser(table, MASK))
+    est = block_estimates(objective_for(V, MASK), forward, x0, maskable, 4, "count", torch.Generator().manual_seed(1))[:, 0]
     assert torch.allclose(est, -table[5, x0[:, 5]].double(), atol=1e-5)
 
 
@@ -56,12 +58,12 @@ def test_masks_follow_method():
 
 def test_stratified_t_lowers_estimator_variance():
     x0 = _blocks(4, seed=3)
-    den = PeekingDenoiser(x0, V, MASK)
+    objective, forward = objective_for(V, MASK), AlignedForward(PeekingDenoiser(x0, V, MASK))
     maskable = maskable_positions(x0, shift=True)
     tokens = maskable.sum(1)
     g = torch.Generator().manual_seed(0)
-    strat = estimator_variance(replicate_estimates(den, x0, maskable, 8, "stratified", 1e-3, 40, g), tokens)
-    iid = estimator_variance(replicate_estimates(den, x0, maskable, 8, "uniform", 1e-3, 40, g), tokens)
+    strat = estimator_variance(replicate_estimates(objective, forward, x0, maskable, 8, "stratified", 40, g), tokens)
+    iid = estimator_variance(replicate_estimates(objective, forward, x0, maskable, 8, "uniform", 40, g), tokens)
     assert strat < 0.7 * iid, (strat, iid)
 
 

@@ -60,10 +60,10 @@ def test_mauve_score_on_known_features():
 
 def test_mauve_end_to_end_with_a_local_featurizer(tmp_path, tiny_model_dir):
     pytest.importorskip("mauve")
-    from eval.mauve_score import run
+    from eval.mauve_score import measure
 
     good = [f"Sentence {i} is about {w}" for i, w in enumerate(["rivers", "music", "history", "plants"] * 5)]
     path = _samples(tmp_path / "generation_samples.jsonl", good, [("zz " * (1 + i % 5)).strip() for i in range(20)])
-    result = run(path, str(tiny_model_dir), seeds=2, max_tokens=32)
+    result = measure(path, str(tiny_model_dir), seeds=2, max_tokens=32)
     assert result["human"] == 20 and {r["source"] for r in result["rows"]} == {"same", "junk (4 steps)"}
     assert all(0.0 <= r["mauve"] <= 1.0 for r in result["rows"])

@@ -12,7 +12,7 @@ import json
 import random
 from pathlib import Path
 
-from eval.heldout import heldout_documents, sentences
+from eval.heldout import HeldoutError, heldout_documents, sentences
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "data"
 
@@ -64,10 +64,11 @@ def make(dcfg, tokenizer, out: Path, docs: int = 200, seed: int = 0) -> dict[str
     sents = sentences(documents)
     rows = {"cloze": cloze_docs(sents, docs), "choice": choice_docs(sents, docs, random.Random(seed)),
             "documents": document_docs(documents, docs)}
+    empty = [name for name, items in rows.items() if not items]
+    if empty:
+        raise HeldoutError(f"the held-out text gave no {' or '.join(empty)} examples; hold out more text "
+                           f"(data.heldout_blocks) or pass other --data-files")
     for name, items in rows.items():
-        if not items:
-            raise SystemExit(f"error: the held-out text gave no {name} examples; hold out more text "
-                             f"(data.heldout_blocks) or pass other --data-files")
         write_jsonl(Path(out) / f"{name}.jsonl", items)
     return {k: len(v) for k, v in rows.items()}
 
@@ -75,25 +76,29 @@ def make(dcfg, tokenizer, out: Path, docs: int = 200, seed: int = 0) -> dict[str
 def main(argv: list[str] | None = None) -> dict[str, int]:
     from adapt.config import DataConfig, ModelConfig
     from adapt.model import load_tokenizer
+    from eval.cli import user_errors
     from eval.models import data_config
+    from eval.options import at_least, export_check
 
     parser = argparse.ArgumentParser(prog="python -m eval.tasks.make_data", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--docs", type=int, default=200, help="examples per task (at most)")
+    parser.add_argument("--docs", type=at_least(1), default=200, help="examples per task (at most)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-files", nargs="*", default=None)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
-    if args.model_dir:
-        from transformers import AutoTokenizer
+    with user_errors():
+        if args.model_dir:
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-        dcfg = data_config(args.model_dir, args.data_files, args.cache_dir)
-    else:
-        tokenizer = load_tokenizer(ModelConfig())
-        dcfg = DataConfig(train_files=args.data_files or [], cache_dir=args.cache_dir or DataConfig().cache_dir)
-    counts = make(dcfg, tokenizer, args.out, args.docs, args.seed)
+            export_check(args.model_dir)
+            tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
+            dcfg = data_config(args.model_dir, args.data_files, args.cache_dir)
+        else:
+            tokenizer = load_tokenizer(ModelConfig())
+            dcfg = DataConfig(train_files=args.data_files or [], cache_dir=args.cache_dir or DataConfig().cache_dir)
+        counts = make(dcfg, tokenizer, args.out, args.docs, args.seed)
     print(f"wrote {', '.join(f'{n} {k}' for k, n in counts.items())} examples to {args.out}")
     return counts
 
