@@ -154,3 +154,29 @@ def test_summarize():
     d = est.as_dict("x_")
     assert d["x_ppl"] == pytest.approx(math.exp(1.2)) and d["x_ppl_low"] < d["x_ppl"] < d["x_ppl_high"]
     assert math.isnan(summarize(per_block[:1], 10).ci95)
+
+
+def test_summarize_weights_blocks_by_tokens():
+    """Blocks with different token counts (SFT responses): the point is summed nats over summed tokens and the
+    interval is the ratio estimator's around that same point (not the spread of unweighted per-block ratios)."""
+    nats = torch.tensor([10.0, 40.0, 18.0, 30.0], dtype=torch.float64)
+    tokens = torch.tensor([5, 10, 6, 12])
+    est = summarize(nats, tokens)
+    mean = 98.0 / 33.0
+    assert est.nll_per_token == pytest.approx(mean) and est.tokens == 33 and est.blocks == 4
+    resid = ((nats - mean * tokens.double()) ** 2).sum().item()
+    assert est.ci95 == pytest.approx(1.96 * math.sqrt(resid / (4 * 3)) / (33.0 / 4))
+    unweighted = (nats / tokens).std().item() / 2 * 1.96
+    assert abs(est.ci95 - unweighted) > 0.02  # the two constructions differ on these blocks
+
+
+def test_bound_positions_match_the_parent_with_or_without_the_shift():
+    """The held-out bound covers the parent's positions 1..L-1 whatever the shift (position 0, the given BOS,
+    is maskable without the shift but never scored against the parent)."""
+    x0 = torch.randint(0, MASK, (2, L), generator=gen(0))
+    blocked = blocked_vocab(V, V, MASK)
+    for shift in (True, False):
+        obj = MaskedDiffusion(MASK, shift, blocked)
+        assert obj.maskable(x0)[:, 0].tolist() == [not shift] * 2
+        scored = obj.scored(x0)
+        assert not scored[:, 0].any() and scored[:, 1:].all() and int(scored.sum()) == 2 * (L - 1)
