@@ -106,10 +106,10 @@ def run_figures(metrics: Path) -> dict:
     final = [r for r in evals if r.get("kind") == "summary"]
     picked = first[-1:] + later[-1:] + final[-1:]
     rows, seen = [], set()
-    for record in picked:
+    for record in picked:  # the summary repeats the step-0 figures: the first record of a label wins
         for label, text in _ppl_rows(record):
-            if (label, record["step"]) not in seen:
-                seen.add((label, record["step"]))
+            if label not in seen:
+                seen.add(label)
                 rows.append((label, int(record["step"]), text))
     return {"rows": rows, "tokens": next((r[k] for r in picked for k in r if k.endswith("tokens")), None)}
 

@@ -388,3 +388,17 @@ def test_a_trained_export_carries_decoder_defaults_and_card(tmp_path, tiny_model
     if stop in expect[len(prompt):]:  # generate cuts after EOS; the library fills with it
         expect = expect[:len(prompt) + expect[len(prompt):].index(stop) + 1]
     assert got[0].tolist() == expect
+
+
+def test_card_figures_come_from_the_runs_evaluations(tmp_path):
+    from adapt.hf_export import run_figures
+
+    assert run_figures(tmp_path / "metrics.jsonl") == {}
+    rows = [{"kind": "eval", "step": 0, "parent_ppl": 30.0, "before_ppl": 3000.0},
+            {"kind": "eval", "step": 50, "ppl": 400.0}, {"kind": "eval", "step": 100, "ppl": 350.0},
+            {"kind": "summary", "step": 120, "parent_ppl": 30.0, "before_ppl": 3000.0, "after_ppl": 297.0,
+             "after_ppl_low": 250.0, "after_ppl_high": 350.0, "export": "final", "sample": "text"}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = [(label.split(",")[0], step) for label, step, _ in run_figures(tmp_path / "metrics.jsonl")["rows"]]
+    assert got == [("parent causal LM", 0), ("diffusion bound before training", 0),
+                   ("diffusion bound during training", 100), ("diffusion bound after training", 120)]
