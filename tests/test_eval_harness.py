@@ -56,6 +56,30 @@ def test_loglikelihood_is_the_exact_log_prob_for_a_product_denoiser(lm):
         lm.forward = real
 
 
+def test_a_continuation_longer_than_max_length_is_scored_whole(lm):
+    """Every continuation token is scored, however long: under a uniform model each costs log(allowed ids)
+    whatever its context, so the bound is exactly len(cont) * log(allowed). (The adapter used to keep only
+    the last max_length - 1 tokens of the continuation.)"""
+    allowed = int((~lm.objective.blocked).sum())
+    rows = len(lm.objective.blocked)
+    real, saved = lm.forward, lm.max_length
+    lm.forward = lambda ids, mask=None: torch.zeros(ids.shape[0], ids.shape[1], rows)
+    lm.max_length = 8
+    try:
+        ctx, cont = list(range(100, 110)), list(range(200, 220))  # 20 continuation tokens, 7 fit after BOS
+        ll, _ = lm.score_tokens(ctx, cont, torch.Generator().manual_seed(0), greedy=False)
+        assert ll == pytest.approx(-len(cont) * math.log(allowed), rel=1e-6)
+        pieces = lm.pieces(ctx, cont)
+        assert [t for _, piece in pieces for t in piece] == cont  # the whole continuation, in order
+        assert all(1 + len(before) + len(piece) <= lm.max_length for before, piece in pieces)
+        for before, piece in pieces:  # each piece is given the text right before it
+            start = len(ctx) + cont.index(piece[0])
+            assert before == (ctx + cont)[start - len(before):start] and len(before) == 7 - len(piece)
+        assert lm.pieces(ctx, cont[:5]) == [(ctx[-2:], cont[:5])]  # it fits: one piece, the context cut
+    finally:
+        lm.forward, lm.max_length = real, saved
+
+
 def test_split_moves_trailing_space_to_continuation(lm):
     ctx, cont = lm._split("Paris is the capital of ", "France")
     assert lm.tokenizer.decode(ctx) == "Paris is the capital of"
