@@ -1,53 +1,31 @@
-"""Masked-diffusion decoding of an adapt-diffusion export in plain transformers (needs torch and transformers only).
+"""Masked-diffusion decoding of an adapt-diffusion export in plain transformers (torch and transformers only).
 
-An export carries this file as custom_generate/generate.py; transformers makes it the model's
-`generate` when the folder is loaded with trust_remote_code=True:
+An export carries this file as custom_generate/generate.py; loaded with trust_remote_code=True,
+transformers makes it the model's `generate` (without it, `generate` decodes left to right):
 
     model = AutoModelForCausalLM.from_pretrained(EXPORT, trust_remote_code=True)
     ids = model.generate(**tok("The cat", return_tensors="pt"), max_new_tokens=64)
-    pipeline("text-generation", model=EXPORT, trust_remote_code=True)("The cat", max_new_tokens=32)
 
-Without trust_remote_code=True, `generate` is transformers' own left-to-right decoding, which is
-not how the model was trained to generate.
+diffusion.json beside the weights gives mask_token_id, real_vocab_size (ids >= it and the mask id are
+never predicted), shift (logits at i-1 predict token i; position 0, BOS, is never predicted),
+bidirectional, and block_length (> 0: a block-diffusion export). Options (generation-config keys or
+keyword arguments, merged as model.generation_config < generation_config < kwargs): `OPTIONS` below, and
+max_new_tokens / max_length, do_sample (False = greedy, ties to the lowest id), temperature, top_k, top_p,
+eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate. Samplers: confidence (LLaDA:
+the most confident positions, n // steps per step and one more in the first n % steps) and threshold
+(Fast-dLLM: every position with confidence >= diffusion_tau, and at least that share, so >= 1).
 
-From diffusion.json beside the weights: mask_token_id; real_vocab_size (ids >= it and the mask id are
-never predicted); shift (the logits at i-1 predict token i, so position 0, BOS, is never predicted);
-bidirectional; block_length (> 0: a block-diffusion export, see below).
+BOS is put in front of rows that do not start with it (the model was trained with BOS at position 0;
+a tokenizer call often does not add it); the result is the given input_ids, then the new ids. Padded
+rows are compacted by the attention mask; mask ids in a prompt are filled too. After a row's first EOS
+new positions are pad_token_id, and columns where every row stopped are cut, as in transformers.
 
-Decoding options, as generation-config keys or generate() keyword arguments:
-    diffusion_sampler       "confidence": commit the most confident masked positions, n // steps per step
-                            and one more in the first n % steps steps (LLaDA, Nie et al. 2025);
-                            "threshold": commit every position whose confidence >= diffusion_tau, and at
-                            least LLaDA's share, so always >= 1 (Fast-dLLM, Wu et al. 2025)
-    diffusion_steps         sampler steps in total, shared among the blocks; 0 = one per generated token
-    diffusion_block_length  semi-autoregressive blocks of a whole-sequence export (0 = none); a block
-                            export always decodes in its own blocks
-    diffusion_tau           threshold of the threshold sampler
-    diffusion_confidence    prob (top probability), margin (top1 - top2) or entropy (negative entropy)
-    diffusion_cache         block exports: keep the committed blocks' keys/values (exact); False recomputes
-and the standard max_new_tokens (or max_length), do_sample (False = greedy: argmax, ties to the lowest id),
-temperature, top_k, top_p, eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate.
-
-Prompts: rows may be padded (attention_mask 0; left padding as for any decoder). BOS is put in
-front of every row whose first token is not BOS: with the shift position 0 is never predicted and
-the model was trained with BOS there (a tokenizer call often does not add it). The result is the
-given input_ids followed by the new ids (the added BOS is not returned); mask ids inside the prompt
-are filled too (infilling). After a row's first generated EOS every new position is pad_token_id
-(EOS when unset), and columns where every row has stopped are cut, as transformers' generate does.
-
-Block-diffusion exports (block_length b > 0): positions 0.. are cut into blocks of b from BOS;
-block i attends blocks <= i, bidirectionally inside a block. Decoding goes block by block with an
-exact KV cache: the prompt's complete blocks are run once, clean, into the cache; the current block
-(the prompt's partial last block keeps its tokens, the rest masked) attends the cache and itself;
-a finished block is run once, clean, to extend the cache (one more model call), and its last
-logits predict the first token of the next block. That equals an uncached forward over
-[clean blocks < k | current block] under the block-causal mask. A plain forward of such a model
-(no mask passed) is not its diffusion forward.
-
-Every forward gets an explicit 4D additive mask (built here), so attention is what diffusion.json
-says whatever the loaded config's causal flag; this needs attn_implementation "sdpa" or "eager".
-`model.generate(ids)` passes ids positionally next to the `model=` transformers binds, so `model`
-is keyword-only here (transformers always passes it by name).
+Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside. The
+prompt's complete blocks run once into a KV cache; the current block attends the cache and itself; a
+finished block runs once, clean, to extend the cache, and its last logits predict the next block's
+first token: exactly an uncached forward under the block-causal mask. Every forward gets an explicit 4D
+mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
+passes ids positionally.
 """
 from __future__ import annotations
 
@@ -60,9 +38,10 @@ import torch
 
 OPTIONS = {"diffusion_sampler": "confidence", "diffusion_steps": 0, "diffusion_block_length": 0,
            "diffusion_tau": 0.9, "diffusion_confidence": "prob", "diffusion_cache": True}
-"""Decoding options and their defaults (see the module docstring)."""
-SAMPLERS = ("confidence", "threshold")
-CONFIDENCES = ("prob", "margin", "entropy")
+"""Diffusion options: sampler (confidence | threshold); steps in total, shared among blocks (0 = one per new
+token); semi-AR block length of a whole-sequence export (0 = none; block exports use their own); tau of
+the threshold sampler; confidence (prob | margin | entropy); cache (block exports; False recomputes)."""
+SAMPLERS, CONFIDENCES = ("confidence", "threshold"), ("prob", "margin", "entropy")
 META_FILE = "diffusion.json"
 _HARMLESS = {"tokenizer", "use_cache", "synced_gpus", "assistant_tokenizer", "use_model_defaults"}
 """Keyword arguments transformers or its pipeline may pass that decoding does not need."""
@@ -72,35 +51,29 @@ class DecodeError(ValueError):
     """generate() cannot honour a request; the message says what to change."""
 
 
-# --- options ------------------------------------------------------------------------------------
-
 def load_meta(model, given=None) -> dict:
     """diffusion.json of the model's folder (or hub repo), or `given` (a dict, a folder, or a file path)."""
     if isinstance(given, dict):
-        return _checked_meta(dict(given), "diffusion_meta")
-    source = str(given or getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
-    path = source if os.path.isfile(source) else os.path.join(source, META_FILE)
-    if not os.path.isfile(path) and source and not os.path.isdir(source):
-        try:
-            from transformers.utils import cached_file
+        meta, where = dict(given), "diffusion_meta"
+    else:
+        source = str(given or getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", ""))
+        where = source if os.path.isfile(source) else os.path.join(source, META_FILE)
+        if not os.path.isfile(where) and source and not os.path.isdir(source):
+            try:  # a hub id: the file from the hub cache
+                from transformers.utils import cached_file
 
-            path = cached_file(source, META_FILE)
-        except (OSError, ValueError):
-            path = None
-    if not path or not os.path.isfile(path):
-        raise DecodeError(f"no {META_FILE} found for {source or 'this model'}: it is not an adapt-diffusion export; "
-                          f"load the export folder itself or pass diffusion_meta=<folder or dict>")
-    with open(path, encoding="utf-8") as f:
-        return _checked_meta(json.load(f), path)
-
-
-def _checked_meta(meta: dict, where: str) -> dict:
-    for key in ("mask_token_id", "real_vocab_size"):
-        if not isinstance(meta.get(key), int):
-            raise DecodeError(f"{where}: {key} must be an integer, got {meta.get(key)!r}")
+                where = cached_file(source, META_FILE) or ""
+            except (OSError, ValueError):
+                where = ""
+        if not where or not os.path.isfile(where):
+            raise DecodeError(f"no {META_FILE} found for {source or 'this model'}: not an adapt-diffusion export; "
+                              f"load the export folder itself or pass diffusion_meta=<folder or dict>")
+        with open(where, encoding="utf-8") as f:
+            meta = json.load(f)
     block = meta.get("block_length") or 0
-    if not isinstance(block, int) or block < 0:
-        raise DecodeError(f"{where}: block_length must be an integer >= 0, got {block!r}")
+    if not all(isinstance(meta.get(k), int) for k in ("mask_token_id", "real_vocab_size")) or \
+            not isinstance(block, int) or block < 0:
+        raise DecodeError(f"{where}: needs integer mask_token_id and real_vocab_size, and block_length >= 0")
     return {"shift": True, "bidirectional": True, **meta, "block_length": block}
 
 
@@ -108,37 +81,26 @@ def merged_options(model, generation_config=None, kwargs: dict | None = None) ->
     """model.generation_config < a passed generation_config (its set values) < keyword arguments."""
     from transformers import GenerationConfig
 
-    opts = dict(OPTIONS)
-    base = getattr(model, "generation_config", None)
-    opts.update({k: v for k, v in (base.to_dict() if base is not None else {}).items() if v is not None})
-    if generation_config is not None:
-        opts.update({k: v for k, v in generation_config.to_diff_dict().items() if v is not None})
-    fields = set(vars(GenerationConfig()))
-    unused = []
+    o = dict(OPTIONS)
+    for config in (getattr(model, "generation_config", None), generation_config):
+        if config is not None:
+            o.update({k: v for k, v in config.to_diff_dict().items() if v is not None})
+    fields, unused = set(vars(GenerationConfig())) | set(OPTIONS), []
     for key, value in (kwargs or {}).items():
-        if key in fields or key in OPTIONS:
-            if value is not None:
-                opts[key] = value
-        elif value is not None and key not in _HARMLESS and value != []:
+        if key in fields and value is not None:
+            o[key] = value
+        elif key not in fields and value is not None and key not in _HARMLESS and value != []:
             unused.append(key)
-    if unused:
-        raise DecodeError(f"generate() of a diffusion export does not use {', '.join(sorted(unused))}")
-    return _checked_options(opts)
-
-
-def _checked_options(o: dict) -> dict:
-    problems = []
-    if o["diffusion_sampler"] not in SAMPLERS:
-        problems.append(f"diffusion_sampler must be one of {', '.join(SAMPLERS)}, got {o['diffusion_sampler']!r}")
-    if o["diffusion_confidence"] not in CONFIDENCES:
-        problems.append(f"diffusion_confidence must be one of {', '.join(CONFIDENCES)}, "
-                        f"got {o['diffusion_confidence']!r}")
+    problems = [f"generate() of a diffusion export does not use {', '.join(sorted(unused))}"] if unused else []
+    if o["diffusion_sampler"] not in SAMPLERS or o["diffusion_confidence"] not in CONFIDENCES:
+        problems.append(f"diffusion_sampler must be one of {', '.join(SAMPLERS)} and diffusion_confidence one of "
+                        f"{', '.join(CONFIDENCES)}, got {o['diffusion_sampler']!r}, {o['diffusion_confidence']!r}")
     for key in ("diffusion_steps", "diffusion_block_length"):
         if not isinstance(o[key], int) or o[key] < 0:
             problems.append(f"{key} must be an integer >= 0, got {o[key]!r}")
     if (o.get("num_beams") or 1) > 1:
         problems.append("beam search (num_beams > 1) does not apply to diffusion decoding")
-    sampling = bool(o.get("do_sample"))
+    sampling = bool(o.get("do_sample"))  # greedy = temperature 0, no filter
     o["temperature"] = float(o["temperature"]) if sampling and o.get("temperature") is not None else float(sampling)
     o["top_k"] = int(o.get("top_k") or 0) if sampling else 0
     o["top_p"] = float(o["top_p"]) if sampling and o.get("top_p") is not None else 1.0
@@ -260,19 +222,6 @@ class Denoiser:
         return torch.log_softmax(logits, dim=-1)
 
 
-def aligned_rows(logits: torch.Tensor, masked: torch.Tensor, shift: bool, before: torch.Tensor | None = None):
-    """(B, W, V) logits of a window and (B, W) positions -> (N, V) logits predicting them, row-major.
-
-    With the shift, window column c is predicted by column c - 1, and column 0 by `before` (B, V)
-    (the previous block's last logits; None when column 0 is never predicted).
-    """
-    if not shift:
-        return logits[masked]
-    if before is None:
-        return logits[:, :-1][masked[:, 1:]]
-    return torch.cat([before[:, None].to(logits.dtype), logits[:, :-1]], 1)[masked]
-
-
 def denoise(den: Denoiser, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: int, o: dict) -> torch.Tensor:
     """Fill positions `fill` (B, W) of x (B, W) in `steps` steps -> new x; other positions never change.
 
@@ -317,8 +266,9 @@ def decode_whole(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> tor
         visible = visible.tril()
     mask = den.additive(visible | torch.eye(x.shape[1], dtype=torch.bool, device=x.device))
 
-    def rows_of(xx, masked):
-        return aligned_rows(den.forward(xx, 0, mask), masked, den.shift)
+    def rows_of(xx, masked):  # with the shift column c is predicted by c - 1 (column 0 never is)
+        logits = den.forward(xx, 0, mask)
+        return logits[:, :-1][masked[:, 1:]] if den.shift else logits[masked]
 
     generated = (x == den.mask_id) & den.valid
     spans = block_spans(generated, o["diffusion_block_length"])
@@ -334,10 +284,7 @@ def decode_whole(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> tor
 
 
 class BlockCache:
-    """Block-causal decoding state of a block export: the clean keys/values of blocks < `done`.
-
-    The canvas width is a multiple of the block length b; column c is in block c // b.
-    """
+    """Block-causal state of a block export: the clean keys/values of blocks < `done`; column c is in block c // b."""
 
     def __init__(self, den: Denoiser, x: torch.Tensor, b: int, cached: bool = True):
         from transformers import DynamicCache
@@ -364,23 +311,19 @@ class BlockCache:
             self.last = logits[:, -1]
         self.done = upto
 
-    def block_logits(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Logits (B, b, V) of block k of x given the clean blocks < k (k == self.done)."""
+    def predictions(self, x: torch.Tensor, k: int) -> torch.Tensor:
+        """Logits (B, b, V) predicting each column of block k of x, given the clean blocks < k (k == done)."""
         a, e = k * self.b, (k + 1) * self.b
-        if not self.cached:  # one forward over [blocks < k | block k]
-            return self.den.forward(x[:, :e], 0, self.mask(0, e, e))[:, a:]
-        logits = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache)
-        self.cache.crop(-self.b)
-        return logits
-
-    def before(self, x: torch.Tensor, k: int) -> torch.Tensor | None:
-        """(B, V) logits predicting block k's first column (None for block 0)."""
-        if k == 0:
-            return None
         if self.cached:
-            return self.last
-        a = k * self.b
-        return self.den.forward(x[:, :a], 0, self.mask(0, a, a), keep=1)[:, -1]
+            out, before = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache), self.last
+            self.cache.crop(-self.b)
+        else:  # one forward over [blocks < k | block k]
+            full = self.den.forward(x[:, :e], 0, self.mask(0, e, e))
+            out, before = full[:, a:], full[:, a - 1] if k else None
+        if not self.den.shift:
+            return out
+        before = out[:, 0] if before is None else before  # block 0's column 0 (BOS) is never predicted
+        return torch.cat([before[:, None].to(out.dtype), out[:, :-1]], 1)
 
 
 def decode_blocks(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
@@ -397,10 +340,8 @@ def decode_blocks(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> to
         a, e = k * b, (k + 1) * b
         fill = generated[:, a:e] & (x[:, a:e] == den.mask_id)
         if fill.any():
-            before = state.before(x, k) if den.shift else None
-
-            def rows_of(xb, masked, k=k, prefix=x[:, :a], before=before):
-                return aligned_rows(state.block_logits(torch.cat([prefix, xb], 1), k), masked, den.shift, before)
+            def rows_of(xb, masked, k=k, prefix=x[:, :a]):
+                return state.predictions(torch.cat([prefix, xb], 1), k)[masked]
 
             x = x.clone()
             x[:, a:e] = denoise(den, rows_of, x[:, a:e], fill, n, o)
@@ -444,78 +385,54 @@ def _prompts(input_ids, attention_mask, bos: int) -> tuple[list[torch.Tensor], l
     rows, cols, added = [], [], []
     for ids, keep in zip(input_ids, attention_mask.bool()):
         c = keep.nonzero().flatten()
-        tokens = ids[c]
-        lead = int(len(tokens) == 0 or int(tokens[0]) != bos)
-        rows.append(torch.cat([torch.tensor([bos] * lead, dtype=torch.long), tokens.long()]))
+        lead = int(len(c) == 0 or int(ids[c[0]]) != bos)
+        rows.append(torch.cat([torch.tensor([bos] * lead, dtype=torch.long), ids[c].long()]))
         cols.append(c)
         added.append(lead)
     return rows, cols, added
 
 
-def _inputs(args: tuple, model, input_ids, generation_config, kwargs: dict):
-    """Sort out `generate(model, ids)`, `model.generate(ids)`, and `inputs=` (transformers' name)."""
-    args = list(args)
-    if model is None and args and isinstance(args[0], torch.nn.Module):
-        model = args.pop(0)
-    if args and input_ids is None:
-        input_ids = args.pop(0)
-    if args and generation_config is None:
-        generation_config = args.pop(0)
-    if args or model is None:
-        raise TypeError("call generate(model=..., input_ids=..., attention_mask=..., generation_config=..., **options)")
-    if input_ids is None:
-        input_ids = kwargs.pop("inputs", None)
-    else:
-        kwargs.pop("inputs", None)
-    return model, input_ids, generation_config
-
-
-def _bos(model, o: dict) -> int:
-    for value in (o.get("bos_token_id"), getattr(model.config, "bos_token_id", None), o.get("decoder_start_token_id")):
-        if isinstance(value, int):
-            return value
-    raise DecodeError("no bos_token_id in the generation config or model config: pass bos_token_id=...")
-
-
-def _eos_list(value) -> list[int]:
-    if value is None:
-        return []
-    return [int(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
-
-
 @torch.no_grad()
 def generate(*args, model=None, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-    """Diffusion decoding with transformers' calling convention -> (B * num_return_sequences, P + new) ids."""
-    model, input_ids, generation_config = _inputs(args, model, input_ids, generation_config, kwargs)
+    """Diffusion decoding in transformers' calling convention -> (B * num_return_sequences, P + new) ids.
+
+    Accepts generate(model=m, input_ids=ids), m.generate(ids) (transformers binds model=m), generate(m, ids),
+    and transformers' `inputs=` name.
+    """
+    args = list(args)
+    model = model if model is not None or not args or not isinstance(args[0], torch.nn.Module) else args.pop(0)
+    input_ids = input_ids if input_ids is not None or not args else args.pop(0)
+    generation_config = generation_config if generation_config is not None or not args else args.pop(0)
+    if args or model is None:
+        raise TypeError("call generate(model=..., input_ids=..., attention_mask=..., generation_config=..., **options)")
+    input_ids = input_ids if input_ids is not None else kwargs.pop("inputs", None)
+    kwargs.pop("inputs", None)
     meta = load_meta(model, kwargs.pop("diffusion_meta", None))
     o = merged_options(model, generation_config, kwargs)
-    device = next(model.parameters()).device
-    bos, eos = _bos(model, o), _eos_list(o.get("eos_token_id"))
-    if input_ids is None:
-        input_ids = torch.full((1, 1), bos, dtype=torch.long)
-    input_ids = torch.as_tensor(input_ids)
-    input_ids = input_ids[None] if input_ids.dim() == 1 else input_ids
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    attention_mask = torch.as_tensor(attention_mask)
-    attention_mask = attention_mask[None] if attention_mask.dim() == 1 else attention_mask
-    n_seq = int(o.get("num_return_sequences") or 1)
-    input_ids = input_ids.cpu().repeat_interleave(n_seq, 0)
-    attention_mask = attention_mask.cpu().repeat_interleave(n_seq, 0)
+    bos = next((v for v in (o.get("bos_token_id"), getattr(model.config, "bos_token_id", None)) if isinstance(v, int)),
+               None)
+    if bos is None:
+        raise DecodeError("no bos_token_id in the generation config or model config: pass bos_token_id=...")
+    eos = o.get("eos_token_id")
+    eos = [] if eos is None else [int(v) for v in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    n_seq, device = int(o.get("num_return_sequences") or 1), next(model.parameters()).device
+    ids = torch.as_tensor(input_ids if input_ids is not None else [[bos]])
+    ids = ids[None] if ids.dim() == 1 else ids
+    mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+    input_ids, attention_mask = (t.view(-1, t.shape[-1]).cpu().repeat_interleave(n_seq, 0) for t in (ids, mask))
     new = o["max_new_tokens"] if o.get("max_new_tokens") is not None else (o.get("max_length") or 0) - input_ids.shape[1]
     if new < 1:
         raise DecodeError(f"nothing to generate: set max_new_tokens >= 1 (got {new} new tokens)")
     rows, cols, added = _prompts(input_ids, attention_mask, bos)
     x, valid, pos, starts = layout(rows, new, meta["mask_token_id"], bos, meta["block_length"])
     den = Denoiser(model, meta, valid.to(device), pos.to(device))
-    decode = decode_blocks if meta["block_length"] else decode_whole
-    x = decode(den, x.to(device), o, eos).cpu()
-    out = _assemble(x, input_ids, rows, cols, added, starts, new, eos, o.get("pad_token_id"))
+    x = (decode_blocks if meta["block_length"] else decode_whole)(den, x.to(device), o, eos).cpu()
+    out = _assemble(x, input_ids, rows, cols, added, starts, new, eos, o.get("pad_token_id")).to(device)
     if o.get("return_dict_in_generate"):
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-        return GenerateDecoderOnlyOutput(sequences=out.to(device))
-    return out.to(device)
+        return GenerateDecoderOnlyOutput(sequences=out)
+    return out
 
 
 def _assemble(x, input_ids, rows, cols, added, starts, new, eos, pad) -> torch.Tensor:
@@ -528,6 +445,5 @@ def _assemble(x, input_ids, rows, cols, added, starts, new, eos, pad) -> torch.T
         is_eos = torch.isin(tail, torch.tensor(eos))
         after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
         tail = tail.masked_fill(after, eos[0] if pad is None else int(pad))
-        live = (~after).any(0).nonzero().flatten()
-        tail = tail[:, :int(live[-1]) + 1] if len(live) else tail[:, :1]
+        tail = tail[:, :int((~after).any(0).nonzero().flatten()[-1]) + 1]  # column 0 is never after an EOS
     return torch.cat([prompt, tail], 1)
