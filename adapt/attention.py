@@ -16,8 +16,8 @@ import torch
 # Which annealing schedules each backend can express with the masks built here. flash_attention_2
 # takes no mask tensor (only 2D padding), and transformers 5.23 turns `sliding_window` into the
 # symmetric flash window (w-1, w-1): "causal plus w keys to the right" would need window_size=(-1, w).
-_ANNEAL_BACKENDS = {"eager": ("random", "window"), "sdpa": ("random", "window"),
-                    "flex_attention": ("window",), "flash_attention_2": ()}
+_ANNEAL_BACKENDS = {"eager": ("random", "window", "blocks"), "sdpa": ("random", "window", "blocks"),
+                    "flex_attention": ("window", "blocks"), "flash_attention_2": ()}
 
 
 def anneal_ratio(step: int, anneal_steps: int) -> float:
@@ -46,10 +46,37 @@ def annealed_visibility(length: int, r: float, schedule: str = "random",
         return visible
     if schedule == "window":
         return visible | torch.ones_like(visible).triu(1).tril(round(r * length))
+    if schedule == "blocks":
+        return block_causal(length, curriculum_block(length, length, r))
     if schedule != "random":
-        raise ValueError(f"unknown anneal schedule {schedule!r}; use random or window")
+        raise ValueError(f"unknown anneal schedule {schedule!r}; use random, window or blocks")
     future = torch.rand(length, length, generator=generator) < r
     return visible | (future & ~visible)
+
+
+def curriculum_blocks(target: int, length: int) -> list[int]:
+    """The block lengths the `blocks` schedule steps through: the powers of 2 below `target` that divide the
+    sequence, then the target itself (a target that is not a power of 2 is reached from the largest power below)."""
+    sizes, b = [], 1
+    while b < target:
+        if length % b == 0:
+            sizes.append(b)
+        b *= 2
+    return sizes + [target]
+
+
+def curriculum_block(target: int, length: int, r: float) -> int:
+    """The block length at anneal ratio r: equal shares of the anneal for each stage, the target at r = 1."""
+    sizes = curriculum_blocks(target, length)
+    if r >= 1.0:
+        return target
+    return sizes[min(len(sizes) - 2, int(max(0.0, r) * (len(sizes) - 1)))] if len(sizes) > 1 else target
+
+
+def block_causal(length: int, block: int, device=None) -> torch.Tensor:
+    """(L, L) bool: block i sees blocks <= i, blocks of `block` tokens from position 0 (b = 1: causal; b = L: all)."""
+    k = torch.arange(length, device=device) // block
+    return k[None, :] <= k[:, None]
 
 
 def window_width(length: int, r: float) -> int:

@@ -65,6 +65,8 @@ class DiffusionConfig:
     """Read the prediction for position i from logits at i-1 (keeps the causal head useful)."""
     loss_norm: str = "token"
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
+    block_length: int = 0
+    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole block (masked diffusion over data.block_size tokens). Must divide data.block_size."""
 
 
 @dataclass
@@ -72,7 +74,7 @@ class AttentionConfig:
     anneal_steps: int = 100
     """Optimizer steps over which attention goes from causal to bidirectional; 0 = bidirectional at once."""
     anneal_schedule: str = "random"
-    """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L."""
+    """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L; blocks: block-causal attention whose block length grows 1, 2, 4, ... to the target (LLaDA 2.0's warmup; the only schedule of block diffusion)."""
     document_mask: bool = False
     """Keep packed documents from attending to each other."""
 
@@ -222,13 +224,14 @@ CHOICES: dict[str, tuple] = {
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
-    "attention.anneal_schedule": ("random", "window"),
+    "attention.anneal_schedule": ("random", "window", "blocks"),
     "dist.zero_stage": (0, 1, 2, 3),
 }
 
 # (key, lower bound, upper bound or None); bounds inclusive.
 RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.eps", 1e-8, 0.5),
+    ("diffusion.block_length", 0, None),
     ("attention.anneal_steps", 0, None),
     ("data.block_size", 8, None),
     ("data.heldout_blocks", 1, None),

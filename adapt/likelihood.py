@@ -21,7 +21,7 @@ interval from the spread over blocks (a ratio estimator: blocks may hold differe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,15 +61,19 @@ def stratified_unit(k: int, generator: torch.Generator) -> torch.Tensor:
     return u[torch.randperm(k, generator=generator)].clamp_min(1e-12)
 
 
-def draw_masks(maskable: torch.Tensor, k: int, method: str, eps: float,
-               generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Masks for k draws of each block: maskable (N, L) bool -> (masked (N*k, L) bool, weight (N*k,) float64).
+def draw_masks(maskable: torch.Tensor, k: int, method: str, eps: float, generator: torch.Generator,
+               group: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masks for k draws of each block: maskable (N, L) bool -> (masked (N*k, L) bool, weight float64).
 
-    Rows j*k .. j*k+k-1 belong to block j; a row's bound is weight * (its masked NLL sum).
+    Rows j*k .. j*k+k-1 belong to block j; a row's bound is the weighted sum of its masked NLLs, weight
+    (N*k,) per row, or (N*k, L) per position when `group` > 0 and the method is count: then every group of
+    `group` positions (block diffusion's blocks) draws its own masked count, and its bound is that block's.
     """
     if method not in METHODS:
         raise ValueError(f"unknown ELBO method {method!r}; use one of {', '.join(METHODS)}")
     reps = maskable.repeat_interleave(k, dim=0)
+    if method == "count" and 0 < group < maskable.shape[1]:
+        return _group_counts(reps, k, group, generator)
     if method == "count":
         u = torch.rand(reps.shape, generator=generator, dtype=torch.float64)
         size = reps.sum(1).double()
@@ -82,6 +86,24 @@ def draw_masks(maskable: torch.Tensor, k: int, method: str, eps: float,
     t = torch.cat([sample_t(k, eps, method, generator) for _ in range(len(maskable))])  # per block over [eps, 1]
     u = torch.rand(reps.shape, generator=generator)  # the draw order of adapt.diffusion.corrupt
     return (u < t[:, None]) & reps, loss_weight(t).double()
+
+
+def _group_counts(reps: torch.Tensor, k: int, group: int, generator: torch.Generator):
+    """Masked-count draws per group of positions: reps (R, L), R = N * k -> (masked (R, L), weight (R, L))."""
+    R, L = reps.shape
+    g = reps.view(R, L // group, group)
+    keys = torch.rand(g.shape, generator=generator, dtype=torch.float64).masked_fill(~g, 2.0)
+    rank = keys.argsort(-1).argsort(-1)
+    size = g.sum(-1).double()  # (R, K)
+    # each block of each sequence stratifies its own k draws over (0, 1], independently of the other blocks
+    strata = (torch.arange(k, dtype=torch.float64) + torch.rand(R // k, L // group, k, generator=generator,
+                                                                 dtype=torch.float64)) / k
+    order = torch.rand(strata.shape, generator=generator).argsort(-1)
+    draws = (1.0 - strata.gather(-1, order)).clamp_min(1e-12).permute(0, 2, 1).reshape(R, L // group)
+    n_mask = (draws * size).ceil().clamp(min=1)
+    masked = (rank < n_mask[..., None]) & g
+    weight = torch.where(size > 0, size / n_mask, torch.zeros_like(size))[..., None].expand(g.shape)
+    return masked.reshape(R, L), weight.reshape(R, L)
 
 
 # --- estimates -----------------------------------------------------------------------------------
@@ -102,7 +124,7 @@ def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: tor
     then each part's share of it. Costs N * k model rows; with `split` this rank scores only its share
     (equal forwards on every rank) and the rows of the other ranks' blocks are zero."""
     eps = getattr(objective, "eps", 1e-3)
-    masked, weight = draw_masks(maskable, k, method, eps, generator)
+    masked, weight = draw_masks(maskable, k, method, eps, generator, getattr(objective, "block_length", 0))
     n = len(x0)
     blocks, pad = _chunk(n) if split else (range(n), 0)
     rows = [b * k + j for b in blocks for j in range(k)]
@@ -114,7 +136,7 @@ def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: tor
         idx = torch.tensor(rows[i:i + batch_size])
         att = attention or Attention()
         if att.docs is not None:
-            att = Attention(att.visible, att.ratio, att.schedule, att.docs.repeat_interleave(k, 0)[idx])
+            att = replace(att, docs=att.docs.repeat_interleave(k, 0)[idx])
         got = objective.nll_sums(forward, reps[idx], masked[idx], att,
                                  tuple(p.repeat_interleave(k, 0)[idx] for p in parts), weight[idx])
         keep = torch.arange(i, i + len(idx)) < real

@@ -41,6 +41,8 @@ class DiffusionMeta:
     """Attention is fully bidirectional (False only for exports taken mid-anneal)."""
     anneal_ratio: float = 1.0
     """Fraction of future positions visible when the weights were exported."""
+    block_length: int = 0
+    """Block diffusion's block length (blocks causal to each other, bidirectional inside); 0 = whole sequence."""
     parent: str = ""
     """The causal LM this model was converted from (for parent-vs-diffusion comparisons)."""
     parent_gguf_file: str = ""

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from adapt import checkpoint, distributed, faults, likelihood, objectives, rng
-from adapt.attention import anneal_ratio, step_visibility
+from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
 from adapt.config import Config, to_yaml
 from adapt.data import Blocks, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
@@ -84,7 +84,7 @@ def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
     model = load_causal_lm(cfg.model)
     exported = checkpoint.exported_meta(cfg.model.name_or_path)
     meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
-                   eps=cfg.diffusion.eps)
+                   eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length)
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     if cfg.lora.enabled:
@@ -134,10 +134,12 @@ def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, t
 
 def step_attention(cfg: Config, step: int) -> Attention:
     """The step's attention: one annealed pattern, identical on every rank (DiffuLLaMA), or None once bidirectional."""
-    r = anneal_ratio(step, cfg.attention.anneal_steps)
-    visible = step_visibility(cfg.data.block_size, r, cfg.attention.anneal_schedule,
-                              rng.generator(cfg.train.seed, "attention", step))
-    return Attention(visible, r, cfg.attention.anneal_schedule)
+    r, length, schedule = anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.block_size, cfg.attention.anneal_schedule
+    if schedule == "blocks":  # the block length grows to the target (the whole block for masked diffusion)
+        block = curriculum_block(cfg.diffusion.block_length or length, length, r)
+        return Attention(None if block >= length else block_causal(length, block), r, schedule, block=block)
+    visible = step_visibility(length, r, schedule, rng.generator(cfg.train.seed, "attention", step))
+    return Attention(visible, r, schedule)
 
 
 def train_step(state: State, step: int) -> dict:
@@ -161,7 +163,7 @@ def train_step(state: State, step: int) -> dict:
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
         part = type(noised)(noised.xt[sl], noised.masked[sl], noised.t[sl])
-        loss_sum = obj.loss_sum(obj.logits(state.forward, part.xt, attention.rows(sl)), x0[sl], part)
+        loss_sum = obj.loss_sum(obj.predict(state.forward, x0[sl], part, attention.rows(sl)), x0[sl], part)
         if step in faults.nan_steps():
             loss_sum = loss_sum * float("nan")
         finite = torch.isfinite(loss_sum)

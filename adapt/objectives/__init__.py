@@ -12,28 +12,33 @@ import torch
 from adapt.config import Config
 from adapt.model import DiffusionMeta
 from adapt.objectives.base import Attention, Forward, ModelForward, Noised
+from adapt.objectives.block import BlockDiffusion
 from adapt.objectives.mdlm import MaskedDiffusion
 
-OBJECTIVES = {"mdlm": MaskedDiffusion}
+OBJECTIVES = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
 """name -> objective class."""
 
-__all__ = ["OBJECTIVES", "Attention", "Forward", "MaskedDiffusion", "ModelForward", "Noised", "for_meta", "from_config",
+__all__ = ["OBJECTIVES", "Attention", "BlockDiffusion", "Forward", "MaskedDiffusion", "ModelForward", "Noised", "for_meta", "from_config",
            "objective_name"]
 
 
-def objective_name(cfg: Config) -> str:
-    """The objective a recipe asks for (today there is one: masked diffusion over the whole block)."""
-    return "mdlm"
+def objective_name(block_length: int) -> str:
+    """The objective of a block length: 0 = masked diffusion over the whole block, b > 0 = block diffusion."""
+    return "block" if block_length > 0 else "mdlm"
+
+
+def _make(block_length: int, *args):
+    extra = {"block_length": block_length} if block_length > 0 else {}
+    return OBJECTIVES[objective_name(block_length)](*args, **extra)
 
 
 def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
-    """The recipe's objective for training and its evaluation."""
-    return OBJECTIVES[objective_name(cfg)](meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
-                                           cfg.diffusion.t_sampling, cfg.diffusion.loss_norm,
-                                           cfg.model.attn_implementation, cfg.model.dtype)
+    """The recipe's objective (`diffusion.block_length`) for training and its evaluation."""
+    return _make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
+                 cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):
-    """The objective an export was trained with, from its diffusion.json (for evaluation)."""
-    return OBJECTIVES["mdlm"](meta.mask_token_id, meta.shift, blocked, meta.eps, "stratified", "token",
-                              backend, dtype)
+    """The objective an export was trained with, from its metadata (for evaluation)."""
+    return _make(meta.block_length, meta.mask_token_id, meta.shift, blocked, meta.eps, "stratified", "token",
+                 backend, dtype)

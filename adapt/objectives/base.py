@@ -1,7 +1,7 @@
 """What every objective shares: the noised batch, the attention a forward asks for, the model call."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -34,11 +34,12 @@ class Attention:
     """attention.anneal_schedule."""
     docs: torch.Tensor | None = None
     """(B, L) document index per token when packed documents must not see each other."""
+    block: int = 0
+    """Block length of this step under the `blocks` schedule (block diffusion's curriculum); 0 = the target."""
 
     def rows(self, sl: slice) -> "Attention":
         """The same attention for rows `sl` of the batch."""
-        docs = None if self.docs is None else self.docs[sl]
-        return Attention(self.visible, self.ratio, self.schedule, docs)
+        return replace(self, docs=None if self.docs is None else self.docs[sl])
 
 
 class ModelForward:

@@ -59,6 +59,10 @@ class MaskedDiffusion:
         """(B, L, V) raw logits of the model on x_t under `attention` (one model call)."""
         return forward(xt, self.mask(attention, xt.shape[1], len(xt), getattr(forward, "device", xt.device)))
 
+    def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
+        """The logits the loss and the bound read for a noised batch (one model call)."""
+        return self.logits(forward, noised.xt, attention)
+
     def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
         """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
         dev = logits.device
@@ -72,14 +76,23 @@ class MaskedDiffusion:
         """(B, 1 + P) float64: per row, the sum over masked positions of w_row * -log p_theta(x0_i | x_t)
         (w = `weight` (B,), else 1), then the same sum restricted to each of `parts` ((B, L) bool each).
         One model call. The weight multiplies each term in float32 before the sum, as the training loss does."""
-        w = torch.ones(len(x0)) if weight is None else weight.float()
-        xt = x0.masked_fill(masked, self.mask_id)
-        logits = self.logits(forward, xt, attention)
+        w = torch.ones(masked.shape) if weight is None else weight.float()
+        w = w[:, None].expand(masked.shape) if w.dim() == 1 else w  # a weight per row or per position
+        logits = self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
         dev = logits.device
         sums = torch.zeros(len(x0), 1 + len(parts), dtype=torch.float64)
         for j in range(len(x0)):  # per-row sums without materialising all rows' softmax
             row = slice(j, j + 1)
             for c, sel in enumerate((masked,) + tuple(masked & p for p in parts)):
-                nll = token_nll(logits[row], x0[row].to(dev), sel[row].to(dev), self.shift, self.blocked)
-                sums[j, c] = (w[j].to(dev) * nll.float()).sum().double().cpu()
+                sel = sel[row].to(dev)
+                nll = self._row_nll(logits[row], x0[row].to(dev), sel)
+                sums[j, c] = (self._selected(w[row].to(dev), sel) * nll.float()).sum().double().cpu()
         return sums
+
+    def _row_nll(self, logits: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """-log p_theta(x0_i | x_t) at the selected positions of one row, in row-major order."""
+        return token_nll(logits, x0, sel, self.shift, self.blocked)
+
+    def _selected(self, w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        """The weights of the selected positions, in `_row_nll`'s order."""
+        return w[:, 1:][sel[:, 1:]] if self.shift else w[sel]

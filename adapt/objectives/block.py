@@ -1,0 +1,117 @@
+"""Block diffusion (BD3-LM, Arriola et al. 2025; the target of Fast-dLLM v2, SDAR, LLaDA 2): the block of L
+tokens is cut into L/b blocks; each block is a masked diffusion given the clean blocks before it,
+    -log p(x) <= sum_k E_t [ (1/t) sum_{i in block k, masked} -log p_theta(x0_i | x_t^k, x0^{<k}) ].
+b = L is the whole-block objective (`mdlm`); b = 1 with the shift is the parent causal LM.
+
+Training runs in one forward over [x_t | x_0] (2L positions, x_0 reusing x_t's position ids) under the
+block mask: noised block k attends noised block k and clean blocks < k; clean block k attends clean
+blocks <= k (so the clean half is exactly what a decoder's KV cache holds).
+
+The shift with blocks: the prediction for position i is read from the logits at i-1 (the causal head's
+habit). Inside a block, i-1 is a noised position of the same block. For the first token of a block,
+i-1 is the last token of the previous block, and its logits are taken from the CLEAN stream: that token
+is predicted from the clean blocks before it only, which at b = 1 is exactly the parent's computation
+(the masked-count bound of the unconverted parent at b = 1 is its exact causal NLL), and which a decoder
+gets for free from the call that commits the previous block. Only the L rows that predict a token go
+through the head (`logits_to_keep`), never the clean half's other rows.
+"""
+from __future__ import annotations
+
+import torch
+
+from adapt.attention import document_visibility, to_additive
+from adapt.diffusion import diffusion_loss_sum, token_nll
+from adapt.objectives.base import Attention, Forward, Noised
+from adapt.objectives.mdlm import MaskedDiffusion
+
+
+def block_ids(length: int, block: int, device=None) -> torch.Tensor:
+    """(L,) long: the block of each position, blocks of `block` tokens from position 0."""
+    return torch.arange(length, device=device) // block
+
+
+def block_visibility(length: int, block: int, device=None) -> torch.Tensor:
+    """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column)."""
+    k = block_ids(length, block, device)
+    q_b, kv_b = k[:, None], k[None, :]
+    noised = torch.cat([q_b == kv_b, kv_b < q_b], dim=1)  # noised queries: own noised block, earlier clean blocks
+    clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), kv_b <= q_b], dim=1)
+    return torch.cat([noised, clean], dim=0)
+
+
+def source_rows(length: int, block: int, shift: bool, device=None) -> torch.Tensor:
+    """(L,) long: the row of the 2L sequence whose logits predict token i (see the module docstring)."""
+    pos = torch.arange(length, device=device)
+    if not shift:
+        return pos
+    first = (pos % block == 0) & (pos > 0)
+    return torch.where(first, length + pos - 1, pos - 1).clamp_min(0)  # row 0 is never used (position 0 given)
+
+
+def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, device):
+    """The same visibility as `block_visibility` (and documents) as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def visible(b, h, q, kv):
+        qb, kb = (q % length) // block, (kv % length) // block
+        q_noised, kv_noised = q < length, kv < length
+        ok = (q_noised & kv_noised & (qb == kb)) | (q_noised & ~kv_noised & (kb < qb)) | (
+            ~q_noised & ~kv_noised & (kb <= qb))
+        if doc_ids is not None:
+            ok = ok & (doc_ids[b, q % length] == doc_ids[b, kv % length])
+        return ok
+
+    batch = None if doc_ids is None else doc_ids.shape[0]
+    return create_block_mask(visible, batch, None, 2 * length, 2 * length, device=device,
+                             BLOCK_SIZE=min(128, 2 * length))
+
+
+class BlockDiffusion(MaskedDiffusion):
+    """Masked diffusion inside blocks of `block_length`, causal across blocks. The noising, weights,
+    normalisers and the estimator are the masked-diffusion ones; the forward and the shift differ."""
+
+    name = "block"
+
+    def __init__(self, *args, block_length: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.block_length = block_length
+
+    def block_size(self, attention: Attention, length: int) -> int:
+        """The block length of this forward: the target, or the curriculum's (attention.block) while it grows."""
+        return min(attention.block or self.block_length, length)
+
+    def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
+        """The [x_t | x_0] mask: a FlexAttention BlockMask for flex, else a dense 4D additive mask."""
+        b = self.block_size(attention, length)
+        docs = None if attention.docs is None else attention.docs.to(device)
+        if self.backend == "flex_attention":
+            return block_mask_flex(length, b, docs, device)
+        visible = block_visibility(length, b, device)
+        if docs is not None:
+            doc2 = torch.cat([docs, docs], dim=1)
+            visible = visible[None] & document_visibility(doc2)
+        return to_additive(visible, self.dtype).expand(batch, -1, -1, -1)
+
+    def logits(self, forward: Forward, xt: torch.Tensor, attention: Attention, x0: torch.Tensor | None = None):
+        """(B, L, V) logits aligned so row i predicts token i, from one forward over [x_t | x_0]."""
+        length = xt.shape[1]
+        device = getattr(forward, "device", xt.device)
+        b = self.block_size(attention, length)
+        pos = torch.arange(length, device=device)
+        ids = torch.cat([xt.to(device), x0.to(device)], dim=1)
+        return forward(ids, self.mask(attention, length, len(xt), device),
+                       position_ids=torch.cat([pos, pos])[None].expand(len(xt), -1),
+                       logits_to_keep=source_rows(length, b, self.shift, device))
+
+    def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
+        dev = logits.device  # logits are aligned already: no further shift
+        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, False, self.blocked)
+
+    def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
+        return self.logits(forward, noised.xt, attention, x0)
+
+    def _row_nll(self, logits: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        return token_nll(logits, x0, sel, False, self.blocked)
+
+    def _selected(self, w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        return w[sel]

@@ -1,0 +1,121 @@
+"""Block diffusion: the [x_t | x_0] mask, b = L is today's objective, b = 1 is the parent, the curriculum,
+the estimator's per-block counts and the recipe checks."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama
+from torch.nn.attention.flex_attention import create_mask
+
+from adapt.attention import block_causal, curriculum_block, curriculum_blocks
+from adapt.diffusion import blocked_vocab, corrupt, maskable_positions, sample_t
+from adapt.likelihood import block_estimates, causal_nll, draw_masks
+from adapt.model import set_causal
+from adapt.objectives import Attention, BlockDiffusion, MaskedDiffusion, ModelForward, Noised
+from adapt.objectives.block import block_mask_flex, block_visibility, source_rows
+from adapt.recipe import load_config
+from adapt.config import ConfigError
+
+V, MASK, L = 40, 39, 16
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def test_block_visibility_is_the_definition():
+    b = 4
+    vis = block_visibility(L, b)
+    for q in range(2 * L):
+        for kv in range(2 * L):
+            qb, kb = (q % L) // b, (kv % L) // b
+            if q < L:  # noised: its own noised block, clean blocks before it
+                want = qb == kb if kv < L else kb < qb
+            else:  # clean: clean blocks up to its own, never a noised token
+                want = False if kv < L else kb <= qb
+            assert bool(vis[q, kv]) == want, (q, kv)
+    docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 12 + [1] * 4])
+    flex = create_mask(block_mask_flex(L, b, docs, "cpu").mask_mod, 2, None, 2 * L, 2 * L, device="cpu")[:, 0]
+    doc2 = torch.cat([docs, docs], 1)
+    assert torch.equal(flex, vis[None] & (doc2[:, :, None] == doc2[:, None, :]))
+
+
+def test_source_rows_with_the_shift():
+    rows = source_rows(8, 4, shift=True)
+    # token 4 starts block 1: read from the clean stream at position 3 (row 8 + 3); others from the noised i-1
+    assert rows.tolist() == [0, 0, 1, 2, 11, 4, 5, 6]
+    assert source_rows(8, 4, shift=False).tolist() == list(range(8))
+
+
+def model_and_objectives(shift: bool, block: int):
+    model = tiny_llama(V, seed=1)
+    set_causal(model, False)
+    blocked = blocked_vocab(V, V, MASK)
+    return model, MaskedDiffusion(MASK, shift, blocked), BlockDiffusion(MASK, shift, blocked, block_length=block)
+
+
+@pytest.mark.parametrize("shift", [True, False])
+@torch.no_grad()
+def test_whole_block_in_the_2l_layout_is_todays_loss(shift):
+    model, mdlm, block = model_and_objectives(shift, L)
+    x0 = torch.randint(0, MASK, (3, L), generator=gen(2))
+    maskable = maskable_positions(x0, shift)
+    t = sample_t(3, 1e-3, "stratified", gen(3))
+    xt, masked = corrupt(x0, t, MASK, maskable, gen(4))
+    noised = Noised(xt, masked, t)
+    fwd = ModelForward(model, "cpu")
+    want = mdlm.loss_sum(mdlm.predict(fwd, x0, noised, Attention()), x0, noised)
+    got = block.loss_sum(block.predict(fwd, x0, noised, Attention()), x0, noised)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    half = BlockDiffusion(MASK, shift, block.blocked, block_length=L // 2)
+    assert abs(half.loss_sum(half.predict(fwd, x0, noised, Attention()), x0, noised) - want) > 1e-3  # can fail
+
+
+@torch.no_grad()
+def test_one_token_blocks_are_the_parent_exactly():
+    """b = 1 with the shift: the masked-count bound of the unconverted parent is its exact causal NLL, draw by draw."""
+    model = tiny_llama(V, seed=5)
+    x0 = torch.randint(0, MASK, (3, L), generator=gen(6))
+    blocked = blocked_vocab(V, V, MASK)
+    exact = causal_nll(lambda x, m=None: model(input_ids=x, use_cache=False).logits, x0, blocked)
+    set_causal(model, False)  # the masks decide
+    obj = BlockDiffusion(MASK, True, blocked, block_length=1)
+    got = block_estimates(obj, ModelForward(model, "cpu"), x0, obj.scored(x0), 2, "count", gen(7))[:, 0]
+    torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-4)
+    whole = MaskedDiffusion(MASK, True, blocked)
+    other = block_estimates(whole, ModelForward(model, "cpu"), x0, whole.scored(x0), 2, "count", gen(7))[:, 0]
+    assert (other - exact).abs().max() > 1e-2  # the whole-block bound of the same model is not the parent's
+
+
+def test_group_counts_mask_every_block_and_weigh_it():
+    maskable = torch.ones(2, L, dtype=torch.bool)
+    maskable[:, 0] = False
+    masked, weight = draw_masks(maskable, 4, "count", 1e-3, gen(0), group=4)
+    assert masked.shape == weight.shape == (8, L)
+    per_block = masked.view(8, 4, 4).sum(-1)
+    assert (per_block >= 1).all() and not masked[:, 0].any()
+    size = maskable.repeat_interleave(4, 0).view(8, 4, 4).sum(-1).double()
+    torch.testing.assert_close(weight.view(8, 4, 4)[..., 0], size / per_block)
+    # the k draws of one block are stratified: its 4 rows cover the four strata of the count 1..4
+    counts = per_block[:4, 1].sort().values.tolist()
+    assert counts == [1, 2, 3, 4]
+
+
+def test_curriculum():
+    assert curriculum_blocks(16, 256) == [1, 2, 4, 8, 16]
+    assert curriculum_blocks(12, 48) == [1, 2, 4, 8, 12]  # not a power of 2: the powers below it, then it
+    assert [curriculum_block(16, 256, r) for r in (0.0, 0.24, 0.25, 0.5, 0.99, 1.0)] == [1, 1, 2, 4, 8, 16]
+    assert torch.equal(block_causal(4, 1), torch.ones(4, 4, dtype=torch.bool).tril())
+    assert block_causal(4, 4).all()
+
+
+def test_recipe_checks():
+    with pytest.raises(ConfigError, match="does not divide"):
+        load_config(None, ["diffusion.block_length=5", "attention.anneal_schedule=blocks"])
+    with pytest.raises(ConfigError, match="anneal_schedule=blocks"):
+        load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=random"])
+    with pytest.raises(ConfigError, match="flash_attention_2"):
+        load_config(None, ["diffusion.block_length=8", "attention.anneal_steps=0",
+                           "model.attn_implementation=flash_attention_2"])
+    cfg = load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks"])
+    assert cfg.diffusion.block_length == 8
