@@ -89,7 +89,7 @@ def _causal_step(state, step: int) -> None:
     from adapt.data import batch_indices
 
     m = state.cfg.train.micro_batch_size
-    x = state.blocks.train[batch_indices(step, len(state.blocks.train), m, 0, 1, 0)].to(distributed.device())
+    x = state.data.train[batch_indices(step, len(state.data.train), m, 0, 1, 0)].to(distributed.device())
     loss = state.engine(input_ids=x, labels=x, use_cache=False).loss
     state.engine.backward(loss)
     state.engine.step()

@@ -24,6 +24,7 @@ first stop string.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import os
@@ -235,6 +236,12 @@ def check_model_args(args) -> None:
         raise EvalError(f"--model {args.model} needs --model_args pretrained=PATH (an exported diffusion folder, "
                         f"e.g. checkpoints/<run>/final)")
     export_check(Path(str(pretrained)))
+    given = {k: model_args.get(k, v.default) for k, v in inspect.signature(DiffusionLM.__init__).parameters.items()
+             if k in ("estimator", "sampler", "dtype", "mc_samples", "mc_batch", "max_length")}
+    try:
+        _check_options(**{k: v if isinstance(v, str) else int(v) for k, v in given.items()})
+    except (TypeError, ValueError) as err:
+        raise EvalError(f"diffusion-lm model_args: {err}") from None
 
 
 def _refused_by_lm_eval(err: ValueError) -> bool:
@@ -262,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
         except ValueError as err:
             if not _refused_by_lm_eval(err):
                 raise
-            raise EvalError(f"{err} (list the tasks with `python -m eval.harness ls tasks`)") from None
+            hint = " (list them with `python -m eval.harness ls tasks`)" if "Tasks not found" in str(err) else ""
+            raise EvalError(f"{err}{hint}") from None
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ import traceback
 
 from eval import generation, infill, likelihood, local_tasks, mauve_score, speed
 from eval.cli import Script, execute, parse, run_script
+from eval.heldout import heldout_stream
 from eval.models import EvalContext
 from eval.options import add_common_args
 from eval.report import build_report
@@ -103,6 +104,7 @@ def check(base: argparse.Namespace) -> None:
 
 def run(ctx: EvalContext, base: argparse.Namespace) -> dict:
     start = time.perf_counter()
+    heldout_stream(ctx.data, ctx.tokenizer)  # unusable text is the user's error (exit 2), not six failed stages
     seconds, errors = {}, {}
     for name in stages(base):
         print(f"\n=== {name} ({base.budget}) ===", flush=True)
