@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import checkpoint, distributed, rng, sft
+from adapt import checkpoint, distributed, sft
 from adapt.config import Config
 from adapt.data import Blocks, build_blocks
 from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
@@ -75,16 +75,17 @@ def _finish(state: State, summary: dict, show) -> None:
 
 
 def _sample_text(folder: Path, cfg: Config) -> str:
-    """An unconditional ancestral sample of run.sample_length tokens from the export."""
+    """An unconditional ancestral sample of run.sample_length tokens from the export (a block export is
+    decoded block by block with its cache)."""
     from adapt.denoiser import Denoiser
-    from adapt.sampling.ancestral import ancestral_sample
+    from adapt.sampling import generate
     from adapt.sampling.canvas import prompt_canvas, start_token
 
     model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
     x = prompt_canvas(start_token(tokenizer), meta.mask_token_id, cfg.run.sample_length)
-    out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,
-                           generator=torch.Generator().manual_seed(cfg.train.seed))
-    return tokenizer.decode(out[0, 1:], skip_special_tokens=True)
+    out = generate(Denoiser(model, meta), x, "ancestral", steps=cfg.run.sample_steps,
+                   generator=torch.Generator().manual_seed(cfg.train.seed))
+    return tokenizer.decode(out.ids[0, 1:], skip_special_tokens=True)
 
 
 def _answer(folder: Path, cfg: Config, ids: torch.Tensor, response: torch.Tensor) -> dict:

@@ -119,3 +119,58 @@ def test_recipe_checks():
                            "model.attn_implementation=flash_attention_2"])
     cfg = load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks"])
     assert cfg.diffusion.block_length == 8
+
+
+def block_denoiser(b: int = 4):
+    from adapt.denoiser import Denoiser
+    from adapt.model import DiffusionMeta
+
+    model = tiny_llama(V, seed=9)
+    set_causal(model, False)
+    model.config.bos_token_id = 1
+    return Denoiser(model, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b))
+
+
+@torch.no_grad()
+def test_block_decoder_cache_is_exact_and_keeps_given_tokens():
+    """The cached rows of block k equal one uncached forward over [x0 blocks < k | block k] under the block mask
+    (the objective's own layout, whose clean half is what the cache holds)."""
+    from adapt.sampling.block_cache import BlockCachedDenoiser
+
+    den = block_denoiser()
+    x = torch.randint(3, MASK, (2, 13), generator=gen(1))
+    x[:, 0] = 1
+    x[:, 9:] = MASK
+    cached = BlockCachedDenoiser(den.model, den.meta)
+    xp = torch.cat([x, torch.full((2, 3), MASK)], 1)  # whole blocks, as the decoder pads them
+    cached.start(xp, 13)
+    cached.commit(xp, 2)
+    cached.block = 2
+    got = cached(xp)[:, 8:12]
+    obj = BlockDiffusion(MASK, True, den.blocked, block_length=4)
+    full = xp[:, :12]  # clean blocks 0, 1 and the noised block 2 in the objective's 2L layout
+    clean = full.clone()
+    logits = obj.logits(ModelForward(den.model, "cpu"), full, Attention(), clean)
+    want = torch.log_softmax(logits.float().masked_fill(den.blocked, float("-inf")), -1)[:, 8:12]
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_block_decoding_is_batch_independent_and_refuses_another_block_length():
+    from adapt.sampling import generate
+
+    den = block_denoiser()
+    x = torch.full((3, 14), MASK)
+    x[:, 0] = 1
+    x[:, 1:6] = torch.randint(3, MASK, (3, 5), generator=gen(2))
+    out = generate(den, x, "confidence", steps=8, temperature=0.0)
+    assert not (out.ids == MASK).any() and torch.equal(out.ids[:, :6], x[:, :6])  # given tokens never change
+    for r in range(3):
+        alone = generate(den, x[r:r + 1], "confidence", steps=8, temperature=0.0)
+        assert torch.equal(alone.ids[0], out.ids[r])
+    # blocks 1-3 are filled (block 1 holds the prompt's tail): 8 steps + 2 commits of finished blocks + 1 prefix
+    assert out.nfe <= 8 + 3
+    with pytest.raises(ValueError, match="force_block_length"):
+        generate(den, x, "confidence", steps=8, block_length=2)
+    forced = generate(den, x, "confidence", steps=8, block_length=2, force_block_length=True, temperature=0.0)
+    assert not (forced.ids == MASK).any()

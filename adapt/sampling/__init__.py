@@ -89,7 +89,7 @@ def _with_prefix_cache(denoiser):
 def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int | None = None,
              generator: torch.Generator | None = None, block_length: int | None = None,
              prefix_cache: bool = False, eos_id: int | None = None, trajectory: bool = False,
-             **options) -> SampleResult:
+             force_block_length: bool = False, **options) -> SampleResult:
     """Fill the mask positions of x (B, L) long with the named sampler.
 
     steps: sampler steps (the model is called at most this often, plus one call per prefix-cache
@@ -98,8 +98,18 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     keys/values of the given prefix (an approximation under bidirectional attention; see
     adapt.denoiser). eos_id: generated positions after a row's first generated EOS become EOS,
     and block mode stops once every row has one. options: the sampler's own (see `sampler_options`).
+    A block-diffusion export (meta.block_length > 0) is decoded block by block with its exact KV cache
+    (adapt.sampling.block_cache); another block_length is refused unless force_block_length.
     """
     _check(denoiser, x, sampler, options)
+    trained = getattr(getattr(denoiser, "meta", None), "block_length", 0)
+    if trained and not force_block_length:
+        if block_length not in (None, 0, trained):
+            raise ValueError(f"this is a block-diffusion export trained with blocks of {trained} tokens: decoding "
+                             f"with block_length={block_length} conditions each block on a context it was never "
+                             f"trained on; omit block_length (the export's is used), or pass "
+                             f"force_block_length=True (--force-block-length) to decode it as a whole-sequence model")
+        return _generate_blocks(denoiser, x, sampler, steps, generator, eos_id, trajectory, options)
     den = _with_prefix_cache(denoiser) if prefix_cache else denoiser
     x = x.to(getattr(den, "device", x.device))
     generated = x == den.mask_id
@@ -119,6 +129,18 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     if den is not denoiser:
         denoiser.nfe += nfe
     return SampleResult(ids, nfe, trace.steps_run, trace.reveal_step if trajectory else None)
+
+
+def _generate_blocks(denoiser, x, sampler, steps, generator, eos_id, trajectory, options) -> SampleResult:
+    from adapt.sampling.block_cache import BlockCachedDenoiser, sample_block_cached
+
+    den = BlockCachedDenoiser(denoiser.model, denoiser.meta)
+    x = x.to(den.device)
+    steps = steps if steps is not None else max(1, int((x == den.mask_id).sum(1).max()))
+    trace = Trace()
+    ids = sample_block_cached(SAMPLERS[sampler], den, x, steps, generator, trace, eos_id, **options)
+    denoiser.nfe += den.nfe
+    return SampleResult(ids, den.nfe, trace.steps_run, trace.reveal_step if trajectory else None)
 
 
 __all__ = ["SAMPLERS", "SampleResult", "generate", "sampler_options", "ancestral_sample", "euler_sample",
