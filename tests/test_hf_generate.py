@@ -360,36 +360,6 @@ def test_bad_requests_say_what_to_change(export, tmp_path):
         generate(model=plain, input_ids=ids, max_new_tokens=4)
 
 
-# --- the real export path ------------------------------------------------------------------------------
-
-@pytest.mark.slow  # a two-step training run through adapt/run.py (about a minute)
-def test_a_trained_export_carries_decoder_defaults_and_card(tmp_path, tiny_model_dir, corpus_file):
-    from transformers import AutoTokenizer
-
-    from test_pipeline import launch
-
-    launch(tmp_path, tiny_model_dir, corpus_file, "train.max_steps=2", "train.save_every=2")
-    run = tmp_path / "debug"
-    final = run / "final"
-    assert (final / "custom_generate" / "generate.py").is_file()
-    head = front_matter(final / "README.md")
-    assert head["library_name"] == "transformers" and "base_model" not in head  # a local parent has no Hub id
-    evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    parent = next(r["parent_ppl"] for r in evals if r["kind"] == "eval" and "parent_ppl" in r)
-    body = (final / "README.md").read_text()
-    assert f"| parent causal LM, exact perplexity | 0 | {parent:.2f} |" in body
-    assert "2 steps x 2 sequences (2 x 1 accumulation) x 64 tokens" in body
-    tok = AutoTokenizer.from_pretrained(final)
-    prompt = tok(PROMPT).input_ids
-    got = remote_model(final).generate(torch.tensor([prompt]), max_new_tokens=8, diffusion_steps=4,
-                                       diffusion_block_length=4, eos_token_id=None)
-    expect = library_ids(final, prompt, 8, "confidence", 4, 4, temperature=0)
-    stop = tok.eos_token_id
-    if stop in expect[len(prompt):]:  # generate cuts after EOS; the library fills with it
-        expect = expect[:len(prompt) + expect[len(prompt):].index(stop) + 1]
-    assert got[0].tolist() == expect
-
-
 def test_card_figures_come_from_the_runs_evaluations(tmp_path):
     from adapt.hf_export import run_figures
 

@@ -94,6 +94,31 @@ def test_export_round_trip(finished_run):
     assert (a[0, :-1] - b[0, :-1]).abs().max() > 1e-4
 
 
+def test_export_works_in_plain_transformers(finished_run):
+    """The export carries its own decoder, decoding defaults and a card with the run's figures (issue 16)."""
+    from transformers import AutoTokenizer
+
+    from test_hf_generate import PROMPT, front_matter, library_ids, remote_model
+
+    final = finished_run / "final"
+    assert (final / "custom_generate" / "generate.py").is_file()
+    head = front_matter(final / "README.md")
+    assert head["library_name"] == "transformers" and "base_model" not in head  # a local parent has no Hub id
+    evals = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    parent = next(r["parent_ppl"] for r in evals if r["kind"] == "eval" and "parent_ppl" in r)
+    body = (final / "README.md").read_text()
+    assert f"| parent causal LM, exact perplexity | 0 | {parent:.2f} |" in body
+    assert "6 steps x 2 sequences (2 x 1 accumulation) x 64 tokens" in body
+    tok = AutoTokenizer.from_pretrained(final)
+    prompt = tok(PROMPT).input_ids
+    got = remote_model(final).generate(torch.tensor([prompt]), max_new_tokens=8, diffusion_steps=4,
+                                       diffusion_block_length=4)
+    expect = library_ids(final, prompt, 8, "confidence", 4, 4, temperature=0, eos_id=tok.eos_token_id)
+    if tok.eos_token_id in expect[len(prompt):]:  # generate cuts the columns after EOS; the library fills them
+        expect = expect[:len(prompt) + expect[len(prompt):].index(tok.eos_token_id) + 1]
+    assert got[0].tolist() == expect
+
+
 def test_standalone_export_of_an_earlier_checkpoint(finished_run, tmp_path):
     out = tmp_path / "step3"
     proc = subprocess.run([sys.executable, "-m", "adapt.export", str(finished_run), "--tag", "step_0000003",
