@@ -124,13 +124,16 @@ def activations(shape: Shape, cfg: Config, checkpointing: bool) -> dict[str, flo
     """Activation bytes per GPU for one micro batch (see the module docstring)."""
     p = 2 if cfg.model.dtype == "bf16" else 4
     b, s = cfg.train.micro_batch_size, cfg.data.block_size
+    logit_rows = s  # block diffusion runs [x_t | x_0] (2L positions) but computes logits for L rows only
+    s = 2 * s if cfg.diffusion.block_length > 0 else s
     per_token = p * (6 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
     if cfg.model.attn_implementation == "eager":
         per_token += shape.heads * s * 6
     layer = b * s * per_token
     out = {"layers": (shape.layers * b * s * p * shape.hidden + layer) if checkpointing else shape.layers * layer,
-           "logits": b * s * shape.vocab_rows * (2 * p + 3 * 4)}
-    dense_mask = cfg.attention.anneal_steps > 0 and cfg.model.attn_implementation in ("sdpa", "eager") \
+           "logits": b * logit_rows * shape.vocab_rows * (2 * p + 3 * 4)}
+    dense_mask = (cfg.attention.anneal_steps > 0 or cfg.diffusion.block_length > 0) \
+        and cfg.model.attn_implementation in ("sdpa", "eager") \
         or cfg.attention.document_mask and cfg.model.attn_implementation != "flash_attention_2"
     out["mask"] = b * s * s * p if dense_mask else 0
     return out
