@@ -1,7 +1,7 @@
 """Adaptation step vs plain causal-LM fine-tuning step: tokens/s and peak memory, one run.
 
     python bench/adapt_step.py [--model embedded:smollm2-135m-instruct] [--batch 4] [--length 256]
-                               [--dtype bf16] [--attn sdpa] [--steps 5] [--device cpu|cuda]
+                               [--dtype bf16] [--attn sdpa] [--steps 5] [--device cpu|cuda] [--json OUT]
 
 Each variant runs in its own process (same model, batch, dtype, attention backend, DeepSpeed engine):
   causal         HF causal LM loss on the parent (labels=input_ids), the baseline
@@ -9,6 +9,8 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
   bidirectional  adapt.train.train_step after annealing (no mask tensor)
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
 sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
+`--in-process` runs the three variants one after another in this process instead (a quick check that
+the benchmark runs, e.g. on a tiny model folder: its peak memory then includes the earlier variants').
 """
 from __future__ import annotations
 
@@ -124,9 +126,9 @@ def run_variant(args) -> dict:
             "step_seconds": seconds / args.steps, "peak_bytes": peak}
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="embedded:smollm2-135m-instruct")
+    p.add_argument("--model", default="embedded:smollm2-135m-instruct", help="a model source (or an HF folder)")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp32"))
@@ -134,20 +136,34 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--in-process", action="store_true", help="run the variants in this process (a quick check)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the results here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if min(args.batch, args.length, args.steps) < 1:
+        p.error("--batch, --length and --steps must be >= 1")
+    return args
+
+
+def run_subprocess(variant: str, argv: list[str]) -> dict:
+    """One variant in a fresh process (so its peak memory is its own)."""
+    out = subprocess.run([sys.executable, __file__, *argv, "--variant", variant], capture_output=True, text=True)
+    line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if not line:
+        raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
+    return json.loads(line[0][7:])
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     if args.variant:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
     results = {}
     for variant in VARIANTS:
-        cmd = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if not line:
-            raise SystemExit(f"{variant} failed:\n{out.stderr[-3000:]}")
-        results[variant] = json.loads(line[0][7:])
+        results[variant] = (run_variant(argparse.Namespace(**{**vars(args), "variant": variant})) if args.in_process
+                            else run_subprocess(variant, argv))
     base = results["causal"]
     print(f"model {args.model} | batch {args.batch}x{args.length} | {args.dtype} | {args.attn} | {args.device}")
     print(f"{'variant':<14}{'tokens/s':>10}{'s/step':>9}{'peak MiB':>10}{'speed x':>9}{'memory x':>10}")

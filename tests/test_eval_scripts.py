@@ -1,0 +1,98 @@
+"""Every eval/ and bench/ script runs from its command line at a tiny size and writes its output file, so
+none can rot unseen. The speed and quality targets live in the benchmarks; nothing here asserts a speed."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from cli_runner import run_fresh
+from test_eval_fixtures import exported_dir  # noqa: F401
+
+TINY = {  # script -> (options, files it writes)
+    "likelihood": (["--blocks", "2", "--length", "16", "--t-samples", "2", "--replicates", "2"], ["likelihood.json"]),
+    "generation": (["--samplers", "confidence", "--steps", "2", "--samples", "2", "--length", "6", "--prompt-length",
+                    "4", "--gen-length", "4", "--batch-size", "2"],
+                   ["generation.json", "generation.png", "generation_samples.jsonl"]),
+    "infill": (["--spans", "2", "--left", "4", "--span-length", "2", "--right", "2", "--samplers", "confidence"],
+               ["infill.json"]),
+    "speed": (["--samplers", "confidence", "--steps", "2", "--lengths", "4", "--repeats", "1", "--prompt-length", "4"],
+              ["speed.json", "speed.png"]),
+    "local_tasks": (["--tasks", "adapt_cloze", "--limit", "2", "--mc-samples", "2", "--batch-size", "4"],
+                    ["harness.json", "task_data/cloze.jsonl"]),
+}
+
+
+@pytest.fixture(scope="module")
+def outputs(exported_dir, tmp_path_factory):  # noqa: F811
+    """One out dir written by the command line of every script that takes MODEL_DIR; seconds per script."""
+    import importlib
+
+    out = tmp_path_factory.mktemp("scripts")
+    seconds = {}
+    for name, (options, _) in TINY.items():
+        start = time.perf_counter()
+        importlib.import_module(f"eval.{name}").main([str(exported_dir), "--out-dir", str(out), "--device", "cpu",
+                                                      "--seed", "1", *options])
+        seconds[name] = time.perf_counter() - start
+    return out, seconds
+
+
+@pytest.mark.parametrize("name", list(TINY))
+def test_each_script_writes_its_files_with_the_options_it_ran(outputs, exported_dir, name):  # noqa: F811
+    out, seconds = outputs
+    for file in TINY[name][1]:
+        assert (out / file).is_file() and (out / file).stat().st_size > 0, file
+    result = json.loads((out / TINY[name][1][0]).read_text())
+    prov = result["provenance"]
+    assert prov["model_dir"] == str(exported_dir) and prov["seed"] == 1 and prov["options"]["out_dir"] == str(out)
+    assert prov["machine"]["torch"]
+    print(f"{name}: {seconds[name]:.1f} s")
+
+
+def test_likelihood_defaults_to_the_masked_count_estimator(outputs):
+    result = json.loads((outputs[0] / "likelihood.json").read_text())
+    assert result["elbo"]["method"] == "count" and list(result["methods"]) == ["count", "stratified"]
+    assert result["elbo"]["tokens"] == 2 * 15 and result["variance"]["replicates"] == 2
+    assert result["methods"]["count"]["model_calls"] == 2  # 2 blocks x 2 draws fit one batch: a call per replicate
+
+
+def test_mauve_and_report_read_the_folder(outputs, tmp_path):
+    from eval import mauve_score, report
+
+    out, _ = outputs
+    result = mauve_score.main(["--out-dir", str(out), "--featurizer", str(tmp_path / "no_featurizer")])
+    assert result["skipped"].startswith("MAUVE skipped") and (out / "mauve.json").is_file()
+    text = report.main([str(out)]).read_text()
+    for heading in ("## Held-out perplexity", "## Generation quality", "## Infilling", "## lm-evaluation-harness",
+                    "## MAUVE", "## Sampling speed"):
+        assert heading in text, heading
+
+
+def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    import importlib.util
+
+    from cli_runner import ROOT
+
+    spec = importlib.util.spec_from_file_location("sampling_speed", ROOT / "bench" / "sampling_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "speed.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--length", "4", "--steps", "2", "--block-length", "2",
+                       "--prompt-tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [r["label"] for r in result["samplers"]] == [
+        c[0].replace("tau", "tau=0.9").replace("blocks", "blocks of 2") for c in bench.CONFIGS]
+    assert all(r["nfe"] >= 1 for r in result["samplers"]) and len(result["prefix_cache_quality"]) == 4
+    assert "overhead target" in capsys.readouterr().out
+
+
+def test_bench_adapt_step_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The three variants (causal, annealed, bidirectional steps) on the tiny model, in one DeepSpeed process."""
+    out = tmp_path / "step.json"
+    res = run_fresh(["bench/adapt_step.py", "--model", str(tiny_model_dir), "--batch", "2", "--length", "16",
+                     "--steps", "1", "--dtype", "fp32", "--in-process", "--json", str(out)])
+    assert res.code == 0, res.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert set(results) == {"causal", "anneal", "bidirectional"} and results["causal"]["speed_ratio"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in results.values())
