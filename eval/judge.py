@@ -14,6 +14,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from adapt.model import start_token
+
 
 def _same_vocab(a, b) -> bool:
     """True when every token of tokenizer `a` has the same id in tokenizer `b`."""
@@ -47,7 +49,7 @@ class Judge:
         self.name = name
         self.source = source_tokenizer
         self.same_vocab = _same_vocab(tokenizer, source_tokenizer)
-        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        start = start_token(tokenizer)
         self.start_id = 0 if start is None else start
 
     @property
