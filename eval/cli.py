@@ -1,7 +1,7 @@
 """The one `main` of every eval script: common arguments, the models loaded once, results, user errors.
 
 A script is a `Script`: its name (it writes <out-dir>/<name>.json), its own arguments and
-`run(ctx, args) -> dict`. `run_script` builds the parser (the common arguments of eval.models, then the
+`run(ctx, args) -> dict`. `run_script` builds the parser (the common arguments of eval.options, then the
 script's), parses, checks the inputs, loads the models into an `EvalContext`, runs, writes the results
 with their provenance (eval.results) and prints a summary; the scripts show their own progress bars.
 eval.suite runs the same scripts through `parse` and `execute` with one shared context.
@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 from eval.models import EvalContext, context_from_args
