@@ -67,6 +67,8 @@ def _finish(state: State, summary: dict, show) -> None:
     """Export on rank 0, then `show(export folder)` (a sample), recorded in the summary."""
     distributed.barrier()
     if distributed.is_main():
+        # the final bound is in metrics.jsonl before the export, so the export's model card states it
+        state.log.record(state.step, {k: v for k, v in summary.items() if k.startswith("after_")}, "eval")
         out = checkpoint.export(state.cfg.run_dir)
         summary["export"] = str(out)
         summary.update(show(out))

@@ -174,3 +174,33 @@ def test_block_decoding_is_batch_independent_and_refuses_another_block_length():
         generate(den, x, "confidence", steps=8, block_length=2)
     forced = generate(den, x, "confidence", steps=8, block_length=2, force_block_length=True, temperature=0.0)
     assert not (forced.ids == MASK).any()
+
+
+@pytest.mark.slow
+def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, corpus_file):
+    """adapt with blocks of 8 (the blocks curriculum), export, then SFT of that export: the export records
+    its block length, SFT keeps it (prompts end inside a block: those tokens are given, the response's are
+    noised), and the end-of-run samples are decoded block by block."""
+    import json
+
+    from test_pipeline import launch
+
+    from adapt.checkpoint import read_meta
+
+    common = ("train.max_steps=2", "train.save_every=0", "train.eval_t_samples=2", "data.block_size=64",
+              "data.heldout_blocks=3", "diffusion.block_length=8", "run.sample_length=15")
+    launch(tmp_path / "a", tiny_model_dir, corpus_file, *common, "attention.anneal_schedule=blocks",
+           "attention.anneal_steps=1")
+    export = tmp_path / "a" / "debug" / "final"
+    assert read_meta(export).block_length == 8
+    rows = [json.loads(line) for line in (tmp_path / "a" / "debug" / "metrics.jsonl").read_text().splitlines()]
+    summary = rows[-1]
+    assert summary["after_tokens"] == 3 * 63 and "sample" in summary
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({"prompt": f"Question {i}?", "response": "An answer."}) + "\n"
+                           for i in range(12)))
+    launch(tmp_path / "s", export, sft, *common, "stage=sft", "attention.anneal_steps=0")
+    assert read_meta(tmp_path / "s" / "debug" / "final").block_length == 8
+    out = launch(tmp_path / "s2", export, sft, *common, "stage=sft", "attention.anneal_steps=0",
+                 "diffusion.block_length=4", check=False)
+    assert out.returncode == 2 and "block_length=8" in out.stderr
