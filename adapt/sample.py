@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from adapt.model import start_token
 from adapt.sampling import SAMPLERS, SampleResult, generate, sampler_options
 from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
 
@@ -49,6 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--tau", type=float, help="threshold: commit positions with confidence >= tau")
     how.add_argument("--block-length", type=int, help="semi-autoregressive blocks of this many tokens")
     how.add_argument("--prefix-cache", action="store_true", help="reuse the prompt's keys/values (approximate)")
+    how.add_argument("--force-block-length", action="store_true",
+                     help="decode a block-diffusion export with another --block-length than it was trained with")
     how.add_argument("--stop-at-eos", action="store_true", help="cut each sample after its first generated EOS")
     how.add_argument("--trajectory", action="store_true", help="print which tokens were revealed at which step")
     how.add_argument("--trajectory-out", metavar="FILE.png|FILE.html",
@@ -136,14 +139,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {err}", file=sys.stderr)
             raise SystemExit(2) from None
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
-    bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    bos_id = start_token(tokenizer)
     x = build_input(args, tokenizer, bos_id, meta.mask_token_id)
     generator = torch.Generator().manual_seed(args.seed)
     start = time.perf_counter()
     try:
         result = generate(Denoiser(model, meta), x, args.sampler, args.steps, generator, args.block_length,
                           args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
-                          args.trajectory or bool(args.trajectory_out), **sampler_kwargs(args, meta.eps))
+                          args.trajectory or bool(args.trajectory_out), args.force_block_length,
+                          **sampler_kwargs(args, meta.eps))
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     seconds = time.perf_counter() - start
