@@ -7,6 +7,8 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
   causal         HF causal LM loss on the parent (labels=input_ids), the baseline
   anneal         adapt.train.train_step at anneal ratio r = 0.5 (a random 4D mask each step)
   bidirectional  adapt.train.train_step after annealing (no mask tensor)
+  block          adapt.train.train_step of block diffusion (--block-length; [x_t | x_0], 2L positions under the
+                 block mask), its tokens/s counted over L tokens per sequence like the others
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
 sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
 `--in-process` runs the three variants one after another in this process instead (a quick check that
@@ -25,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("causal", "anneal", "bidirectional")
+VARIANTS = ("causal", "anneal", "bidirectional", "block")
 
 
 class PeakRSS:
@@ -65,10 +67,12 @@ def _state(args):
     from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
     from adapt.train import State, _optimizer, lr_lambda
 
+    block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0"] \
+        if args.variant == "block" else ["attention.anneal_steps=2"]
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.block_size={args.length}",
                              f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",
-                             "attention.anneal_steps=2", "optim.warmup_steps=0", "optim.grad_clip=1.0",
+                             "optim.warmup_steps=0", "optim.grad_clip=1.0", *block,
                              f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
     distributed.init()
     tok, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
@@ -105,9 +109,9 @@ def run_variant(args) -> dict:
 
     state = _state(args)
     # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1
-    first = {"causal": 0, "anneal": 1, "bidirectional": 2}[args.variant]
+    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2}[args.variant]
     step = (lambda s: _causal_step(state, s)) if args.variant == "causal" else (
-        lambda s: train_step(state, first if args.variant == "anneal" else first + s))
+        lambda s: train_step(state, first if args.variant == "anneal" else first + s))  # block: anneal_steps=0
     cuda = args.device == "cuda"
     for s in range(2):
         step(s)
@@ -136,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--block-length", type=int, default=8, help="block length of the block variant")
     p.add_argument("--in-process", action="store_true", help="run the variants in this process (a quick check)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the results here")
@@ -172,6 +177,10 @@ def main(argv: list[str] | None = None) -> None:
         r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
         print(f"{name:<14}{r['tokens_per_s']:>10.0f}{r['step_seconds']:>9.2f}{r['peak_bytes'] / 2**20:>10.0f}"
               f"{r['speed_ratio']:>9.3f}{r['memory_ratio']:>10.3f}")
+    b, d = results["block"], results["bidirectional"]
+    print(f"targets: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
+          f"{d['memory_ratio']:.3f}x; block (b={args.block_length}) >= 0.45x speed and <= 2.2x memory: "
+          f"{b['speed_ratio']:.3f}x, {b['memory_ratio']:.3f}x")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
