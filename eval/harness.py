@@ -57,9 +57,9 @@ TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 log = logging.getLogger(__name__)
 
 
-def _default_max_length(model_dir: Path, model) -> int:
+def _default_max_length(model_dir: str, model) -> int:
     """The training block size when the export carries its recipe, else the position limit (<= 2048)."""
-    recipe = read_recipe(model_dir) if str(model_dir) else None
+    recipe = read_recipe(model_dir) if model_dir else None
     if recipe is not None:
         return recipe.data.block_size
     return min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
@@ -110,7 +110,7 @@ class DiffusionLM(LM):
         self.forward = ModelForward(self.model, self.denoiser.device)  # the bound's call (loglikelihood)
         self.mc_samples, self.estimator, self.sampler = int(mc_samples), estimator, sampler
         self.mc_batch = int(mc_batch)
-        self.max_length = int(max_length) or _default_max_length(Path(pretrained), self.model)
+        self.max_length = int(max_length) or _default_max_length(str(pretrained or ""), self.model)
         self.steps, self.gen_length, self.temperature, self.seed = int(steps), int(gen_length), float(temperature), int(seed)
         self.start_id = start_token(self.tokenizer)
 
