@@ -17,12 +17,14 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from adapt import checkpoint  # noqa: E402
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
 from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal, start_token  # noqa: E402
@@ -53,7 +55,12 @@ CONFIGS = [
     ("threshold tau, blocks", "threshold", {}, "B", False),
     ("confidence, blocks + prefix cache", "confidence", {}, "B", True),
     ("threshold tau, blocks + prefix cache", "threshold", {}, "B", True),
+    ("block export: confidence, exact cache", "confidence", {}, "BD", False),
+    ("block export: threshold tau, exact cache", "threshold", {}, "BD", False),
 ]
+"""block "B": semi-AR blocks of --block-length on the whole-sequence model; "BD": the same weights decoded as a
+block-diffusion export of --bd-block-length (its own block length when --model is one) with the exact cache:
+the speed of that decoder; its quality needs a model trained with blocks."""
 
 
 def sync(device: torch.device) -> None:
@@ -110,10 +117,12 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
     timer = ForwardTimer(model, x.device)
     for label, name, options, block, cache in CONFIGS:
         opts = dict(options, **({"tau": args.tau} if name == "threshold" else {}))
-        block_length = args.block_length if block else None
+        block_length = args.block_length if block == "B" else None
+        bd = replace(meta, block_length=meta.block_length or args.bd_block_length if block == "BD" else 0)
         label = label.replace("tau", f"tau={args.tau}").replace("blocks", f"blocks of {args.block_length}")
+        label = label.replace("block export", f"block export b={bd.block_length}")
         timer.seconds = 0.0
-        res, seconds = timed(lambda: generate(Denoiser(model, meta), x, name, args.steps,
+        res, seconds = timed(lambda: generate(Denoiser(model, bd), x, name, args.steps,
                                               torch.Generator().manual_seed(0), block_length, cache, **opts),
                              x.device)
         rows.append(dict(label=label, seconds=seconds, nfe=res.nfe, tok_s=generated / seconds,
@@ -179,6 +188,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--length", type=int, default=64, help="new tokens")
     p.add_argument("--steps", type=int, default=32)
     p.add_argument("--block-length", type=int, default=16)
+    p.add_argument("--bd-block-length", type=int, default=8, help="block length of the block-export rows")
     p.add_argument("--tau", type=float, default=0.9)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=24)
@@ -186,8 +196,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--json", default="", help="also write the measurements here")
     args = p.parse_args(argv)
-    if min(args.length, args.steps, args.block_length, args.batch, args.prompt_tokens, args.repeats) < 1:
-        p.error("--length, --steps, --block-length, --batch, --prompt-tokens and --repeats must be >= 1")
+    if min(args.length, args.steps, args.block_length, args.bd_block_length, args.batch, args.prompt_tokens,
+           args.repeats) < 1:
+        p.error("--length, --steps, --block-length, --bd-block-length, --batch, --prompt-tokens and --repeats "
+                "must be >= 1")
     return args
 
 
@@ -203,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)
     ar = parent_generate(model, prompt, args.length)
-    meta = add_mask_token(model, tokenizer, mcfg)
+    meta = checkpoint.exported_meta(args.model) or add_mask_token(model, tokenizer, mcfg)
     set_causal(model, False)
     x = prompt_canvas(start, meta.mask_token_id, args.length, ids[:args.prompt_tokens], (), args.batch).to(device)
     fwd = bare_forward_seconds(model, x, args.repeats)

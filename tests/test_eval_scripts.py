@@ -82,7 +82,8 @@ def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
                        "--prompt-tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [r["label"] for r in result["samplers"]] == [
-        c[0].replace("tau", "tau=0.9").replace("blocks", "blocks of 2") for c in bench.CONFIGS]
+        c[0].replace("tau", "tau=0.9").replace("blocks", "blocks of 2").replace("block export", "block export b=8")
+        for c in bench.CONFIGS]
     assert all(r["nfe"] >= 1 for r in result["samplers"]) and len(result["prefix_cache_quality"]) == 4
     assert "overhead target" in capsys.readouterr().out
 
