@@ -1,5 +1,5 @@
-"""The shape of the code: no import circle, files and functions short enough to read at once, and only
-adapt/checkpoint.py spelling the names of an export's files."""
+"""The shape of the code: no import circle, files and functions short enough to read at once, only
+adapt/checkpoint.py spelling the names of an export's files, and one `main` for every eval script."""
 from __future__ import annotations
 
 import ast
@@ -8,7 +8,7 @@ from pathlib import Path
 
 from conftest import ROOT
 
-PACKAGES = ("adapt", "eval")
+PACKAGES = ("adapt", "eval", "bench")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
 # the decoder shipped inside every export runs without this package, so it reads diffusion.json itself
 EXPORT_NAME_OWNERS = {"adapt/checkpoint.py", "adapt/hf_generate/generate.py"}
@@ -20,7 +20,7 @@ def sources() -> dict[str, Path]:
     """module name -> file, for every module of the packages."""
     out = {}
     for pkg in PACKAGES:
-        for path in sorted((ROOT / pkg).rglob("*.py")):
+        for path in sorted((ROOT / pkg).rglob("*.py")):  # bench/ holds scripts, named bench.<file> here
             parts = path.relative_to(ROOT).with_suffix("").parts
             out[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return out
@@ -97,3 +97,12 @@ def test_only_checkpoint_spells_export_file_names():
                for m in EXPORT_NAMES.finditer(path.read_text())]
     assert not spelled, spelled
     assert EXPORT_NAMES.search((ROOT / "adapt" / "checkpoint.py").read_text())  # the pattern matches the owner
+
+
+def test_every_eval_script_shares_the_one_main():
+    """A module with a `__main__` block that takes a model or samples is a Script run by eval.cli.run_script."""
+    own_main = {"eval/harness.py", "eval/report.py", "eval/tasks/make_data.py"}  # lm-eval's CLI; a folder; task data
+    for path in (ROOT / "eval").rglob("*.py"):
+        text, rel = path.read_text(), str(path.relative_to(ROOT))
+        if '__name__ == "__main__"' in text and rel not in own_main:
+            assert "SCRIPT = Script(" in text and "run_script(SCRIPT, argv)" in text, rel
