@@ -91,19 +91,21 @@ def draw_masks(maskable: torch.Tensor, k: int, method: str, eps: float, generato
 def _group_counts(reps: torch.Tensor, k: int, group: int, generator: torch.Generator):
     """Masked-count draws per group of positions: reps (R, L), R = N * k -> (masked (R, L), weight (R, L))."""
     R, L = reps.shape
-    g = reps.view(R, L // group, group)
+    pad = -L % group  # a last, partial block: padded with positions that are never maskable
+    g = torch.cat([reps, reps.new_zeros(R, pad)], 1).view(R, (L + pad) // group, group)
     keys = torch.rand(g.shape, generator=generator, dtype=torch.float64).masked_fill(~g, 2.0)
     rank = keys.argsort(-1).argsort(-1)
     size = g.sum(-1).double()  # (R, K)
     # each block of each sequence stratifies its own k draws over (0, 1], independently of the other blocks
-    strata = (torch.arange(k, dtype=torch.float64) + torch.rand(R // k, L // group, k, generator=generator,
+    blocks = g.shape[1]
+    strata = (torch.arange(k, dtype=torch.float64) + torch.rand(R // k, blocks, k, generator=generator,
                                                                  dtype=torch.float64)) / k
     order = torch.rand(strata.shape, generator=generator).argsort(-1)
-    draws = (1.0 - strata.gather(-1, order)).clamp_min(1e-12).permute(0, 2, 1).reshape(R, L // group)
+    draws = (1.0 - strata.gather(-1, order)).clamp_min(1e-12).permute(0, 2, 1).reshape(R, blocks)
     n_mask = (draws * size).ceil().clamp(min=1)
     masked = (rank < n_mask[..., None]) & g
     weight = torch.where(size > 0, size / n_mask, torch.zeros_like(size))[..., None].expand(g.shape)
-    return masked.reshape(R, L), weight.reshape(R, L)
+    return masked.reshape(R, -1)[:, :L], weight.reshape(R, -1)[:, :L]
 
 
 # --- estimates -----------------------------------------------------------------------------------

@@ -99,6 +99,9 @@ def test_group_counts_mask_every_block_and_weigh_it():
     # the k draws of one block are stratified: its 4 rows cover the four strata of the count 1..4
     counts = per_block[:4, 1].sort().values.tolist()
     assert counts == [1, 2, 3, 4]
+    # a sequence that is not a whole number of blocks (the harness's): the last, partial block draws too
+    masked, weight = draw_masks(maskable[:, :14], 2, "count", 1e-3, gen(1), group=4)
+    assert masked.shape == weight.shape == (4, 14) and masked[:, 12:].any(1).all()
 
 
 def test_curriculum():
