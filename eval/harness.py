@@ -43,7 +43,6 @@ from lm_eval.api.registry import register_model
 from adapt import objectives, rng
 from adapt.checkpoint import load_diffusion_model, read_recipe
 from adapt.denoiser import Denoiser
-from adapt.diffusion import prediction_logits
 from adapt.likelihood import METHODS, block_estimates
 from adapt.model import DTYPES, start_token
 from adapt.objectives import Attention, ModelForward
@@ -152,8 +151,8 @@ class DiffusionLM(LM):
 
     def _is_greedy(self, x0: torch.Tensor, maskable: torch.Tensor) -> bool:
         """Every masked token is the argmax of p_theta with all of them masked (one model call)."""
-        logits = self.objective.logits(self.forward, x0.masked_fill(maskable, self.meta.mask_token_id), Attention())
-        logits = prediction_logits(logits, self.meta.shift)[0].float().masked_fill(self.objective.blocked, -math.inf)
+        logits = self.objective.aligned_logits(self.forward, x0, maskable, Attention())
+        logits = logits[0].float().masked_fill(self.objective.blocked, -math.inf)
         return bool((logits.argmax(-1).cpu()[maskable[0]] == x0[0][maskable[0]]).all())
 
     # --- lm-eval API -----------------------------------------------------------------------------

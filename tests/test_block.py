@@ -207,3 +207,29 @@ def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, 
     out = launch(tmp_path / "s2", export, sft, *common, "stage=sft", "attention.anneal_steps=0",
                  "diffusion.block_length=4", check=False)
     assert out.returncode == 2 and "block_length=8" in out.stderr
+
+
+@torch.no_grad()
+def test_harness_scores_a_one_token_block_model_as_the_parent(tiny_model_dir):
+    """The harness reads the block length from the metadata: at b = 1 its log-likelihood of a continuation is
+    the parent's exact one (any sequence length, not only whole blocks)."""
+    from dataclasses import replace
+
+    import torch.nn.functional as F
+
+    from adapt.config import ModelConfig
+    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer
+    from eval.harness import DiffusionLM
+
+    mcfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32")
+    model, tok = load_causal_lm(mcfg).eval(), load_tokenizer(mcfg)
+    meta = replace(add_mask_token(model, tok, mcfg), block_length=1)
+    lm = DiffusionLM(loaded=(model, tok, meta), mc_samples=2, max_length=64)
+    ctx, cont = tok("The river flows", add_special_tokens=False).input_ids, tok(" to the sea.").input_ids
+    got, _ = lm.score_tokens(ctx, cont, gen(0))
+    x = torch.tensor([[lm.start_id, *ctx, *cont]])
+    set_causal(model, True)
+    logits = model(input_ids=x).logits[0, :-1].float().masked_fill(lm.objective.blocked, float("-inf"))
+    set_causal(model, False)
+    logp = F.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
+    assert got == pytest.approx(float(logp[-len(cont):].sum()), rel=1e-4, abs=1e-4)

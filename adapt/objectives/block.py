@@ -110,6 +110,10 @@ class BlockDiffusion(MaskedDiffusion):
     def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
         return self.logits(forward, noised.xt, attention, x0)
 
+    def aligned_logits(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor,
+                       attention: Attention) -> torch.Tensor:
+        return self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
+
     def _row_nll(self, logits: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         return token_nll(logits, x0, sel, False, self.blocked)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 
 from adapt.attention import build_mask, uses_block_mask, window_block_mask
-from adapt.diffusion import corrupt, diffusion_loss_sum, maskable_positions, normaliser, sample_t, token_nll
+from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, prediction_logits,
+                             sample_t, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, Forward, Noised
 
@@ -62,6 +63,12 @@ class MaskedDiffusion:
     def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
         """The logits the loss and the bound read for a noised batch (one model call)."""
         return self.logits(forward, noised.xt, attention)
+
+    def aligned_logits(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor,
+                       attention: Attention) -> torch.Tensor:
+        """(B, L, V) logits of x0 with `masked` hidden, row i predicting token i (the shift applied)."""
+        logits = self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
+        return prediction_logits(logits, self.shift)
 
     def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
         """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
