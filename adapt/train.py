@@ -218,7 +218,8 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
     state.engine.eval()
     visible = None if attention == "bidirectional" else step_visibility(cfg.data.block_size, 0.0, "window")
     view = Attention(visible, 1.0 if visible is None else 0.0, "window",  # a window of width 0 is causal
-                     data.heldout_docs if cfg.attention.document_mask else None)
+                     data.heldout_docs if cfg.attention.document_mask else None,
+                     block=0 if visible is None else 1)  # block diffusion's causal view: blocks of one token
     maskable = obj.scored(data.heldout, data.heldout_loss_mask)  # the parent's positions, shift or not
     out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,
                                    cfg.train.eval_method, rng.generator(cfg.train.seed, "eval"),
