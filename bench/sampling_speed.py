@@ -116,6 +116,8 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
     rows, generated = [], int((x == meta.mask_token_id).sum())
     timer = ForwardTimer(model, x.device)
     for label, name, options, block, cache in CONFIGS:
+        if args.only and not any(word in label for word in args.only):
+            continue
         opts = dict(options, **({"tau": args.tau} if name == "threshold" else {}))
         block_length = args.block_length if block == "B" else None
         bd = replace(meta, block_length=meta.block_length or args.bd_block_length if block == "BD" else 0)
@@ -195,6 +197,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=5, help="bare-forward timings (median)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave as is)")
     p.add_argument("--json", default="", help="also write the measurements here")
+    p.add_argument("--only", nargs="*", default=[], help="run only the samplers whose label contains one of these "
+                   "words (e.g. --only 'block export')")
     args = p.parse_args(argv)
     if min(args.length, args.steps, args.block_length, args.bd_block_length, args.batch, args.prompt_tokens,
            args.repeats) < 1:
