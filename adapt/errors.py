@@ -15,10 +15,11 @@ USER_ERRORS = (ConfigError, CheckpointError, DataError, ModelLoadError, Training
 
 
 @contextlib.contextmanager
-def friendly():
+def friendly(*more: type[BaseException]):
+    """User errors (USER_ERRORS and `more`) become one message and exit 2; anything else is a bug."""
     try:
         yield
-    except USER_ERRORS as err:
+    except USER_ERRORS + more as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
     except OSError as err:

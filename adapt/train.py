@@ -156,13 +156,13 @@ def train_step(state: State, step: int) -> dict:
     n_masked = int(noised.masked.sum())
     mine = slice(distributed.rank() * m * a, (distributed.rank() + 1) * m * a)
     x0 = x0_all[mine]
-    noised = type(noised)(noised.xt[mine], noised.masked[mine], noised.t[mine])
+    noised = noised.rows(mine)
     attention = step_attention(cfg, step)
     attention.docs = data.train_docs[idx[mine]] if cfg.attention.document_mask else None
     total, bad = 0.0, False
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
-        part = type(noised)(noised.xt[sl], noised.masked[sl], noised.t[sl])
+        part = noised.rows(sl)
         loss_sum = obj.loss_sum(obj.predict(state.forward, x0[sl], part, attention.rows(sl)), x0[sl], part)
         if step in faults.nan_steps():
             loss_sum = loss_sum * float("nan")

@@ -58,12 +58,8 @@ def user_errors():
     """adapt.errors.friendly() (the project's own errors: one message, exit 2), and the eval scripts' EvalError."""
     from adapt.errors import friendly
 
-    with friendly():
-        try:
-            yield
-        except EvalError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+    with friendly(EvalError):
+        yield
 
 
 def build_parser(script: Script) -> argparse.ArgumentParser:

@@ -18,8 +18,12 @@ class Noised:
     """(B, L) long: x0 with the masked positions replaced by [MASK]."""
     masked: torch.Tensor
     """(B, L) bool."""
-    t: torch.Tensor
-    """(B,) float32 diffusion times."""
+    t: torch.Tensor | None
+    """(B,) float32 diffusion times (None for the bound's draws, which carry their own weights)."""
+
+    def rows(self, sl: slice) -> "Noised":
+        """The draw of rows `sl` of the batch."""
+        return Noised(self.xt[sl], self.masked[sl], None if self.t is None else self.t[sl])
 
 
 @dataclass

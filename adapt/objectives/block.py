@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from adapt.attention import document_visibility, to_additive
-from adapt.diffusion import diffusion_loss_sum, token_nll
 from adapt.objectives.base import Attention, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion
 
@@ -75,6 +74,7 @@ class BlockDiffusion(MaskedDiffusion):
     def __init__(self, *args, block_length: int, **kwargs):
         super().__init__(*args, **kwargs)
         self.block_length = block_length
+        self.read_shift = False  # `logits` reads each token's row itself (clean stream for a block's first)
 
     def block_size(self, attention: Attention, length: int) -> int:
         """The block length of this forward: the target, or the curriculum's (attention.block) while it grows."""
@@ -103,19 +103,5 @@ class BlockDiffusion(MaskedDiffusion):
                        position_ids=torch.cat([pos, pos])[None].expand(len(xt), -1),
                        logits_to_keep=source_rows(length, b, self.shift, device))
 
-    def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
-        dev = logits.device  # logits are aligned already: no further shift
-        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, False, self.blocked)
-
     def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
         return self.logits(forward, noised.xt, attention, x0)
-
-    def aligned_logits(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor,
-                       attention: Attention) -> torch.Tensor:
-        return self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
-
-    def _row_nll(self, logits: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        return token_nll(logits, x0, sel, False, self.blocked)
-
-    def _selected(self, w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        return w[sel]

@@ -23,6 +23,8 @@ class MaskedDiffusion:
                  dtype: str = "fp32"):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
+        self.read_shift = shift
+        """Whether `predict`'s logits still need the shift when read (row i-1 predicts token i)."""
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -67,13 +69,12 @@ class MaskedDiffusion:
     def aligned_logits(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor,
                        attention: Attention) -> torch.Tensor:
         """(B, L, V) logits of x0 with `masked` hidden, row i predicting token i (the shift applied)."""
-        logits = self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
-        return prediction_logits(logits, self.shift)
+        return prediction_logits(self.predict(forward, x0, self._hidden(x0, masked), attention), self.read_shift)
 
     def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
         """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
         dev = logits.device
-        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.shift, self.blocked)
+        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked)
 
     # --- the bound --------------------------------------------------------------------------------
 
@@ -85,7 +86,7 @@ class MaskedDiffusion:
         One model call. The weight multiplies each term in float32 before the sum, as the training loss does."""
         w = torch.ones(masked.shape) if weight is None else weight.float()
         w = w[:, None].expand(masked.shape) if w.dim() == 1 else w  # a weight per row or per position
-        logits = self.predict(forward, x0, Noised(x0.masked_fill(masked, self.mask_id), masked, None), attention)
+        logits = self.predict(forward, x0, self._hidden(x0, masked), attention)
         dev = logits.device
         sums = torch.zeros(len(x0), 1 + len(parts), dtype=torch.float64)
         for j in range(len(x0)):  # per-row sums without materialising all rows' softmax
@@ -96,10 +97,14 @@ class MaskedDiffusion:
                 sums[j, c] = (self._selected(w[row].to(dev), sel) * nll.float()).sum().double().cpu()
         return sums
 
+    def _hidden(self, x0: torch.Tensor, masked: torch.Tensor) -> Noised:
+        """x0 with `masked` replaced by [MASK] (no t: the bound's draws carry their own weights)."""
+        return Noised(x0.masked_fill(masked, self.mask_id), masked, None)
+
     def _row_nll(self, logits: torch.Tensor, x0: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """-log p_theta(x0_i | x_t) at the selected positions of one row, in row-major order."""
-        return token_nll(logits, x0, sel, self.shift, self.blocked)
+        return token_nll(logits, x0, sel, self.read_shift, self.blocked)
 
     def _selected(self, w: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         """The weights of the selected positions, in `_row_nll`'s order."""
-        return w[:, 1:][sel[:, 1:]] if self.shift else w[sel]
+        return w[:, 1:][sel[:, 1:]] if self.read_shift else w[sel]
