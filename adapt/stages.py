@@ -81,7 +81,8 @@ def _sample_text(folder: Path, cfg: Config) -> str:
     decoded block by block with its cache)."""
     from adapt.denoiser import Denoiser
     from adapt.sampling import generate
-    from adapt.sampling.canvas import prompt_canvas, start_token
+    from adapt.model import start_token
+    from adapt.sampling.canvas import prompt_canvas
 
     model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
     x = prompt_canvas(start_token(tokenizer), meta.mask_token_id, cfg.run.sample_length)

@@ -8,8 +8,6 @@ from typing import Sequence
 
 import torch
 
-from adapt.model import start_token  # noqa: F401 - the start token of a canvas, re-exported for samplers
-
 
 def prompt_canvas(bos_id: int, mask_id: int, length: int, prefix: Sequence[int] = (), suffix: Sequence[int] = (),
                   batch: int = 1) -> torch.Tensor:
