@@ -12,8 +12,10 @@ written to a temporary folder and renamed into place.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -83,6 +85,36 @@ def export_problem(folder: str | Path) -> str | None:
                 f"`python -m adapt.export RUN_DIR`")
     if not (path / WEIGHTS_FILE).is_file() and not any(path.glob("model-*.safetensors")):
         return f"{path} has no {WEIGHTS_FILE}: the export is incomplete; export it again with `python -m adapt.export`"
+    try:
+        return _weights_problem(path, read_meta(path))
+    except ModelLoadError as err:
+        return str(err)
+
+
+def _weights_problem(path: Path, meta: DiffusionMeta) -> str | None:
+    """Weights that cannot be read (corrupt, truncated) or that disagree with config.json / diffusion.json;
+    reads the safetensors headers and config.json only."""
+    from safetensors import SafetensorError, safe_open
+
+    again = "export the run again with `python -m adapt.export RUN_DIR`"
+    rows = None
+    for file in sorted(path.glob("model*.safetensors")):
+        try:
+            with safe_open(str(file), "pt") as handle:
+                embed = [k for k in handle.keys() if k.endswith("embed_tokens.weight")]
+                rows = handle.get_slice(embed[0]).get_shape()[0] if embed else rows
+        except (SafetensorError, OSError) as err:
+            return f"{file} is corrupt or truncated ({err}); {again}"
+    try:
+        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return f"{path / 'config.json'} is missing or unreadable ({err}); {again}"
+    rows = rows or vocab
+    if rows != vocab:
+        return f"{path}: the weights have {rows} vocabulary rows but config.json says vocab_size={vocab}; {again}"
+    if not 0 <= meta.mask_token_id < rows or not 0 < meta.real_vocab_size <= rows:
+        return (f"{path / META_FILE} disagrees with the weights: mask_token_id={meta.mask_token_id} and "
+                f"real_vocab_size={meta.real_vocab_size} must lie within the {rows} vocabulary rows; {again}")
     return None
 
 
@@ -117,20 +149,53 @@ def save_base(run_dir: Path, model, tokenizer, meta: DiffusionMeta) -> None:
 
 
 def save_resumable(engine, run_dir: Path, step: int, cfg: Config, client_state: dict, keep_last: int) -> None:
-    """DeepSpeed checkpoint of every rank, then (rank 0) the config and the COMPLETE marker."""
+    """DeepSpeed checkpoint of every rank (each hashes the files it wrote), agreed on by all ranks, then
+    (rank 0) the config and the COMPLETE marker holding every file's size and sha256.
+
+    A write that fails on any rank (a full disk) is known to all before COMPLETE: the partial folder is
+    removed, the previous checkpoints stay as they were and every rank raises CheckpointError."""
     root, tag = ckpt_root(run_dir), tag_for(step)
     if distributed.is_main():
         shutil.rmtree(root / tag, ignore_errors=True)  # a stale half-written save of the same step
     distributed.barrier()
-    distributed.save(engine, root, tag, client_state)
-    distributed.barrier()
+    written, error = distributed.save(engine, root, tag, client_state, faults.save_hook(step))
+    _agree(distributed.gather(error), root / tag)
     faults.maybe_kill_in_save(step)
+    files = {k: v for rank_files in distributed.gather(written) for k, v in rank_files.items()}
+    error = None
     if distributed.is_main():
-        (root / tag / "config.yaml").write_text(to_yaml(cfg))
-        _fsync_write(root / tag / COMPLETE, f"{step}\n")
+        try:
+            (root / tag / "config.yaml").write_text(to_yaml(cfg))
+            files[str(root / tag / "config.yaml")] = distributed.file_digest(root / tag / "config.yaml")
+            manifest = {os.path.relpath(p, root / tag): {"bytes": n, "sha256": h} for p, (n, h) in files.items()}
+            _fsync_write(root / tag / COMPLETE, json.dumps({"step": step, "files": manifest}, indent=1) + "\n")
+        except OSError as err:
+            error = f"{err.filename or root / tag}: {err.strerror or err}"
+    _agree(distributed.gather(error), root / tag)
+    if distributed.is_main():
         for old in complete_tags(run_dir)[:-keep_last]:
             shutil.rmtree(root / old, ignore_errors=True)
     distributed.barrier()
+
+
+def _note(text: str) -> None:
+    if distributed.is_main():
+        print(f"[adapt] {text}", file=sys.stderr, flush=True)
+
+
+def _agree(errors: list[str | None], folder: Path) -> None:
+    """Raise on every rank when any rank's part of the save failed, after rank 0 removed the partial folder."""
+    failed = [(r, e) for r, e in enumerate(errors) if e]
+    if not failed:
+        return
+    if distributed.is_main():
+        shutil.rmtree(folder, ignore_errors=True)
+    distributed.barrier()
+    rank, error = failed[0]
+    kept = complete_tags(folder.parent.parent)
+    raise CheckpointError(f"saving {folder.name} failed on rank {rank} ({error}); the partial checkpoint was removed"
+                          f" and {kept[-1] if kept else 'no earlier checkpoint'} is intact. Free disk space (or "
+                          f"point run.output_dir elsewhere), then rerun the same command to resume")
 
 
 def _fsync_write(path: Path, text: str) -> None:
@@ -138,6 +203,42 @@ def _fsync_write(path: Path, text: str) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def read_complete(folder: Path) -> dict:
+    """A COMPLETE marker: {"step": N, "files": {name: {"bytes", "sha256"}}} (older markers: the step only)."""
+    text = (Path(folder) / COMPLETE).read_text()
+    try:
+        out = json.loads(text)
+    except ValueError:
+        return {"step": None, "files": {}}
+    return out if isinstance(out, dict) else {"step": int(out), "files": {}}
+
+
+def damage(folder: Path, share: tuple[int, int] = (0, 1)) -> str | None:
+    """What is wrong with a complete checkpoint, or None: every recorded file must exist with its size;
+    the files of this rank's share (every world-th one, from rank) are hashed too, so ranks split the reading."""
+    folder = Path(folder)
+    try:
+        files = read_complete(folder)["files"]
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        return f"{folder / COMPLETE} is unreadable ({err})"
+    rank, world = share
+    for i, (name, want) in enumerate(sorted(files.items())):
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{path} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated or altered)"
+        if i % world == rank and distributed.file_digest(path)[1] != want["sha256"]:
+            return f"{path} does not match the checksum written with it (altered or corrupted)"
+    return None
+
+
+def _verified(run_dir: Path, tag: str) -> str | None:
+    """damage() of one checkpoint, the reading split over the ranks, the same answer on every rank."""
+    found = distributed.gather(damage(ckpt_root(run_dir) / tag, (distributed.rank(), distributed.world_size())))
+    return next((d for d in found if d), None)
 
 
 # Fields a resumed run may change without invalidating its checkpoint (everything else must match).
@@ -154,15 +255,26 @@ def resume_conflicts(saved: Config, current: Config) -> list[str]:
             if a[k] != b.get(k) and not any(k == s or (s.endswith(".") and k.startswith(s)) for s in RESUME_SAFE)]
 
 
-def find_resume(cfg: Config) -> str | None:
-    """The checkpoint tag to resume from under `run.resume`, after checking the config is compatible."""
+def find_resume(cfg: Config, say=None) -> str | None:
+    """The checkpoint tag to resume from under `run.resume`, after checking its files and that the config
+    is compatible. `auto` skips a damaged checkpoint (saying which file, through `say`) for the one before."""
     if cfg.run.resume == "never":
         return None
+    say = say or _note
     if cfg.run.resume == "auto":
         tags = complete_tags(cfg.run_dir)
-        if not tags:
+        tag = None
+        for candidate in reversed(tags):
+            problem = _verified(cfg.run_dir, candidate)
+            if problem is None:
+                tag = candidate
+                break
+            say(f"skipping damaged checkpoint {candidate}: {problem}")
+        if tags and tag is None:
+            raise CheckpointError(f"every checkpoint of {cfg.run_dir} is damaged (see above); start over with "
+                                  f"run.resume=never or a new run.name")
+        if tag is None:
             return None
-        tag = tags[-1]
     else:
         path = Path(cfg.run.resume)
         if not (path / COMPLETE).is_file():
@@ -172,6 +284,10 @@ def find_resume(cfg: Config) -> str | None:
             raise CheckpointError(f"run.resume={path} is not under {ckpt_root(cfg.run_dir)}; "
                                   f"set run.name/run.output_dir to the run it belongs to")
         tag = path.name
+        problem = _verified(cfg.run_dir, tag)
+        if problem:
+            raise CheckpointError(f"run.resume={path} is damaged: {problem}; pick another checkpoint or "
+                                  f"run.resume=auto (which falls back to the last intact one)")
     saved = from_dict(yaml.safe_load((ckpt_root(cfg.run_dir) / tag / "config.yaml").read_text()))
     conflicts = resume_conflicts(saved, cfg)
     if conflicts:
@@ -187,16 +303,11 @@ def find_resume(cfg: Config) -> str | None:
 def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype: str | None = None) -> Path:
     """Consolidate a DeepSpeed checkpoint of a run (any ZeRO stage) into an HF folder; returns it."""
     run_dir = Path(run_dir)
-    tags = complete_tags(run_dir)
-    if not tags:
-        raise CheckpointError(f"{run_dir} has no complete checkpoint to export")
-    tag = tag or tags[-1]
-    if tag not in tags:
-        raise CheckpointError(f"{tag} is not a complete checkpoint of {run_dir}; choose from {', '.join(tags)}")
+    tag = export_tag(run_dir, tag)
     saved = from_dict(yaml.safe_load((ckpt_root(run_dir) / tag / "config.yaml").read_text()))
     base = run_dir / "base"
     meta = read_meta(base)
-    step = int((ckpt_root(run_dir) / tag / COMPLETE).read_text())
+    step = read_complete(ckpt_root(run_dir) / tag)["step"] or int(tag[len("step_"):])
     from adapt.attention import anneal_ratio
 
     ratio = anneal_ratio(step, saved.attention.anneal_steps)
@@ -222,8 +333,31 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     from adapt.hf_export import write_hf_extras  # custom_generate/, decoding defaults, model card
 
     write_hf_extras(tmp, meta, saved, run_dir=run_dir)
+    faults.maybe_kill_in_export()
     _swap_into_place(tmp, out)
     return out
+
+
+def export_tag(run_dir: Path, tag: str | None, say=None) -> str:
+    """The checkpoint to export: `tag`, refused when it is incomplete or damaged; by default the latest
+    intact one (a damaged later one is named through `say` and skipped)."""
+    tags, say = complete_tags(run_dir), say or _note
+    if not tags:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to export")
+    if tag is not None:
+        if tag not in tags:
+            raise CheckpointError(f"{tag} is not a complete checkpoint of {run_dir}; choose from {', '.join(tags)}")
+        problem = damage(ckpt_root(run_dir) / tag)
+        if problem:
+            raise CheckpointError(f"checkpoint {tag} is damaged: {problem}; export another one (--tag, of "
+                                  f"{', '.join(t for t in tags if t != tag) or 'none'})")
+        return tag
+    for candidate in reversed(tags):
+        problem = damage(ckpt_root(run_dir) / candidate)
+        if problem is None:
+            return candidate
+        say(f"skipping damaged checkpoint {candidate}: {problem}")
+    raise CheckpointError(f"every checkpoint of {run_dir} is damaged (see above); nothing to export")
 
 
 def _model_from_state(config, state: dict[str, torch.Tensor], tag: str):
@@ -274,8 +408,12 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     attn_implementation, why = usable_backend(attn_implementation, device, head_dim)
     if why:
         warnings.warn(why, stacklevel=2)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
-                                                 attn_implementation=attn_implementation)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype], use_safetensors=True,
+                                                     attn_implementation=attn_implementation)
+    except (OSError, ValueError) as err:  # transformers' own words for a folder it cannot load
+        raise ModelLoadError(f"{path} does not load as a model ({str(err).splitlines()[0]}); export the run "
+                             f"again with `python -m adapt.export RUN_DIR`") from None
     if (path / ADAPTER_DIR).is_dir():  # a `lora.export=adapter` export: merge it for inference
         from adapt.lora import merge_adapter
 

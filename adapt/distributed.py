@@ -11,12 +11,16 @@ import torch.distributed as dist
 from adapt.config import Config
 
 
-def init() -> None:
+def init(timeout_s: float = 1800.0) -> None:
     """Join the process group started by the `deepspeed` launcher, or make a one-process group.
 
     `python adapt/run.py` has no launcher environment; DeepSpeed then needs the rendezvous
-    variables of a world of one. On CPU DeepSpeed's accelerator picks the gloo backend.
+    variables of a world of one. On CPU DeepSpeed's accelerator picks the gloo backend. A collective
+    that waits longer than `timeout_s` for another rank (dead on another node, or hung) raises
+    instead of hanging (adapt.errors turns that into a message).
     """
+    from datetime import timedelta
+
     import deepspeed
 
     if dist.is_initialized():
@@ -24,7 +28,7 @@ def init() -> None:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT", str(_free_port())))
-    deepspeed.init_distributed(verbose=False)
+    deepspeed.init_distributed(verbose=False, timeout=timedelta(seconds=timeout_s))
 
 
 def _free_port() -> int:
@@ -59,6 +63,15 @@ def all_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64, device=device())
     dist.all_reduce(t)
     return t.tolist()
+
+
+def gather(value) -> list:
+    """Every rank's `value` (any picklable object), in rank order, on every rank."""
+    if not dist.is_initialized() or world_size() == 1:
+        return [value]
+    out: list = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
 
 
 def device() -> torch.device:
@@ -109,8 +122,45 @@ def initialize(model: torch.nn.Module, optimizer, scheduler, config: dict):
     return engine
 
 
-def save(engine, folder: Path, tag: str, client_state: dict) -> None:
-    engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+def save(engine, folder: Path, tag: str, client_state: dict, before_write=None) -> tuple[dict, str | None]:
+    """Write this rank's part of a DeepSpeed checkpoint; returns ({path: (bytes, sha256)} of the files it
+    wrote, None) or (..., the first write error). A failed write does not raise, so this rank follows
+    DeepSpeed's collective save to its end like the others and the ranks can agree afterwards.
+    `before_write(path)` runs before each file (the fault hook)."""
+    ckpt_engine = engine.checkpoint_engine
+    original = ckpt_engine.save
+    written: dict[str, tuple[int, str]] = {}
+    failed: list[str] = []
+
+    def recording_save(state_dict, path: str) -> None:
+        if failed:
+            return
+        try:
+            if before_write is not None:
+                before_write(path)
+            original(state_dict, path)
+            written[path] = file_digest(Path(path))
+        except OSError as err:
+            failed.append(f"{path}: {err.strerror or err}")
+            Path(path).unlink(missing_ok=True)
+
+    ckpt_engine.save = recording_save
+    try:
+        engine.save_checkpoint(str(folder), tag=tag, client_state=client_state, save_latest=False)
+    finally:
+        ckpt_engine.save = original
+    return written, (failed[0] if failed else None)
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 8 MiB chunks (just written: from the page cache)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(8 << 20), b""):
+            digest.update(chunk)
+    return path.stat().st_size, digest.hexdigest()
 
 
 def load(engine, folder: Path, tag: str) -> dict:

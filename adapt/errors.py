@@ -22,6 +22,11 @@ def friendly(*more: type[BaseException]):
     except USER_ERRORS + more as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except _collective_errors() as err:
+        print(f"error: another rank stopped answering ({str(err).splitlines()[0][:300]}): it died or hangs, or "
+              f"the network failed; waited dist.timeout_s. Complete checkpoints are intact: rerun the same "
+              f"command to resume from the last one", file=sys.stderr)
+        raise SystemExit(2) from None
     except OSError as err:
         if err.errno == errno.ENOSPC:
             print(f"error: disk full while writing {err.filename or ''}; free space or point "
@@ -29,3 +34,11 @@ def friendly(*more: type[BaseException]):
                   file=sys.stderr)
             raise SystemExit(2) from None
         raise
+
+
+def _collective_errors() -> tuple[type[BaseException], ...]:
+    """torch.distributed's errors of a collective that timed out or lost a peer."""
+    import torch.distributed as dist
+
+    return tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
+                 if hasattr(dist, name))

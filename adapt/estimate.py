@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapt import checkpoint  # noqa: E402
+from adapt.cli_types import at_least  # noqa: E402
 from adapt.config import Config  # noqa: E402
 from adapt.recipe import load_config  # noqa: E402
 
@@ -63,7 +64,11 @@ def read_config(cfg: Config, model_config: str = ""):
 
     if model_config:
         path = Path(model_config)
-        return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+        try:
+            return AutoConfig.from_pretrained(path.parent if path.is_file() else path)
+        except (OSError, ValueError) as err:
+            raise ModelLoadError(f"--model-config {model_config}: no readable config.json there "
+                                 f"({str(err).splitlines()[0]}); pass a model folder or its config.json") from None
     source, gguf = resolve_source(cfg.model.name_or_path, cfg.model.gguf_file)
     try:
         return AutoConfig.from_pretrained(source, gguf_file=gguf, trust_remote_code=cfg.model.trust_remote_code)
@@ -217,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m adapt.estimate", description=__doc__.splitlines()[0])
     parser.add_argument("recipe")
     parser.add_argument("overrides", nargs="*", help="section.key=value, as for adapt/run.py")
-    parser.add_argument("--gpus-per-node", type=int, default=8)
-    parser.add_argument("--nodes", type=int, default=1)
+    parser.add_argument("--gpus-per-node", type=at_least(1), default=8)
+    parser.add_argument("--nodes", type=at_least(1), default=1)
     parser.add_argument("--hostfile", default="", help="take nodes and GPUs per node from a DeepSpeed hostfile")
     parser.add_argument("--model-config", default="", help="folder or config.json to use instead of the recipe's model")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")

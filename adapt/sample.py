@@ -18,11 +18,16 @@ import time
 
 import torch
 
+from adapt.cli_types import at_least, device, fraction, non_negative
 from adapt.model import start_token
 from adapt.sampling import SAMPLERS, SampleResult, generate, sampler_options
 from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
 
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+
+
+class SampleError(ValueError):
+    """Arguments that describe no canvas the model can fill; the message names them."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -31,24 +36,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what = p.add_argument_group("what to generate")
     what.add_argument("--prompt", default="", help="text before the generated span")
     what.add_argument("--suffix", default="", help="text after the generated span")
-    what.add_argument("--length", type=int, default=64, help="tokens to generate between prompt and suffix")
+    what.add_argument("--length", type=at_least(0), default=64, help="tokens to generate between prompt and suffix")
     what.add_argument("--infill", help="text with <mask> (span of --span-length tokens) or <mask:N> markers")
-    what.add_argument("--span-length", type=int, default=8, help="tokens per bare <mask> marker")
+    what.add_argument("--span-length", type=at_least(1), default=8, help="tokens per bare <mask> marker")
     what.add_argument("--text", help="text whose --mask-range token spans are regenerated")
     what.add_argument("--mask-range", action="append", default=[], metavar="START:END",
                       help="token span of --text to mask (0 = first token after BOS, end exclusive); repeatable")
     how = p.add_argument_group("how")
     how.add_argument("--sampler", default="analytic", choices=list(SAMPLERS))
-    how.add_argument("--steps", type=int, help="sampler steps (default: one per generated token)")
-    how.add_argument("--num-samples", type=int, default=1, help="samples drawn as one batch")
+    how.add_argument("--steps", type=at_least(1), help="sampler steps (default: one per generated token)")
+    how.add_argument("--num-samples", type=at_least(1), default=1, help="samples drawn as one batch")
     how.add_argument("--seed", type=int, default=0)
-    how.add_argument("--temperature", type=float)
-    how.add_argument("--top-k", type=int)
-    how.add_argument("--top-p", type=float)
+    how.add_argument("--temperature", type=non_negative)
+    how.add_argument("--top-k", type=at_least(1))
+    how.add_argument("--top-p", type=fraction)
     how.add_argument("--noise", choices=["loglinear", "geometric"], help="euler / analytic noise")
     how.add_argument("--confidence", choices=["prob", "margin", "entropy"], help="confidence / threshold")
-    how.add_argument("--tau", type=float, help="threshold: commit positions with confidence >= tau")
-    how.add_argument("--block-length", type=int, help="semi-autoregressive blocks of this many tokens")
+    how.add_argument("--tau", type=fraction, help="threshold: commit positions with confidence >= tau")
+    how.add_argument("--block-length", type=at_least(1), help="semi-autoregressive blocks of this many tokens")
     how.add_argument("--prefix-cache", action="store_true", help="reuse the prompt's keys/values (approximate)")
     how.add_argument("--force-block-length", action="store_true",
                      help="decode a block-diffusion export with another --block-length than it was trained with")
@@ -57,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     how.add_argument("--trajectory-out", metavar="FILE.png|FILE.html",
                      help="draw the canvas step by step, each token coloured by the step it was revealed at")
     run = p.add_argument_group("runtime")
-    run.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    run.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu")
     run.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     run.add_argument("--attn", default="sdpa", help="attn_implementation (sdpa, eager, flash_attention_2)")
     return p.parse_args(argv)
@@ -72,11 +77,11 @@ def build_input(args: argparse.Namespace, tokenizer, bos_id: int, mask_id: int) 
     n = args.num_samples
     if args.infill is not None or args.text is not None:
         if args.prompt or args.suffix:
-            raise SystemExit("--infill / --text replace --prompt / --suffix; use one way")
+            raise SampleError("--infill / --text replace --prompt / --suffix; use one way")
     if args.infill is not None:
         parts = MASK_MARKER.split(args.infill)  # text, count, text, count, ..., text
         if len(parts) == 1:
-            raise SystemExit("--infill needs at least one <mask> or <mask:N> marker")
+            raise SampleError(f"--infill {args.infill!r} has no <mask> or <mask:N> marker; add one where text is to be generated")
         segments: list = []
         for i, part in enumerate(parts):
             if i % 2 == 0:
@@ -86,14 +91,22 @@ def build_input(args: argparse.Namespace, tokenizer, bos_id: int, mask_id: int) 
         return segments_canvas(bos_id, mask_id, segments, n)
     if args.text is not None:
         if not args.mask_range:
-            raise SystemExit("--text needs at least one --mask-range START:END")
-        spans = [tuple(int(v) for v in r.split(":")) for r in args.mask_range]
+            raise SampleError("--text needs at least one --mask-range START:END")
+        spans = [_span(r) for r in args.mask_range]
         try:
             return infill_canvas(bos_id, mask_id, encode(tokenizer, args.text), spans, n)
         except ValueError as err:
-            raise SystemExit(str(err)) from None
+            raise SampleError(f"--mask-range {' '.join(args.mask_range)}: {err}") from None
     return prompt_canvas(bos_id, mask_id, args.length, encode(tokenizer, args.prompt),
                          encode(tokenizer, args.suffix), n)
+
+
+def _span(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise SampleError(f"--mask-range {text!r} is not START:END (two token indices)") from None
+    return start, end
 
 
 def sampler_kwargs(args: argparse.Namespace, eps: float) -> dict:
@@ -120,36 +133,42 @@ def draw_trajectory(args: argparse.Namespace, x: torch.Tensor, result: SampleRes
     try:
         out = render(args.trajectory_out, samples, title)
     except (ValueError, OSError) as err:
-        print(f"error: cannot write {args.trajectory_out}: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SampleError(f"cannot write {args.trajectory_out}: {err}") from None
     print(f"# trajectory -> {out}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from adapt.errors import friendly
+
+    args = parse_args(argv)
+    with friendly(SampleError):
+        _sample(args)
+    return 0
+
+
+def _sample(args: argparse.Namespace) -> None:
     from adapt.checkpoint import load_diffusion_model
     from adapt.denoiser import Denoiser
 
-    args = parse_args(argv)
     if args.trajectory_out:
         from adapt.trajectory import check_path
 
         try:
             check_path(args.trajectory_out)
         except ValueError as err:
-            print(f"error: {err}", file=sys.stderr)
-            raise SystemExit(2) from None
+            raise SampleError(str(err)) from None
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
-    bos_id = start_token(tokenizer)
-    x = build_input(args, tokenizer, bos_id, meta.mask_token_id)
-    generator = torch.Generator().manual_seed(args.seed)
+    x = build_input(args, tokenizer, start_token(tokenizer), meta.mask_token_id)
+    if not (x == meta.mask_token_id).any():
+        raise SampleError("nothing to generate: --length is 0 and no span is masked")
     start = time.perf_counter()
     try:
-        result = generate(Denoiser(model, meta), x, args.sampler, args.steps, generator, args.block_length,
-                          args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
+        result = generate(Denoiser(model, meta), x, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
+                          args.block_length, args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
                           args.trajectory or bool(args.trajectory_out), args.force_block_length,
                           **sampler_kwargs(args, meta.eps))
     except ValueError as err:
-        raise SystemExit(f"error: {err}") from None
+        raise SampleError(str(err)) from None
     seconds = time.perf_counter() - start
     for row in range(result.ids.shape[0]):
         print(f"=== sample {row + 1}/{result.ids.shape[0]} ===")
@@ -161,7 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     generated = int((x == meta.mask_token_id).sum())
     print(f"# sampler={args.sampler} steps_run={result.steps_run} nfe={result.nfe} seconds={seconds:.2f} "
           f"tokens/s={generated / max(seconds, 1e-9):.1f}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":

@@ -40,7 +40,29 @@ def inputs(exported_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811
     (root / "empty.txt").write_text("")
     return {"missing": str(root / "no_such_model"), "parent": str(tiny_model_dir), "base": str(run / "base"),
             "checkpoint": str(step), "export": str(exported_dir), "empty": str(root / "empty.txt"),
-            "root": root}
+            "root": root, **damaged_exports(exported_dir, root)}
+
+
+def damaged_exports(export: Path, root: Path) -> dict[str, str]:
+    """Copies of a good export, each broken one way: weights truncated or overwritten, diffusion.json or
+    config.json disagreeing with the weights."""
+    import json
+
+    from adapt import checkpoint
+
+    out = {}
+    for name in ("truncated", "corrupt", "mask_id", "vocab"):
+        shutil.copytree(export, root / name)
+        out[name] = str(root / name)
+    weights = root / "truncated" / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    weights = root / "corrupt" / checkpoint.WEIGHTS_FILE
+    weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])
+    meta = json.loads((export / checkpoint.META_FILE).read_text())
+    (root / "mask_id" / checkpoint.META_FILE).write_text(json.dumps(meta | {"mask_token_id": 10**6}))
+    config = json.loads((export / "config.json").read_text())
+    (root / "vocab" / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 64}))
+    return out
 
 
 PATH_CASES = {  # bad folder -> what the message must say beyond naming it
@@ -48,6 +70,10 @@ PATH_CASES = {  # bad folder -> what the message must say beyond naming it
     "parent": "not an exported diffusion model",
     "base": "python -m adapt.export",
     "checkpoint": "python -m adapt.export",
+    "truncated": "corrupt or truncated",
+    "corrupt": "corrupt or truncated",
+    "mask_id": "mask_token_id=1000000",
+    "vocab": "vocab_size",
 }
 
 
@@ -56,6 +82,7 @@ def _path_commands(bad: str, export: str, out: Path) -> dict[str, list[str]]:
     commands["compare (first)"] = ["-m", "eval.compare", bad, export, "--out-dir", str(out)]
     commands["compare (second)"] = ["-m", "eval.compare", export, bad, "--out-dir", str(out)]
     commands["make_data"] = ["-m", "eval.tasks.make_data", bad, "--out", str(out)]
+    commands["adapt.sample"] = ["-m", "adapt.sample", bad, "--prompt", "hi", "--length", "4"]
     commands["harness"] = ["-m", "eval.harness", "--model", "diffusion-lm", "--model_args", f"pretrained={bad}",
                            "--tasks", "adapt_cloze", "--output_path", str(out)]
     return commands
@@ -148,3 +175,46 @@ def test_a_fresh_interpreter_gives_the_same_answer(inputs, tmp_path):
                  ["adapt-lm-eval", "--model", "diffusion-lm", "--model_args", f"pretrained={inputs['missing']}",
                   "--tasks", "adapt_local", "--output_path", str(tmp_path / "out")]):
         _assert_refused(run_fresh(argv), [inputs["missing"], "not found"], tmp_path / "out")
+
+
+SAMPLE_CASES = [  # adapt.sample options -> text the message must hold
+    (["--length", "-1"], "--length"),
+    (["--steps", "0"], "--steps"),
+    (["--block-length", "0"], "--block-length"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--top-p", "0"], "--top-p"),
+    (["--tau", "1.5"], "--tau"),
+    (["--top-k", "0"], "--top-k"),
+    (["--num-samples", "0"], "--num-samples"),
+    (["--sampler", "nosuch"], "nosuch"),
+    (["--device", "tpu"], "tpu"),
+    (["--length", "0"], "--length"),
+    (["--infill", "no marker here"], "no marker here"),
+    (["--text", "The cat sat.", "--mask-range", "1:99"], "1:99"),
+    (["--text", "The cat sat.", "--mask-range", "a:b"], "a:b"),
+    (["--text", "The cat sat."], "--mask-range"),
+    (["--infill", "The <mask>.", "--prompt", "x"], "--infill"),
+    (["--trajectory-out", "order.gif"], "order.gif"),
+]
+
+
+@pytest.mark.parametrize("options,named", SAMPLE_CASES, ids=[" ".join(o) for o, _ in SAMPLE_CASES])
+def test_adapt_sample_refuses_bad_options(runner, inputs, options, named):
+    result = runner.run(["-m", "adapt.sample", inputs["export"], *options])
+    _assert_refused(result, [named], inputs["root"] / "no_output_expected")
+    assert "===" not in result.stdout  # no sample was printed
+
+
+def test_adapt_export_and_estimate_refuse_bad_inputs(runner, inputs):
+    root, recipe = inputs["root"], str(Path(__file__).resolve().parent.parent / "recipes" / "debug.yaml")
+    cases = [
+        (["-m", "adapt.export", inputs["missing"]], [inputs["missing"]]),
+        (["-m", "adapt.export", inputs["export"]], [inputs["export"], "no complete checkpoint"]),
+        (["-m", "adapt.export", str(Path(inputs["checkpoint"]).parent.parent), "--tag", "step_9"], ["step_9"]),
+        (["-m", "adapt.estimate", str(root / "no_such.yaml")], [str(root / "no_such.yaml")]),
+        (["-m", "adapt.estimate", recipe, "train.max_stpes=3"], ["train.max_steps"]),
+        (["-m", "adapt.estimate", recipe, "--model-config", inputs["missing"]], [inputs["missing"]]),
+        (["-m", "adapt.estimate", recipe, "--nodes", "0"], ["--nodes"]),
+    ]
+    for argv, names in cases:
+        _assert_refused(runner.run(argv), names, root / "no_output_expected")

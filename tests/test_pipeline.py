@@ -53,7 +53,11 @@ def test_run_writes_checkpoint_tree_and_metrics(finished_run):
     ckpts = finished_run / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_0000003", "step_0000006"]
     for tag in ("step_0000003", "step_0000006"):
-        assert (ckpts / tag / "COMPLETE").read_text().strip() == str(int(tag[5:]))
+        marker = json.loads((ckpts / tag / "COMPLETE").read_text())
+        assert marker["step"] == int(tag[5:])
+        recorded = set(marker["files"])  # every shard and the config, with size and checksum
+        assert "config.yaml" in recorded and any(name.endswith("optim_states.pt") for name in recorded)
+        assert all((ckpts / tag / n).stat().st_size == marker["files"][n]["bytes"] for n in recorded)
         assert "max_steps: 6" in (ckpts / tag / "config.yaml").read_text()
     rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in rows if r["kind"] == "train"]
