@@ -67,6 +67,8 @@ class DiffusionConfig:
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
     """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole block (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    ar_loss_weight: float = 0.0
+    """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
 
 
 @dataclass
@@ -232,6 +234,7 @@ CHOICES: dict[str, tuple] = {
 RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.eps", 1e-8, 0.5),
     ("diffusion.block_length", 0, None),
+    ("diffusion.ar_loss_weight", 0.0, None),
     ("attention.anneal_steps", 0, None),
     ("data.block_size", 8, None),
     ("data.heldout_blocks", 1, None),

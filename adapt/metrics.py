@@ -60,10 +60,13 @@ class MetricsLog:
                "anneal_ratio": window[-1]["anneal_ratio"], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9),
                "step_seconds": secs / len(window)}
+        if "ar_loss" in window[-1]:  # the joint causal term (diffusion.ar_loss_weight > 0)
+            row["ar_loss"] = sum(w["ar_loss"] for w in good) / len(good) if good else float("nan")
         done = step - self._first
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * (self._total - step)
-        self.info(f"step {step}/{self._total} | loss {row['loss']:.4f} | masked {row['masked_tokens']} | "
+        ar = f" | ar {row['ar_loss']:.4f}" if "ar_loss" in row else ""
+        self.info(f"step {step}/{self._total} | loss {row['loss']:.4f}{ar} | masked {row['masked_tokens']} | "
                   f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
                   f"ETA {_duration(eta)}")
         self.record(step, row, "train")

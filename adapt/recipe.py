@@ -92,6 +92,9 @@ def validate(cfg: Config) -> list[str]:
         problems.append("`train.eval_method=antithetic` needs an even `train.eval_t_samples` (t, 1-t pairs)")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
         problems.append(f"`dist.deepspeed_config` file `{cfg.dist.deepspeed_config}` not found")
+    if cfg.diffusion.ar_loss_weight > 0 and cfg.model.attn_implementation == "flash_attention_2":
+        problems.append("`diffusion.ar_loss_weight` needs a causal mask tensor, which flash_attention_2 does not take; "
+                        "use model.attn_implementation=sdpa or flex_attention, or diffusion.ar_loss_weight=0")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
     problems += _exported_model_problems(cfg)

@@ -9,9 +9,11 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
   bidirectional  adapt.train.train_step after annealing (no mask tensor)
   block          adapt.train.train_step of block diffusion (--block-length; [x_t | x_0], 2L positions under the
                  block mask), its tokens/s counted over L tokens per sequence like the others
+  ar             the bidirectional step with the joint causal term (diffusion.ar_loss_weight=0.3: a second,
+                 causal forward of the clean sequences), also reported against `bidirectional`
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
 sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
-`--in-process` runs the three variants one after another in this process instead (a quick check that
+`--in-process` runs the variants one after another in this process instead (a quick check that
 the benchmark runs, e.g. on a tiny model folder: its peak memory then includes the earlier variants').
 """
 from __future__ import annotations
@@ -27,7 +29,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("causal", "anneal", "bidirectional", "block")
+VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar")
+AR_WEIGHT = 0.3
+"""diffusion.ar_loss_weight of the `ar` variant."""
 
 
 class PeakRSS:
@@ -69,6 +73,8 @@ def _state(args):
 
     block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0"] \
         if args.variant == "block" else ["attention.anneal_steps=2"]
+    if args.variant == "ar":
+        block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.block_size={args.length}",
                              f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",
@@ -109,7 +115,7 @@ def run_variant(args) -> dict:
 
     state = _state(args)
     # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1
-    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2}[args.variant]
+    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2, "ar": 2}[args.variant]
     step = (lambda s: _causal_step(state, s)) if args.variant == "causal" else (
         lambda s: train_step(state, first if args.variant == "anneal" else first + s))  # block: anneal_steps=0
     cuda = args.device == "cuda"
@@ -181,6 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"targets: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
           f"{d['memory_ratio']:.3f}x; block (b={args.block_length}) >= 0.45x speed and <= 2.2x memory: "
           f"{b['speed_ratio']:.3f}x, {b['memory_ratio']:.3f}x")
+    a = results["ar"]
+    print(f"joint causal term (alpha={AR_WEIGHT}) vs bidirectional: {d['tokens_per_s'] / a['tokens_per_s']:.3f}x "
+          f"the time per step, {a['peak_bytes'] / d['peak_bytes']:.3f}x the peak memory")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 

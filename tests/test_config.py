@@ -87,6 +87,7 @@ def test_wrong_type(tmp_path):
     ("model.dtype=fp16", "model.dtype"), ("diffusion.eps=.nan", "diffusion.eps"),
     ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=.inf", "optim.grad_clip"),
     ("optim.beta1=" + "1" * 400, "optim.beta1"),  # an int too large for a float (found by fuzzing)
+    ("diffusion.ar_loss_weight=-0.1", "diffusion.ar_loss_weight"),
 ])
 def test_out_of_range(override, key):
     (p,) = problems_of(None, [override])

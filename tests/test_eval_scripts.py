@@ -89,11 +89,12 @@ def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bench_adapt_step_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """The four variants (causal, annealed, bidirectional, block diffusion steps) on the tiny model, in one process."""
+    """The five variants (causal, annealed, bidirectional, block diffusion, joint causal term steps) on the tiny
+    model, in one process."""
     out = tmp_path / "step.json"
     res = run_fresh(["bench/adapt_step.py", "--model", str(tiny_model_dir), "--batch", "2", "--length", "16",
                      "--steps", "1", "--dtype", "fp32", "--in-process", "--json", str(out)])
     assert res.code == 0, res.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"causal", "anneal", "bidirectional", "block"} and results["causal"]["speed_ratio"] == 1.0
+    assert set(results) == {"causal", "anneal", "bidirectional", "block", "ar"} and results["causal"]["speed_ratio"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in results.values())

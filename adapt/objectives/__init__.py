@@ -27,15 +27,16 @@ def objective_name(block_length: int) -> str:
     return "block" if block_length > 0 else "mdlm"
 
 
-def _make(block_length: int, *args):
+def _make(block_length: int, *args, **kwargs):
     extra = {"block_length": block_length} if block_length > 0 else {}
-    return OBJECTIVES[objective_name(block_length)](*args, **extra)
+    return OBJECTIVES[objective_name(block_length)](*args, **extra, **kwargs)
 
 
 def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
     """The recipe's objective (`diffusion.block_length`) for training and its evaluation."""
     return _make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
-                 cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype)
+                 cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype,
+                 ar_weight=cfg.diffusion.ar_loss_weight)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):

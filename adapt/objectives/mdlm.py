@@ -3,16 +3,33 @@
 Every loss-eligible token of x0 is masked with probability t, t ~ U(eps, 1); the negative ELBO weights
 the cross-entropy of each masked token by 1/t (adapt.diffusion). Attention is whatever the loop's
 annealing asks for: causal at the start of adaptation, bidirectional after.
+
+An optional joint causal term (`ar_weight` alpha > 0; Nemotron-Labs-Diffusion, I-DLM) adds alpha x the next-token
+cross-entropy of the clean x0 under causal attention, from a second forward: under bidirectional attention the
+next token is visible, so that target would be a copy task. The loop divides its sum by its own token count.
 """
 from __future__ import annotations
 
 import torch
 
-from adapt.attention import build_mask, uses_block_mask, window_block_mask
+from adapt.attention import build_mask, causal_visibility, uses_block_mask, window_block_mask
 from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, prediction_logits,
                              sample_t, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, Forward, Noised
+
+
+def sequence_mask(attention: Attention, length: int, batch: int, device: torch.device, backend: str,
+                  dtype: torch.dtype):
+    """The attention mask of one forward over L positions: None (bidirectional), a dense 4D mask, or a flex
+    BlockMask."""
+    docs = None if attention.docs is None else attention.docs.to(device)
+    if uses_block_mask(backend, attention.schedule) and (attention.visible is not None or docs is not None):
+        # flex takes masks as BlockMasks only: the window at the step's ratio (the schedule flex anneals
+        # with; ratio 0 is causal, 1 all visible), within documents
+        return window_block_mask(length, attention.ratio if attention.visible is not None else 1.0, docs, device)
+    mask = build_mask(attention.visible, length, dtype, backend, docs)
+    return None if mask is None else mask.to(device).expand(batch, -1, -1, -1)
 
 
 class MaskedDiffusion:
@@ -20,11 +37,13 @@ class MaskedDiffusion:
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
-                 dtype: str = "fp32"):
+                 dtype: str = "fp32", ar_weight: float = 0.0):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
         self.read_shift = shift
         """Whether `predict`'s logits still need the shift when read (row i-1 predicts token i)."""
+        self.ar_weight = ar_weight
+        """alpha of the joint causal term (diffusion.ar_loss_weight); 0 = none, and no second forward."""
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -50,13 +69,7 @@ class MaskedDiffusion:
 
     def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
         """The attention mask of one forward: None (bidirectional), a dense 4D mask, or a flex BlockMask."""
-        docs = None if attention.docs is None else attention.docs.to(device)
-        if uses_block_mask(self.backend, attention.schedule) and (attention.visible is not None or docs is not None):
-            # flex takes masks as BlockMasks only: the window at the step's ratio (the schedule flex anneals
-            # with; ratio 0 is causal, 1 all visible), within documents
-            return window_block_mask(length, attention.ratio if attention.visible is not None else 1.0, docs, device)
-        mask = build_mask(attention.visible, length, self.dtype, self.backend, docs)
-        return None if mask is None else mask.to(device).expand(batch, -1, -1, -1)
+        return sequence_mask(attention, length, batch, device, self.backend, self.dtype)
 
     def logits(self, forward: Forward, xt: torch.Tensor, attention: Attention) -> torch.Tensor:
         """(B, L, V) raw logits of the model on x_t under `attention` (one model call)."""
@@ -75,6 +88,17 @@ class MaskedDiffusion:
         """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
         dev = logits.device
         return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked)
+
+    def causal_loss_sum(self, forward: Forward, x0: torch.Tensor, scored: torch.Tensor,
+                        docs: torch.Tensor | None = None) -> torch.Tensor:
+        """sum over `scored` (B, L) of -log p_theta(x0_i | x0_<i): the joint causal term's numerator, a float32
+        scalar. One forward of the clean x0 (L positions, for either objective) under causal attention, within
+        documents when `docs` (B, L) is given; the blocked ids are excluded, as in the parent's exact NLL."""
+        length, device = x0.shape[1], getattr(forward, "device", x0.device)
+        causal = Attention(causal_visibility(length), 0.0, "window", docs)  # a window of width 0 is causal
+        logits = forward(x0, sequence_mask(causal, length, len(x0), device, self.backend, self.dtype))
+        dev = logits.device
+        return token_nll(logits, x0.to(dev), scored.to(dev), True, self.blocked).sum()
 
     # --- the bound --------------------------------------------------------------------------------
 
