@@ -142,6 +142,10 @@ class OptimConfig:
     """Cosine decays to lr * min_lr_ratio at max_steps."""
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
+    layer_lr_decay: float = 1.0
+    """Layer-wise rate decay in (0, 1]: decoder layer l of N trains at lr * decay^(N-1-l) (top layer fastest, RND1); 1 = off."""
+    embedding_lr_scale: float = 1.0
+    """Factor (> 0) on lr for the input embeddings and output head, the mask token's row included; 1 = off."""
 
 
 @dataclass
@@ -246,6 +250,8 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("optim.warmup_steps", 0, None),
     ("optim.min_lr_ratio", 0.0, 1.0),
     ("optim.grad_clip", 0.0, None),
+    ("optim.layer_lr_decay", 0.0, 1.0),
+    ("optim.embedding_lr_scale", 0.0, None),
     ("train.max_steps", 1, None),
     ("train.micro_batch_size", 1, None),
     ("train.grad_accum", 1, None),
@@ -263,6 +269,10 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("lora.alpha", 1e-8, None),
     ("lora.dropout", 0.0, 0.99),
 ]
+
+OPEN_BELOW = {"optim.layer_lr_decay", "optim.embedding_lr_scale"}
+"""Keys of RANGES whose lower bound is excluded (a rate factor of 0 would freeze what it scales)."""
+
 
 class _Loader(yaml.SafeLoader):
     """YAML 1.1 safe loader that also reads `1e-4` as a float (PyYAML alone needs `1.0e-4`)."""

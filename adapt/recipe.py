@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapt import checkpoint
 from adapt.attention import backend_problem
-from adapt.config import CHOICES, RANGES, Config, ConfigError, check_tree, load_yaml, values
+from adapt.config import CHOICES, OPEN_BELOW, RANGES, Config, ConfigError, check_tree, load_yaml, values
 from adapt.model import ModelLoadError
 
 
@@ -75,10 +75,11 @@ def validate(cfg: Config) -> list[str]:
         if leaves[key] not in allowed:
             problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {leaves[key]!r}")
     for key, lo, hi in RANGES:
-        v = leaves[key]
+        v, open_below = leaves[key], key in OPEN_BELOW
         finite = not isinstance(v, float) or math.isfinite(v)
-        if not (finite and lo <= v and (hi is None or v <= hi)):  # written so that NaN fails too
-            bound = f"finite and >= {lo}" if hi is None else f"in [{lo}, {hi}]"
+        if not (finite and (lo < v if open_below else lo <= v) and (hi is None or v <= hi)):  # NaN fails too
+            bound = (f"finite and {'>' if open_below else '>='} {lo}" if hi is None
+                     else f"in {'(' if open_below else '['}{lo}, {hi}]")
             problems.append(f"`{key}` must be {bound}; got {v!r}")
     if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
         problems.append("`dist.offload_param` needs `dist.zero_stage=3`")

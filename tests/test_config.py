@@ -88,6 +88,8 @@ def test_wrong_type(tmp_path):
     ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=.inf", "optim.grad_clip"),
     ("optim.beta1=" + "1" * 400, "optim.beta1"),  # an int too large for a float (found by fuzzing)
     ("diffusion.ar_loss_weight=-0.1", "diffusion.ar_loss_weight"),
+    ("optim.layer_lr_decay=0", "optim.layer_lr_decay"), ("optim.layer_lr_decay=1.5", "optim.layer_lr_decay"),
+    ("optim.embedding_lr_scale=0", "optim.embedding_lr_scale"),
 ])
 def test_out_of_range(override, key):
     (p,) = problems_of(None, [override])
