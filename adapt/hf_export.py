@@ -13,13 +13,13 @@ into place. transformers loads custom_generate/generate.py as the model's `gener
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
 import yaml
 from transformers import AutoTokenizer, GenerationConfig
 
+from adapt.metrics import read_records
 from adapt.model_card import model_card
 
 GENERATE_SOURCE = Path(__file__).resolve().parent / "hf_generate" / "generate.py"
@@ -90,15 +90,7 @@ def run_figures(metrics: Path) -> dict:
     The step-0 evaluation (parent, bound before), the last evaluation during training, and the
     final summary when the run wrote one. Empty when the file is missing or holds no evaluation.
     """
-    if not metrics.is_file():
-        return {}
-    records = []
-    for line in metrics.read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # a line cut by an interrupted write
-    evals = [r for r in records if r.get("kind") in ("eval", "summary")]
+    evals = [r for r in read_records(metrics) if r.get("kind") in ("eval", "summary")]
     if not evals:
         return {}
     first = [r for r in evals if r.get("step") == 0 and r.get("kind") == "eval"]

@@ -14,8 +14,22 @@ def _duration(seconds: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def read_records(path: Path) -> list[dict]:
+    """The records of a metrics.jsonl (empty when the file is missing), skipping a line cut by an interrupted write."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
 class MetricsLog:
-    """Status lines (step, loss, masked tokens, lr, tokens/s, ETA) and run_dir/metrics.jsonl, rank 0 only."""
+    """Status lines (step, loss, masked tokens, lr, tokens/s, ETA) and run_dir/metrics.jsonl, rank 0 only; a train
+    record's `tokens` is the tokens of one optimizer step (all ranks)."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
         self.enabled = enabled
@@ -58,7 +72,7 @@ class MetricsLog:
                "skipped": len(window) - len(good),
                "masked_tokens": window[-1]["masked_tokens"], "lr": window[-1]["lr"],
                "anneal_ratio": window[-1]["anneal_ratio"], "grad_norm": window[-1]["grad_norm"],
-               "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9),
+               "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9), "tokens": window[-1]["tokens"],
                "step_seconds": secs / len(window)}
         if "ar_loss" in window[-1]:  # the joint causal term (diffusion.ar_loss_weight > 0)
             row["ar_loss"] = sum(w["ar_loss"] for w in good) / len(good) if good else float("nan")
@@ -83,6 +97,8 @@ class MetricsLog:
             if f"{key}ppl" in summary:
                 lines.append(f"{label + ':':<50}<= {summary[f'{key}ppl']:.2f} "
                              f"(95% CI {summary[f'{key}ppl_low']:.2f}-{summary[f'{key}ppl_high']:.2f})")
+        if "curve" in summary:
+            lines.append(f"held-out bound vs training tokens: {summary['curve']}")
         if "sample" in summary:
             lines.append(f"ancestral sample: {summary['sample']!r}")
         lines.append("=" * 72)

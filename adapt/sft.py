@@ -222,6 +222,8 @@ def report(summary: dict) -> None:
             lines.append(f"{'  its share on the answers:':<32}   {summary[key + 'answer_ppl']:.2f} (95% CI "
                          f"{summary[key + 'answer_ppl_low']:.2f}-{summary[key + 'answer_ppl_high']:.2f}) per "
                          f"token over {summary[key + 'answer_tokens']} answer tokens (EOS padding excluded)")
+    if "curve" in summary:
+        lines.append(f"held-out bound vs training tokens: {summary['curve']}")
     for key in ("prompt", "sample", "reference"):
         if key in summary:
             lines.append(f"{key}: {summary[key]!r}")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapt import checkpoint, distributed, sft
+from adapt import checkpoint, curve, distributed, sft
 from adapt.config import Config
 from adapt.data import Blocks, build_blocks
 from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
@@ -64,7 +64,7 @@ STAGES = {"adapt": run_adapt, "sft": run_sft}
 
 
 def _finish(state: State, summary: dict, show) -> None:
-    """Export on rank 0, then `show(export folder)` (a sample), recorded in the summary."""
+    """Export on rank 0, then `show(export folder)` (a sample) and curve.png, recorded in the summary."""
     distributed.barrier()
     if distributed.is_main():
         # the final bound is in metrics.jsonl before the export, so the export's model card states it
@@ -72,6 +72,9 @@ def _finish(state: State, summary: dict, show) -> None:
         out = checkpoint.export(state.cfg.run_dir)
         summary["export"] = str(out)
         summary.update(show(out))
+        drawn = curve.try_draw(state.cfg.run_dir, state.log.info)  # the bounds against tokens, from metrics.jsonl
+        if drawn is not None:
+            summary["curve"] = str(drawn)
         state.log.record(state.step, summary, "summary")
     distributed.barrier()
 

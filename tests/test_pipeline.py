@@ -123,6 +123,21 @@ def test_export_works_in_plain_transformers(finished_run):
     assert got[0].tolist() == expect
 
 
+def test_run_draws_the_curve(finished_run, tmp_path):
+    """curve.png at the end of the run, named in the summary: the bounds against training tokens (issue 14)."""
+    from adapt.curve import draw
+
+    rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
+    summary = [r for r in rows if r["kind"] == "summary"][-1]
+    assert summary["curve"] == str(finished_run / "curve.png")
+    assert (finished_run / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    evals = [r for r in rows if r["kind"] == "eval"]
+    out = draw(finished_run, tmp_path / "again.png")
+    assert out["points"]["bound"] == [(0.0, evals[0]["before_ppl"]), (6.0 * 2 * 64, evals[-1]["after_ppl"])]
+    assert out["points"]["causal bound"] == [(0.0, evals[0]["before_causal_ppl"])]
+    assert out["parent_ppl"] == evals[0]["parent_ppl"]
+
+
 def test_standalone_export_of_an_earlier_checkpoint(finished_run, tmp_path):
     out = tmp_path / "step3"
     proc = subprocess.run([sys.executable, "-m", "adapt.export", str(finished_run), "--tag", "step_0000003",
