@@ -17,6 +17,8 @@ masks of all blocks from the same generator and scores an equal share (the last 
 runs the same number of forwards (ZeRO-3 gathers weights in each) and the result does not depend on the
 number of ranks. Dataset perplexity is exp(sum NLL / sum tokens) (001_*.txt appendix A.1), with a 95%
 interval from the spread over blocks (a ratio estimator: blocks may hold different token counts).
+The long loops (heldout_bound, replicate_estimates, causal_nll) report progress lines with an ETA on rank 0
+(`adapt.metrics.Progress`); progress draws nothing, so it changes no number.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 
 from adapt import distributed
 from adapt.diffusion import loss_weight, maskable_positions, sample_t, token_nll
+from adapt.metrics import Progress
 from adapt.objectives.base import Attention, Forward
 
 METHODS = ("stratified", "uniform", "antithetic", "count")
@@ -118,22 +121,37 @@ def _chunk(n: int) -> tuple[range, int]:
     return mine, size - len(mine)
 
 
+def _rows(n: int, per: int, split: bool) -> tuple[list[int], int]:
+    """The rows this rank scores of n blocks of `per` rows each (with `split` its share, padded with copies of
+    its first row so every rank runs the same forwards) and how many of them are real."""
+    blocks, pad = _chunk(n) if split else (range(n), 0)
+    rows = [b * per + j for b in blocks for j in range(per)]
+    rows += rows[:1] * (pad * per) if rows else [0] * (pad * per)  # padding rows: scored, then discarded
+    return rows, len(blocks) * per
+
+
+def batch_count(n: int, per: int, batch_size: int, split: bool = False) -> int:
+    """Forwards this rank runs to score n blocks of `per` rows each (the progress lines' total)."""
+    return math.ceil(len(_rows(n, per, split)[0]) / batch_size)
+
+
+def _progress(label: str, total: int) -> Progress:
+    return Progress(label, total, enabled=distributed.is_main())
+
+
 def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int,
                     method: str, generator: torch.Generator, batch_size: int = 8,
                     attention: Attention | None = None, parts: tuple[torch.Tensor, ...] = (),
-                    split: bool = False) -> torch.Tensor:
+                    split: bool = False, progress: Progress | None = None) -> torch.Tensor:
     """(N, 1 + P) float64: each block's bound in nats (summed over its eligible tokens, mean of k draws),
     then each part's share of it. Costs N * k model rows; with `split` this rank scores only its share
-    (equal forwards on every rank) and the rows of the other ranks' blocks are zero."""
+    (equal forwards on every rank) and the rows of the other ranks' blocks are zero. `progress` counts forwards."""
     eps = getattr(objective, "eps", 1e-3)
     masked, weight = draw_masks(maskable, k, method, eps, generator, getattr(objective, "block_length", 0))
     n = len(x0)
-    blocks, pad = _chunk(n) if split else (range(n), 0)
-    rows = [b * k + j for b in blocks for j in range(k)]
-    rows += rows[:1] * (pad * k) if rows else [0] * (pad * k)  # padding rows: scored, then discarded
+    rows, real = _rows(n, k, split)
     reps = x0.repeat_interleave(k, dim=0)
     sums = torch.zeros(n * k, 1 + len(parts), dtype=torch.float64)
-    real = len(blocks) * k
     for i in range(0, len(rows), batch_size):
         idx = torch.tensor(rows[i:i + batch_size])
         att = attention or Attention()
@@ -143,6 +161,8 @@ def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: tor
                                  tuple(p.repeat_interleave(k, 0)[idx] for p in parts), weight[idx])
         keep = torch.arange(i, i + len(idx)) < real
         sums[idx[keep]] = got[keep]
+        if progress is not None:
+            progress.update()
     return sums.view(n, k, -1).mean(1)
 
 
@@ -164,12 +184,14 @@ def summarize(nats: torch.Tensor, tokens: torch.Tensor | int) -> BoundEstimate:
 
 def heldout_bound(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int, method: str,
                   generator: torch.Generator, batch_size: int = 8, attention: Attention | None = None,
-                  parts: dict[str, torch.Tensor] | None = None) -> dict:
+                  parts: dict[str, torch.Tensor] | None = None, progress: Progress | None = None) -> dict:
     """The bound of blocks x0 (N, L) split over ranks, as `BoundEstimate.as_dict()`; `parts` name subsets of
-    the eligible positions whose share is reported beside it with the prefix `<name>_`."""
+    the eligible positions whose share is reported beside it with the prefix `<name>_`. Progress lines
+    ("eval bound") on rank 0 unless `progress` is given."""
     parts = parts or {}
+    progress = progress or _progress("eval bound", batch_count(len(x0), k, batch_size, split=True))
     est = block_estimates(objective, forward, x0, maskable, k, method, generator, batch_size, attention,
-                          tuple(parts.values()), split=True)
+                          tuple(parts.values()), split=True, progress=progress)
     mine = _chunk(len(x0))[0]
     sel = torch.tensor(list(mine), dtype=torch.long)
     out = summarize(est[sel, 0], maskable[sel].sum(1)).as_dict()
@@ -181,12 +203,13 @@ def heldout_bound(objective, forward: Forward, x0: torch.Tensor, maskable: torch
 def replicate_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: torch.Tensor, k: int,
                         method: str, replicates: int, generator: torch.Generator, batch_size: int = 8,
                         progress=None) -> torch.Tensor:
-    """(N, R) float64: R independent k-draw estimates of each block's bound (for the estimator's variance)."""
+    """(N, R) float64: R independent k-draw estimates of each block's bound (for the estimator's variance).
+    Progress lines (forwards of all replicates) on rank 0 unless `progress` is given."""
+    progress = progress or _progress(f"ELBO replicates ({method})", replicates * batch_count(len(x0), k, batch_size))
     cols = []
     for _ in range(replicates):
-        cols.append(block_estimates(objective, forward, x0, maskable, k, method, generator, batch_size)[:, 0])
-        if progress is not None:
-            progress.update(1)
+        cols.append(block_estimates(objective, forward, x0, maskable, k, method, generator, batch_size,
+                                    progress=progress)[:, 0])
     return torch.stack(cols, dim=1)
 
 
@@ -205,14 +228,15 @@ def estimator_variance(estimates: torch.Tensor, tokens: torch.Tensor) -> float:
 
 @torch.no_grad()
 def causal_nll(forward: Forward, x0: torch.Tensor, blocked: torch.Tensor, batch_size: int = 8,
-               split: bool = False) -> torch.Tensor:
+               split: bool = False, progress: Progress | None = None) -> torch.Tensor:
     """(N,) exact NLL (nats) of tokens 1..L-1 of each block under a causal LM's next-token logits.
 
     `forward(ids, None)` is the causal model call. With `split` this rank scores its share (equal forwards
-    on every rank, the last share padded) and the other ranks' rows are zero."""
+    on every rank, the last share padded) and the other ranks' rows are zero. Progress lines ("parent
+    perplexity") on rank 0 unless `progress` is given."""
     n = len(x0)
-    blocks, pad = _chunk(n) if split else (range(n), 0)
-    rows = list(blocks) + (list(blocks)[:1] or [0]) * pad
+    rows, real = _rows(n, 1, split)
+    progress = progress or _progress("parent perplexity", batch_count(n, 1, batch_size, split))
     out = torch.zeros(n, dtype=torch.float64)
     for i in range(0, len(rows), batch_size):
         idx = torch.tensor(rows[i:i + batch_size])
@@ -220,8 +244,9 @@ def causal_nll(forward: Forward, x0: torch.Tensor, blocked: torch.Tensor, batch_
         logits = forward(x, None)
         masked = maskable_positions(x, shift=True).to(logits.device)
         nll = token_nll(logits, x.to(logits.device), masked, True, blocked).view(len(x), -1).sum(1).double().cpu()
-        keep = torch.arange(i, i + len(idx)) < len(blocks)
+        keep = torch.arange(i, i + len(idx)) < real
         out[idx[keep]] = nll[keep]
+        progress.update()
     return out
 
 

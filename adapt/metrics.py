@@ -1,4 +1,5 @@
-"""One logging path: a status line per interval on rank 0, metrics to JSONL (and TensorBoard)."""
+"""One logging path: a status line per interval on rank 0, metrics to JSONL (and TensorBoard), progress lines
+with an ETA for long loops (evaluation)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +13,35 @@ def _duration(seconds: float) -> str:
     h, rem = divmod(seconds, 3600)
     m, s = divmod(rem, 60)
     return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+class Progress:
+    """Progress of a long loop as plain lines, e.g. `eval bound: 12/64 batches, 0m41s elapsed, ETA 2m59s`.
+
+    A line at every tenth of `total` and at least every `interval_s`, so a captured log shows it as well as a
+    terminal (a tqdm bar rewrites one line with carriage returns); nothing for a loop done within `delay_s`,
+    and nothing when not `enabled` (ranks other than 0). `stream` defaults to sys.stderr at each line."""
+
+    def __init__(self, label: str, total: int, unit: str = "batches", stream=None, enabled: bool = True,
+                 interval_s: float = 30.0, delay_s: float = 5.0, clock=time.monotonic):
+        self.label, self.total, self.unit, self.stream, self.enabled = label, max(1, total), unit, stream, enabled
+        self.interval_s, self.delay_s, self.clock = interval_s, delay_s, clock
+        self.done, self._tenth, self._printed = 0, 0, False
+        self._t0 = self._last = clock()
+
+    def update(self, n: int = 1) -> None:
+        """Count `n` more items done; print a line when one is due."""
+        self.done += n
+        if not self.enabled:
+            return
+        now = self.clock()
+        elapsed, tenth = now - self._t0, min(10, self.done * 10 // self.total)
+        due = tenth > self._tenth or now - self._last >= self.interval_s or self.done >= self.total
+        if due and (elapsed >= self.delay_s or self._printed):
+            eta = elapsed / self.done * max(0, self.total - self.done)
+            print(f"{self.label}: {self.done}/{self.total} {self.unit}, {_duration(elapsed)} elapsed, "
+                  f"ETA {_duration(eta)}", file=self.stream or sys.stderr, flush=True)
+            self._tenth, self._last, self._printed = tenth, now, True
 
 
 def read_records(path: Path) -> list[dict]:

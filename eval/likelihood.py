@@ -17,8 +17,6 @@ import math
 import time
 
 import torch
-from tqdm import tqdm
-
 from adapt.likelihood import METHODS, causal_nll, estimator_variance, replicate_estimates, summarize
 from adapt.objectives import ModelForward
 from eval.cli import Script, run_script
@@ -53,17 +51,15 @@ def compare_methods(ctx: EvalContext, blocks: torch.Tensor, args: argparse.Names
     scored = objective.scored(blocks)
     tokens = scored.sum(1)
     out = {}
-    bar = tqdm(total=args.replicates * len(args.methods), desc="ELBO replicates", unit="rep")
-    for method in args.methods:
+    for method in args.methods:  # each reports progress lines with an ETA (adapt.likelihood)
         start, calls = time.perf_counter(), forward.calls
         est = replicate_estimates(objective, forward, blocks, scored, args.t_samples, method, args.replicates,
-                                  ctx.generator("estimate", NAME, method), args.batch_size, bar)
+                                  ctx.generator("estimate", NAME, method), args.batch_size)
         bound = summarize(est.mean(1), tokens).as_dict()
         bound.update(t_samples_per_block=args.t_samples * args.replicates, method=method,
                      estimator_variance=estimator_variance(est, tokens), model_calls=forward.calls - calls,
                      seconds=time.perf_counter() - start)
         out[method] = bound
-    bar.close()
     return out
 
 
