@@ -184,6 +184,8 @@ class DistConfig:
     """Offload parameters to CPU (stage 3)."""
     deepspeed_config: str = ""
     """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/deepspeed/*.json)."""
+    timeout_s: float = 1800.0
+    """Seconds a collective waits for the other ranks before this rank stops with a message (a rank that died on another node or hangs)."""
 
 
 @dataclass
@@ -261,6 +263,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("train.save_every", 0, None),
     ("train.keep_last", 1, None),
     ("train.max_bad_steps", 1, None),
+    ("dist.timeout_s", 1, None),
     ("model.pad_vocab_to_multiple_of", 1, None),
     ("model.mask_token_id", -1, None),
     ("run.sample_length", 0, None),

@@ -22,7 +22,9 @@ def friendly(*more: type[BaseException]):
     except USER_ERRORS + more as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    except _collective_errors() as err:
+    except RuntimeError as err:
+        if not _peer_lost(err):
+            raise
         print(f"error: another rank stopped answering ({str(err).splitlines()[0][:300]}): it died or hangs, or "
               f"the network failed; waited dist.timeout_s. Complete checkpoints are intact: rerun the same "
               f"command to resume from the last one", file=sys.stderr)
@@ -36,9 +38,12 @@ def friendly(*more: type[BaseException]):
         raise
 
 
-def _collective_errors() -> tuple[type[BaseException], ...]:
-    """torch.distributed's errors of a collective that timed out or lost a peer."""
+PEER_LOST = ("Timed out", "timed out", "Connection closed by peer", "Connection reset by peer",
+             "communicator was aborted", "Watchdog caught collective operation timeout")
+"""What gloo and NCCL say (in a RuntimeError or torch.distributed.DistError) when a peer rank died or hangs."""
+
+
+def _peer_lost(err: RuntimeError) -> bool:
     import torch.distributed as dist
 
-    return tuple(getattr(dist, name) for name in ("DistBackendError", "DistNetworkError", "DistStoreError")
-                 if hasattr(dist, name))
+    return isinstance(err, getattr(dist, "DistNetworkError", ())) or any(w in str(err) for w in PEER_LOST)

@@ -5,6 +5,7 @@ A value lists steps, each optionally for one rank only (`3@1`: step 3 on rank 1;
     ADAPT_FAULT_NAN_STEPS=3,4       make the loss of these (0-based) optimizer steps non-finite
     ADAPT_FAULT_NAN_WEIGHT=3        write a NaN into one weight after (0-based) optimizer step 3
     ADAPT_FAULT_STALL_STEPS=3@1     hang (sleep) at the start of (0-based) step 3, as a stuck rank would
+    ADAPT_FAULT_STEP_DELAY_S=0.5    sleep this long before every step (a slower machine: a wider window for signals)
     ADAPT_FAULT_KILL_IN_SAVE=6      SIGKILL the process after the DeepSpeed shards of this step's
                                     checkpoint are written and before it is marked COMPLETE
     ADAPT_FAULT_ENOSPC_IN_SAVE=6@1  the first file this rank writes into this step's checkpoint fails with
@@ -34,13 +35,17 @@ def nan_steps() -> frozenset[int]:
     return _steps("ADAPT_FAULT_NAN_STEPS")
 
 
-def maybe_nan_weight(step: int, module) -> None:
+def maybe_nan_weight(step: int, engine) -> None:
+    """The NaN goes where an update would put it: ZeRO-1/2's fp32 master partition (copied into the module at
+    the next step), else the parameter itself (its ZeRO-3 partition)."""
     if step in _steps("ADAPT_FAULT_NAN_WEIGHT"):
-        param = next(p for p in module.parameters() if p.requires_grad)
-        getattr(param, "ds_tensor", param).data.view(-1)[0] = float("nan")
+        masters = getattr(engine.optimizer, "single_partition_of_fp32_groups", None)
+        target = masters[0] if masters else next(p for p in engine.module.parameters() if p.requires_grad)
+        getattr(target, "ds_tensor", target).data.view(-1)[0] = float("nan")
 
 
 def maybe_stall(step: int) -> None:
+    time.sleep(float(os.environ.get("ADAPT_FAULT_STEP_DELAY_S", 0)))
     if step in _steps("ADAPT_FAULT_STALL_STEPS"):
         time.sleep(3600)
 

@@ -114,12 +114,18 @@ def _check_weights(folder: str, allow_pickle: bool) -> None:
                              f"convert them to safetensors or set model.allow_pickle=true if you trust them")
 
 
+def _remote_code_hint(err: Exception) -> str:
+    return ("; its own Python code is not run unless you set model.trust_remote_code=true (only if you trust "
+            "the code in that folder or repository)") if "custom code" in str(err) else ""
+
+
 def load_tokenizer(mcfg: ModelConfig):
     source, gguf = resolve_source(mcfg.name_or_path, mcfg.gguf_file)
     try:
         return AutoTokenizer.from_pretrained(source, gguf_file=gguf, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        raise ModelLoadError(f"cannot load the tokenizer of {mcfg.name_or_path}: {str(err).splitlines()[0]}") from None
+        raise ModelLoadError(f"cannot load the tokenizer of {mcfg.name_or_path}: {str(err).splitlines()[0]}"
+                             f"{_remote_code_hint(err)}") from None
 
 
 def load_causal_lm(mcfg: ModelConfig) -> PreTrainedModel:
@@ -137,7 +143,7 @@ def load_causal_lm(mcfg: ModelConfig) -> PreTrainedModel:
         config = AutoConfig.from_pretrained(source, gguf_file=gguf, trust_remote_code=mcfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot read the model config of {mcfg.name_or_path}: "
-                             f"{str(err).splitlines()[0]}") from None
+                             f"{str(err).splitlines()[0]}{_remote_code_hint(err)}") from None
     if getattr(config, "is_decoder", True) is False:  # encoder configs (BERT, RoBERTa, ...) carry this flag
         raise ModelLoadError(f"{mcfg.name_or_path} is a `{config.model_type}` encoder (is_decoder=false), not a "
                              f"causal LM; pick a decoder-only causal LM (Llama, Qwen, Mistral, GPT-2, ...)")

@@ -24,11 +24,16 @@ def main(argv: list[str] | None = None) -> int:
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from adapt.errors import friendly
 
-    with friendly():
-        cfg = load_config(recipe, overrides)
-        from adapt.stages import STAGES
+    try:
+        with friendly():
+            cfg = load_config(recipe, overrides)
+            from adapt.stages import STAGES
 
-        STAGES[cfg.stage](cfg)
+            STAGES[cfg.stage](cfg)
+    except KeyboardInterrupt:  # the second Ctrl-C (adapt.train's handler took the first)
+        print("error: interrupted again: stopped at once without saving; every complete checkpoint is intact, "
+              "rerun the same command to resume from the last one", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -9,6 +9,7 @@ uninterrupted run would have done, with no RNG state to carry.
 from __future__ import annotations
 
 import math
+import re
 import signal
 import time
 from dataclasses import dataclass, replace
@@ -16,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from adapt import checkpoint, distributed, faults, likelihood, objectives, rng
+from adapt import checkpoint, distributed, faults, likelihood, objectives, rng, runlock
 from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
 from adapt.config import Config, to_yaml
 from adapt.data import Blocks, batch_indices
@@ -51,13 +52,47 @@ class State:
 
 
 def _optimizer(cfg: Config, model: torch.nn.Module):
-    params = [p for p in model.parameters() if p.requires_grad]
+    """AdamW (DeepSpeedCPUAdam under optimizer offload) over the trainable parameters, in `lr_groups`."""
+    params = lr_groups(cfg, model)
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
     if cfg.dist.offload_optimizer:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
     return torch.optim.AdamW(params, **kw)
+
+
+_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
+"""The decoder-layer index in a parameter name (`model.layers.3.`, peft's `base_model.model.model.layers.3.`)."""
+
+
+def lr_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
+    """The trainable parameters as optimizer groups, one per learning-rate scale (RND1-style layer-wise rates):
+    decoder layer l of N gets lr * optim.layer_lr_decay^(N-1-l), the input embeddings and the output head (the
+    mask token's row included, and peft's trainable-token delta) lr * optim.embedding_lr_scale, the rest lr.
+    The unscaled group comes first (the rate logged); the defaults give one group of every parameter. The
+    scheduler's LambdaLR multiplies each group's rate by the same factor."""
+    names = [n for n, _ in model.named_parameters()]
+    depth = 1 + max((int(m.group(1)) for n in names if (m := _LAYER.search(n))), default=-1)
+    decay, emb = cfg.optim.layer_lr_decay, cfg.optim.embedding_lr_scale
+    if decay != 1.0 and depth == 0:
+        raise TrainingError(f"optim.layer_lr_decay={decay} needs decoder layers named `layers.<i>` (or h.<i>, "
+                            f"blocks.<i>); {type(model).__name__} has none: set optim.layer_lr_decay=1")
+    heads = [model.get_input_embeddings(), model.get_output_embeddings()]
+    embedding = {id(p) for m in heads if m is not None for p in m.parameters()}
+    groups: dict[float, list] = {1.0: []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        layer = _LAYER.search(name)
+        scale = 1.0
+        if id(p) in embedding:
+            scale = emb
+        elif layer:
+            scale = decay ** (depth - 1 - int(layer.group(1)))
+        groups.setdefault(scale, []).append(p)
+    order = [1.0] + sorted((s for s in groups if s != 1.0), reverse=True)
+    return [{"params": groups[s], "lr": cfg.optim.lr * s} for s in order if groups[s]]
 
 
 def lr_lambda(cfg: Config):
@@ -75,7 +110,17 @@ def lr_lambda(cfg: Config):
 def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
     """Process group, model with mask token (and LoRA adapters), data from `build_data(cfg, tokenizer)`,
     the objective, the DeepSpeed engine; resumes when a checkpoint exists."""
-    distributed.init()
+    distributed.init(cfg.dist.timeout_s)
+    lock = _lock_run_folder(cfg)
+    try:
+        return _build_state(cfg, build_data)
+    except BaseException:  # nothing of this launch stays behind: its lock (and a folder it made) go
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
     world = distributed.world_size()
     if cfg.model.attn_implementation == "flex_attention" and distributed.device().type == "cpu":
         raise TrainingError("FlexAttention has no backward pass on CPU (torch 2.13); train with "
@@ -120,6 +165,16 @@ def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
     return state
 
 
+def _lock_run_folder(cfg: Config) -> runlock.RunLock | None:
+    """Rank 0 takes the run folder's lock (adapt.runlock; released at exit); every rank stops when another
+    launch holds it. Returns rank 0's lock."""
+    lock = runlock.acquire(cfg.run_dir) if distributed.is_main() else None
+    problem = distributed.gather(lock if isinstance(lock, str) else None)[0]
+    if problem:
+        raise TrainingError(problem)
+    return lock
+
+
 def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, torch.Generator]:
     """The whole step's block indices across ranks (m * a * world rows) and the generator of its noise.
 
@@ -143,20 +198,26 @@ def step_attention(cfg: Config, step: int) -> Attention:
 
 
 def train_step(state: State, step: int) -> dict:
-    """One optimizer step over micro_batch_size * grad_accum sequences per rank."""
+    """One optimizer step over micro_batch_size * grad_accum sequences per rank.
+
+    "loss" is the diffusion loss; with the joint causal term (objective.ar_weight alpha > 0) "ar_loss" is the
+    clean sequences' causal NLL per scored token, and the step minimises loss + alpha * ar_loss."""
     cfg, world, obj, data = state.cfg, distributed.world_size(), state.objective, state.data
     m, a = cfg.train.micro_batch_size, cfg.train.grad_accum
+    faults.maybe_stall(step)
     # dropout (lora.dropout) draws from the global RNG: seed it per (step, rank) so a resume replays it
     torch.manual_seed(rng.seed_for(cfg.train.seed, "dropout", step, distributed.rank()))
     idx, gen = global_batch(cfg, step, len(data.train))
     x0_all = data.train[idx]
-    maskable_all = obj.maskable(x0_all, None if data.train_loss_mask is None else data.train_loss_mask[idx])
+    loss_mask = None if data.train_loss_mask is None else data.train_loss_mask[idx]
+    maskable_all = obj.maskable(x0_all, loss_mask)
     noised = obj.corrupt(x0_all, maskable_all, gen)
     count = obj.normaliser(maskable_all, noised.masked)
     n_masked = int(noised.masked.sum())
     mine = slice(distributed.rank() * m * a, (distributed.rank() + 1) * m * a)
     x0 = x0_all[mine]
     noised = noised.rows(mine)
+    joint = _JointCausal(obj, state.forward, obj.scored(x0_all, loss_mask), mine) if obj.ar_weight else None
     attention = step_attention(cfg, step)
     attention.docs = data.train_docs[idx[mine]] if cfg.attention.document_mask else None
     total, bad = 0.0, False
@@ -164,17 +225,22 @@ def train_step(state: State, step: int) -> dict:
         sl = slice(k * m, (k + 1) * m)
         part = noised.rows(sl)
         loss_sum = obj.loss_sum(obj.predict(state.forward, x0[sl], part, attention.rows(sl)), x0[sl], part)
+        ar_sum = None if joint is None else joint.loss_sum(x0[sl], sl, attention.rows(sl).docs)
         if step in faults.nan_steps():
             loss_sum = loss_sum * float("nan")
-        finite = torch.isfinite(loss_sum)
+        finite = torch.isfinite(loss_sum) if ar_sum is None else torch.isfinite(loss_sum) & torch.isfinite(ar_sum)
         bad = bad or distributed.all_sum([float(not finite)])[0] > 0  # every rank takes the same branch
         if bad and k == a - 1:
             saved_lrs = _drop_update(state.engine)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the step's
         # gradient is d(sum of all token losses / global count). A non-finite loss sends no gradient.
-        state.engine.backward(torch.where(finite, loss_sum, 0.0) / count * world * a)
+        loss = torch.where(finite, loss_sum, 0.0) / count
+        if ar_sum is not None:
+            loss = loss + joint.term(torch.where(finite, ar_sum, 0.0))
+        state.engine.backward(loss * world * a)
         state.engine.step()
         total += loss_sum.item() if finite else 0.0
+    faults.maybe_nan_weight(step, state.engine)
     if bad:
         if not state.engine.was_step_applied():  # DeepSpeed saw the overflow itself: no scheduler step ran
             for group, lr in zip(state.engine.optimizer.param_groups, saved_lrs):
@@ -185,7 +251,32 @@ def train_step(state: State, step: int) -> dict:
     return {"loss": float("nan") if bad else total / count, "masked_tokens": n_masked,
             "anneal_ratio": attention.ratio, "skipped": bad, "lr": state.engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None and not bad else float("nan"),
-            "tokens": m * a * world * cfg.data.block_size}
+            "tokens": m * a * world * cfg.data.block_size} | ({} if joint is None else {"ar_loss": joint.mean(bad)})
+
+
+class _JointCausal:
+    """The joint causal term of a step: alpha x the clean sequences' next-token CE over their scored positions,
+    divided by the global count of those positions (its own token mean, whatever diffusion.loss_norm is)."""
+
+    def __init__(self, objective, forward, scored_all: torch.Tensor, mine: slice):
+        self.objective, self.forward, self.scored = objective, forward, scored_all[mine]
+        self.count = max(1.0, float(scored_all.sum()))  # every rank's sequences: the global batch's count
+        self.total = 0.0
+
+    def loss_sum(self, x0: torch.Tensor, rows: slice, docs: torch.Tensor | None) -> torch.Tensor:
+        """The summed causal NLL of these rows of this rank's sequences (one forward)."""
+        out = self.objective.causal_loss_sum(self.forward, x0, self.scored[rows], docs)
+        self.total += out.item() if torch.isfinite(out) else 0.0
+        return out
+
+    def term(self, ar_sum: torch.Tensor) -> torch.Tensor:
+        """What the summed NLL adds to the micro-batch's loss."""
+        return self.objective.ar_weight * ar_sum / self.count
+
+    def mean(self, bad: bool) -> float:
+        """The step's causal NLL per scored token over every rank (NaN for a skipped step)."""
+        (total,) = distributed.all_sum([self.total])
+        return float("nan") if bad else total / self.count
 
 
 def _drop_update(engine) -> list[float]:

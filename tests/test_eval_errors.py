@@ -205,9 +205,16 @@ def test_adapt_sample_refuses_bad_options(runner, inputs, options, named):
     assert "===" not in result.stdout  # no sample was printed
 
 
-def test_adapt_export_and_estimate_refuse_bad_inputs(runner, inputs):
+def test_adapt_run_export_and_estimate_refuse_bad_inputs(runner, inputs):
     root, recipe = inputs["root"], str(Path(__file__).resolve().parent.parent / "recipes" / "debug.yaml")
+    runs = f"run.output_dir={root / 'no_output_expected'}"
     cases = [
+        (["adapt/run.py", str(root / "no_such.yaml")], [str(root / "no_such.yaml")]),
+        (["adapt/run.py", recipe, "train.max_stpes=3", runs], ["train.max_steps"]),
+        (["adapt/run.py", recipe, f"model.name_or_path={inputs['missing']}", runs], [inputs["missing"]]),
+        (["adapt/run.py", recipe, f"model.name_or_path={inputs['base']}", runs], ["model.name_or_path"]),
+        (["adapt/run.py", recipe, "dist.timeout_s=0", runs], ["dist.timeout_s"]),
+        (["adapt/run.py", recipe, f"data.train_files=[{inputs['empty']}]", runs], [inputs["empty"]]),
         (["-m", "adapt.export", inputs["missing"]], [inputs["missing"]]),
         (["-m", "adapt.export", inputs["export"]], [inputs["export"], "no complete checkpoint"]),
         (["-m", "adapt.export", str(Path(inputs["checkpoint"]).parent.parent), "--tag", "step_9"], ["step_9"]),
