@@ -223,3 +223,23 @@ def test_a_resume_may_lengthen_the_run(tmp_path, tiny_model_dir, corpus_file):
     assert "step_0000004 at step 4" in out.stderr
     assert sorted(losses(tmp_path / "debug")) == list(range(1, 7))
     assert json.loads((tmp_path / "debug" / "checkpoints" / "step_0000006" / "COMPLETE").read_text())["step"] == 6
+
+
+def test_the_offload_recipe_runs_on_cpu(tmp_path, tiny_model_dir, corpus_file):
+    """The offload recipe's DeepSpeed settings (ZeRO-3, optimizer and parameters offloaded, DeepSpeedCPUAdam,
+    the recipe's JSON) for a few steps, then resumed and exported like any run."""
+    from adapt.recipe import load_config
+
+    recipe = load_config(str(ROOT / "recipes" / "llama2_7b_to_mdlm_offload.yaml"), [])
+    dist = [f"dist.{k}={getattr(recipe.dist, k)}" for k in ("zero_stage", "offload_optimizer", "offload_param")]
+    dist.append(f"dist.deepspeed_config={ROOT / recipe.dist.deepspeed_config}")
+    launch(tmp_path, tiny_model_dir, corpus_file, *COMMON, *dist, "train.max_steps=2")
+    out = launch(tmp_path, tiny_model_dir, corpus_file, *COMMON, *dist, "train.max_steps=3")
+    text = out.stdout + out.stderr
+    assert "step_0000002 at step 2" in text and "zero stage ZeroStageEnum.weights" in text, text[-3000:]  # ZeRO-3
+    saved = (tmp_path / "debug" / "checkpoints" / "step_0000003" / "config.yaml").read_text()
+    assert "offload_optimizer: true" in saved and "offload_param: true" in saved  # DeepSpeedCPUAdam, params on CPU
+    rows = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if r["kind"] == "train"] == [1, 2, 3]
+    assert all(r["loss"] == r["loss"] for r in rows if r["kind"] == "train")  # finite, not NaN
+    assert (tmp_path / "debug" / "final" / "model.safetensors").is_file()
