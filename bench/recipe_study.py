@@ -1,0 +1,161 @@
+"""Screen recipe choices at equal training tokens: short runs, then paired held-out bounds in-domain and out of domain.
+
+    python bench/recipe_study.py --variants base lr2e-4 lr5e-4 [--steps 30] [--block-size 128] [--json out.json]
+
+Each variant is the default recipe plus the screen's common overrides (SCREEN: short blocks, no periodic
+saves, cheap in-run evaluations) plus its own overrides (VARIANTS), trained by `python adapt/run.py` into
+checkpoints/study_<name> (a finished one is reused). All exports are then scored on the same blocks with the
+same masked-count draws (adapt.likelihood.draw_masks), so a variant's bound divided by the first variant's is a
+paired ratio with a 95% interval over blocks (eval.compare.paired). In-domain blocks are the recipe's held-out
+tail; out-of-domain blocks are CPython's language reference (pydoc_data), which no recipe trains on; the parent's
+exact perplexity on the same tokens stands beside both.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from adapt.checkpoint import exported_meta  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "run.sample_length=0", "train.log_every=10"]
+VARIANTS = {
+    "base": [],
+    "lr2e-4": ["optim.lr=2e-4"],
+    "lr5e-4": ["optim.lr=5e-4"],
+    "lr1e-3": ["optim.lr=1e-3"],
+    "noanneal": ["attention.anneal_steps=0"],
+    "window": ["attention.anneal_schedule=window"],
+    "noshift": ["diffusion.shift=false"],
+    "ar0.3": ["diffusion.ar_loss_weight=0.3"],
+    "ar0.1": ["diffusion.ar_loss_weight=0.1"],
+    "layerlr0.8": ["optim.layer_lr_decay=0.8"],
+    "masknorm": ["diffusion.loss_norm=masked"],
+    "constlr": ["optim.min_lr_ratio=1.0"],
+}
+"""name -> overrides on top of the default recipe and SCREEN (a variant named `X+Y` combines X and Y)."""
+
+
+def overrides(name: str, lr: str) -> list[str]:
+    out = [f"optim.lr={lr}"] if lr else []
+    for part in name.split("+"):
+        if part not in VARIANTS:
+            raise SystemExit(f"error: unknown variant {part!r}; choose from {', '.join(VARIANTS)}")
+        out += VARIANTS[part]
+    return out
+
+
+def train(name: str, args: argparse.Namespace) -> Path:
+    run_dir = ROOT / "checkpoints" / f"study_{name}"
+    if exported_meta(run_dir / "final") is not None:
+        return run_dir / "final"
+    steps = args.steps
+    cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "llama_to_mdlm.yaml"), *SCREEN,
+           f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}", f"optim.warmup_steps={max(1, steps // 10)}",
+           f"data.block_size={args.block_size}", f"run.name=study_{name}", *overrides(name, args.lr)]
+    tic = time.perf_counter()
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
+    if out.returncode:
+        raise SystemExit(f"error: variant {name} failed:\n{out.stderr[-3000:]}")
+    print(f"trained {name} in {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
+    return run_dir / "final"
+
+
+def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
+    """Paired bounds of every export on in-domain and out-of-domain blocks, the parent's exact ppl beside."""
+    from adapt import objectives, rng
+    from adapt.checkpoint import load_diffusion_model
+    from adapt.config import DataConfig, ModelConfig
+    from adapt.data import build_blocks
+    from adapt.diffusion import blocked_vocab
+    from adapt.likelihood import causal_nll, draw_masks, summarize
+    from adapt.model import load_causal_lm, load_tokenizer, set_causal
+    from adapt.objectives import ModelForward
+    from bench.block_length import reference_blocks
+    from eval.compare import bounds_on, paired
+
+    tok = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
+    domains = {"in_domain": build_blocks(DataConfig(block_size=args.block_size, heldout_blocks=args.blocks), tok).heldout,
+               "out_of_domain": reference_blocks(tok, args.block_size, args.blocks)}
+    result: dict = {name: {} for name in ["parent", *exports]}
+    draws = {}
+    for name, path in exports.items():
+        model, _, meta = load_diffusion_model(path)
+        rows = model.get_output_embeddings().weight.shape[0]
+        blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id)
+        objective, forward = objectives.for_meta(meta, blocked, "sdpa", "fp32"), ModelForward(model, "cpu")
+        for domain, x0 in domains.items():
+            scored = objective.scored(x0)
+            if domain not in draws:
+                draws[domain] = draw_masks(scored, args.draws, "count", meta.eps, rng.generator(0, "estimate"))
+                parent = load_causal_lm(ModelConfig(name_or_path="embedded:smollm2-135m-instruct", dtype="fp32"))
+                set_causal(parent, True)
+                nll = causal_nll(ModelForward(parent.eval(), "cpu"), x0, None, 4)
+                result["parent"][domain] = summarize(nll, x0.shape[1] - 1).as_dict()
+            per_block = bounds_on(objective, forward, x0, *draws[domain], 4)
+            result[name][domain] = summarize(per_block, scored.sum(1)).as_dict() | {"per_block": per_block}
+        print(f"scored {name}", file=sys.stderr, flush=True)
+    first = next(iter(exports))
+    for name in exports:
+        for domain in domains:
+            row = result[name][domain]
+            row.update({f"vs_{first}_{k}": v for k, v in paired(result[first][domain]["per_block"],
+                                                                row.pop("per_block").clone(),
+                                                                domains[domain].shape[1] - 1).items()}
+                       if name != first else {})
+    for domain in domains:
+        result[first][domain].pop("per_block", None)
+    return result
+
+
+def table(result: dict, first: str) -> str:
+    lines = ["| variant | in-domain bound | x parent | vs first (95% CI) | out-of-domain bound | x parent | vs first (95% CI) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    parent = result["parent"]
+    for name, row in result.items():
+        if name == "parent":
+            continue
+        cells = [name]
+        for domain in ("in_domain", "out_of_domain"):
+            r = row[domain]
+            vs = (f"{r[f'vs_{first}_ppl_ratio']:.3f} ({r[f'vs_{first}_ppl_ratio_low']:.3f}-"
+                  f"{r[f'vs_{first}_ppl_ratio_high']:.3f})") if name != first else "1"
+            cells += [f"{r['ppl']:.1f}", f"{r['ppl'] / parent[domain]['ppl']:.2f}", vs]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append(f"| parent (exact) | {parent['in_domain']['ppl']:.2f} | 1 | | {parent['out_of_domain']['ppl']:.2f} | 1 | |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", nargs="+", default=["base"])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--lr", default="", help="learning rate for every variant (a variant's own lr wins)")
+    ap.add_argument("--blocks", type=int, default=16)
+    ap.add_argument("--draws", type=int, default=4)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", default="")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    exports = {name: train(name, args) for name in args.variants}
+    result = score(exports, args)
+    print(table(result, args.variants[0]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "result": result}, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
