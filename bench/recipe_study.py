@@ -101,7 +101,8 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
                 draws[domain] = draw_masks(scored, args.draws, "count", meta.eps, rng.generator(0, "estimate"))
                 parent = load_causal_lm(ModelConfig(name_or_path="embedded:smollm2-135m-instruct", dtype="fp32"))
                 set_causal(parent, True)
-                nll = causal_nll(ModelForward(parent.eval(), "cpu"), x0, None, 4)
+                none = torch.zeros(parent.get_output_embeddings().weight.shape[0], dtype=torch.bool)
+                nll = causal_nll(ModelForward(parent.eval(), "cpu"), x0, none, 4)
                 result["parent"][domain] = summarize(nll, x0.shape[1] - 1).as_dict()
             per_block = bounds_on(objective, forward, x0, *draws[domain], 4)
             result[name][domain] = summarize(per_block, scored.sum(1)).as_dict() | {"per_block": per_block}
