@@ -228,8 +228,9 @@ def damage(folder: Path, share: tuple[int, int] = (0, 1)) -> str | None:
         path = folder / name
         if not path.is_file():
             return f"{path} is missing"
-        if path.stat().st_size != want["bytes"]:
-            return f"{path} has {path.stat().st_size} bytes, {want['bytes']} were written (truncated or altered)"
+        size = path.stat().st_size
+        if size != want["bytes"]:
+            return f"{path} has {size} bytes, {want['bytes']} were written (truncated or altered)"
         if i % world == rank and distributed.file_digest(path)[1] != want["sha256"]:
             return f"{path} does not match the checksum written with it (altered or corrupted)"
     return None
@@ -263,18 +264,12 @@ def find_resume(cfg: Config, say=None) -> str | None:
     say = say or _note
     if cfg.run.resume == "auto":
         tags = complete_tags(cfg.run_dir)
-        tag = None
-        for candidate in reversed(tags):
-            problem = _verified(cfg.run_dir, candidate)
-            if problem is None:
-                tag = candidate
-                break
-            say(f"skipping damaged checkpoint {candidate}: {problem}")
-        if tags and tag is None:
+        if not tags:
+            return None
+        tag = _latest_intact(tags, lambda t: _verified(cfg.run_dir, t), say)
+        if tag is None:
             raise CheckpointError(f"every checkpoint of {cfg.run_dir} is damaged (see above); start over with "
                                   f"run.resume=never or a new run.name")
-        if tag is None:
-            return None
     else:
         path = Path(cfg.run.resume)
         if not (path / COMPLETE).is_file():
@@ -352,12 +347,20 @@ def export_tag(run_dir: Path, tag: str | None, say=None) -> str:
             raise CheckpointError(f"checkpoint {tag} is damaged: {problem}; export another one (--tag, of "
                                   f"{', '.join(t for t in tags if t != tag) or 'none'})")
         return tag
-    for candidate in reversed(tags):
-        problem = damage(ckpt_root(run_dir) / candidate)
+    tag = _latest_intact(tags, lambda t: damage(ckpt_root(run_dir) / t), say)
+    if tag is None:
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged (see above); nothing to export")
+    return tag
+
+
+def _latest_intact(tags: list[str], problem_of, say) -> str | None:
+    """The newest of `tags` that `problem_of` finds nothing wrong with; each damaged newer one is named by `say`."""
+    for tag in reversed(tags):
+        problem = problem_of(tag)
         if problem is None:
-            return candidate
-        say(f"skipping damaged checkpoint {candidate}: {problem}")
-    raise CheckpointError(f"every checkpoint of {run_dir} is damaged (see above); nothing to export")
+            return tag
+        say(f"skipping damaged checkpoint {tag}: {problem}")
+    return None
 
 
 def _model_from_state(config, state: dict[str, torch.Tensor], tag: str):

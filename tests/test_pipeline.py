@@ -17,12 +17,17 @@ from conftest import ROOT
 RECIPE = ROOT / "recipes" / "debug.yaml"
 
 
+def tiny_run_args(run_root: Path, model_dir: Path, corpus: Path, *overrides: str) -> list[str]:
+    """adapt/run.py's overrides for a run of the tiny model on the small corpus under run_root."""
+    return [f"model.name_or_path={model_dir}", "model.dtype=fp32", f"data.train_files=[{corpus}]",
+            f"data.cache_dir={run_root / 'cache'}", f"run.output_dir={run_root}", "train.log_every=1",
+            "run.sample_length=4", "run.sample_steps=2", *overrides]
+
+
 def launch(run_root: Path, model_dir: Path, corpus: Path, *overrides: str, ranks: int = 0,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run adapt/run.py on the tiny model: `python` when ranks == 0, else the deepspeed launcher."""
-    args = [f"model.name_or_path={model_dir}", "model.dtype=fp32", f"data.train_files=[{corpus}]",
-            f"data.cache_dir={run_root / 'cache'}", f"run.output_dir={run_root}", "train.log_every=1",
-            "run.sample_length=4", "run.sample_steps=2", *overrides]
+    args = tiny_run_args(run_root, model_dir, corpus, *overrides)
     if ranks:
         # the launcher of this interpreter's environment, found without relying on PATH
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),

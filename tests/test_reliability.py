@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import ROOT
-from test_pipeline import RECIPE, launch, losses
+from test_pipeline import RECIPE, launch, losses, tiny_run_args
 
 from conftest import FAULT_RUN as COMMON
 
@@ -46,9 +46,7 @@ class Run:
     pipe would block it), thread counts pinned as `launch` pins them."""
 
     def __init__(self, root: Path, model_dir: Path, corpus: Path, *overrides: str, env: dict | None = None):
-        args = [f"model.name_or_path={model_dir}", "model.dtype=fp32", f"data.train_files=[{corpus}]",
-                f"data.cache_dir={root / 'cache'}", f"run.output_dir={root}", "train.log_every=1",
-                "run.sample_length=4", "run.sample_steps=2", *COMMON, *overrides]
+        args = tiny_run_args(root, model_dir, corpus, *COMMON, *overrides)
         self.proc = subprocess.Popen([sys.executable, str(ROOT / "adapt" / "run.py"), str(RECIPE), *args], cwd=ROOT,
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env or {})})
@@ -85,7 +83,7 @@ class Run:
         return code
 
 
-def _complete(run_dir: Path, step: int) -> bool:
+def complete(run_dir: Path, step: int) -> bool:
     return (run_dir / "checkpoints" / f"step_{step:07d}" / "COMPLETE").exists()
 
 
@@ -109,7 +107,7 @@ def test_kill_9_at_a_random_moment_loses_nothing(reference, tmp_path, tiny_model
     moment = random.uniform(0.0, 2.5)
     print(f"kill -9 at {moment:.2f} s after the first checkpoint")
     first = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_STEP_DELAY_S": "0.5"})
-    first.wait_for(lambda: _complete(tmp_path / "debug", 2))
+    first.wait_for(lambda: complete(tmp_path / "debug", 2))
     time.sleep(moment)
     assert first.proc.poll() is None, "the run ended before it was killed"
     first.proc.kill()
@@ -140,7 +138,7 @@ def test_a_stop_signal_saves_and_exits_cleanly(reference, tmp_path, tiny_model_d
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, corpus_file):
     """The first Ctrl-C arrives while a step hangs (fault hook); the second aborts it instead of waiting."""
     run = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_STALL_STEPS": "3"})
-    run.wait_for(lambda: _complete(tmp_path / "debug", 2) and "step 3/6" in run.stderr)
+    run.wait_for(lambda: complete(tmp_path / "debug", 2) and "step 3/6" in run.stderr)
     run.proc.send_signal(signal.SIGINT)
     run.wait_for(lambda: "stop requested" in run.stderr)
     run.proc.send_signal(signal.SIGINT)
@@ -153,7 +151,7 @@ def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, 
 def test_a_second_launch_on_the_same_folder_is_refused_and_a_dead_holder_is_taken_over(
         reference, tmp_path, tiny_model_dir, corpus_file):
     first = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_STALL_STEPS": "3"})  # hangs at step 4
-    first.wait_for(lambda: _complete(tmp_path / "debug", 2) and "step 3/6" in first.stderr)
+    first.wait_for(lambda: complete(tmp_path / "debug", 2) and "step 3/6" in first.stderr)
     second = launch(tmp_path, tiny_model_dir, corpus_file, *COMMON, check=False)
     assert second.returncode == 2 and "Traceback" not in second.stderr
     assert f"pid {first.proc.pid} on host" in second.stderr and "in use by another launch" in second.stderr

@@ -9,12 +9,9 @@ import torch
 
 from conftest import FAULT_RUN
 from test_pipeline import launch, losses
+from test_reliability import complete
 
 pytestmark = pytest.mark.slow
-
-
-def _complete(run_dir, step: int) -> bool:
-    return (run_dir / "checkpoints" / f"step_{step:07d}" / "COMPLETE").is_file()
 
 
 def test_a_nan_and_a_full_disk_on_one_rank_are_agreed_on_by_both(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
@@ -50,7 +47,7 @@ def test_a_hung_rank_is_noticed_within_the_timeout(tmp_path, tiny_model_dir, cor
     text = out.stdout + out.stderr
     assert out.returncode != 0 and "another rank stopped answering" in text and "Traceback" not in text, text[-4000:]
     run = tmp_path / "debug"
-    assert _complete(run, 2) and not _complete(run, 4)
+    assert complete(run, 2) and not complete(run, 4)
     monkeypatch.delenv("ADAPT_FAULT_STALL_STEPS")
     out = launch(tmp_path, tiny_model_dir, corpus_file, *FAULT_RUN, "dist.timeout_s=120", ranks=2)
     assert "step_0000002 at step 2" in out.stdout + out.stderr
