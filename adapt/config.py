@@ -45,6 +45,8 @@ class ModelConfig:
     """Text of the mask token added to the tokenizer when `mask_token_id` is unset."""
     mask_token_id: int = -1
     """Reuse this existing token id as the mask token; -1 adds `mask_token` instead."""
+    mask_init: str = "mean"
+    """Input row of a new mask token: mean (of all rows: a neutral token), normal (a random row with the rows' per-dimension mean and spread) or eos (a copy of EOS)."""
     pad_vocab_to_multiple_of: int = 64
     """Round the resized embedding matrix up to this multiple (1 for none); extra rows are never predicted."""
     gradient_checkpointing: bool = False
@@ -67,6 +69,8 @@ class DiffusionConfig:
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
     """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole block (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    position_masking: float = 0.0
+    """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
     ar_loss_weight: float = 0.0
     """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
 
@@ -164,6 +168,8 @@ class TrainConfig:
     """Steps between held-out evaluations; 0 = only before and after."""
     eval_t_samples: int = 8
     """Monte Carlo draws per held-out block for the likelihood bound."""
+    eval_before: str = "both"
+    """Held-out bounds of the unadapted model (adapt stage): both, causal (the parent's attention), bidirectional, or none; the parent's exact perplexity is always measured."""
     eval_method: str = "count"
     """How held-out draws are made (adapt.likelihood): count (masked-count, lowest variance), stratified, uniform or antithetic t."""
     save_every: int = 50
@@ -228,9 +234,11 @@ CHOICES: dict[str, tuple] = {
     "stage": ("adapt", "sft"),
     "lora.export": ("merged", "adapter"),
     "model.dtype": ("bf16", "fp32"),
+    "model.mask_init": ("mean", "normal", "eos"),
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
+    "train.eval_before": ("both", "causal", "bidirectional", "none"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window", "blocks"),
     "dist.zero_stage": (0, 1, 2, 3),
@@ -245,6 +253,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("data.block_size", 8, None),
     ("data.heldout_blocks", 1, None),
     ("data.num_proc", 1, None),
+    ("diffusion.position_masking", 0.0, 4.0),
     ("optim.lr", 0.0, 1.0),
     ("optim.weight_decay", 0.0, None),
     ("optim.beta1", 0.0, 1.0),

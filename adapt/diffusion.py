@@ -46,6 +46,18 @@ def loss_weight(t: torch.Tensor) -> torch.Tensor:
     return 1.0 / t
 
 
+def position_exponents(offsets: torch.Tensor, span: int, strength: float) -> torch.Tensor:
+    """(L,) float exponents a_i of position-dependent masking: token i is masked w.p. t ** a_i.
+
+    a_i = exp(-strength * (2 u_i - 1)) with u_i = offsets_i / (span - 1) in [0, 1] (the place of token i
+    in its block): strength > 0 masks later tokens more often (Efficient-DLM's left-to-right bias), 0 gives
+    a_i = 1 (the linear schedule). Each token keeps a proper schedule (masked w.p. 0 at t = 0, 1 at t = 1),
+    so weighting its cross-entropy by the hazard a_i / t keeps the loss a negative ELBO.
+    """
+    u = offsets.double() / max(span - 1, 1)
+    return torch.exp(-strength * (2 * u - 1)).float()
+
+
 def maskable_positions(x0: torch.Tensor, shift: bool, loss_mask: torch.Tensor | None = None) -> torch.Tensor:
     """(B, L) bool: positions that may be noised and carry loss.
 
@@ -59,10 +71,13 @@ def maskable_positions(x0: torch.Tensor, shift: bool, loss_mask: torch.Tensor | 
 
 
 def corrupt(x0: torch.Tensor, t: torch.Tensor, mask_id: int, maskable: torch.Tensor,
-            generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw x_t ~ q(x_t | x_0). x0 (B, L) long, t (B,) -> (x_t (B, L), masked (B, L) bool)."""
+            generator: torch.Generator | None = None,
+            exponents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw x_t ~ q(x_t | x_0). x0 (B, L) long, t (B,) -> (x_t (B, L), masked (B, L) bool); with `exponents`
+    (L,) (position_exponents), token i is masked w.p. t ** a_i instead of t."""
     u = torch.rand(x0.shape, generator=generator, device="cpu").to(x0.device)
-    masked = (u < mask_prob(t).to(x0.device)[:, None]) & maskable
+    p = mask_prob(t)[:, None] if exponents is None else t.double()[:, None] ** exponents.double()[None]
+    masked = (u < p.to(x0.device)) & maskable
     return x0.masked_fill(masked, mask_id), masked
 
 
@@ -108,13 +123,16 @@ def token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shif
 
 
 def diffusion_loss_sum(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
-                       shift: bool, blocked: torch.Tensor) -> torch.Tensor:
-    """sum over masked tokens of w(t_b) * -log p_theta(x0_i | x_t); a scalar (float32).
+                       shift: bool, blocked: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
+    """sum over masked tokens of w(t_b) * -log p_theta(x0_i | x_t); a scalar (float32). With `exponents` (L,)
+    (position-dependent masking) token i's weight is a_i / t_b, the hazard of its schedule t ** a_i.
 
     Divide by `normaliser` counts summed across micro-batches and ranks to get the loss.
     """
     nll = token_nll(logits, x0, masked, shift, blocked)
     w = loss_weight(t.float()).to(nll.device)[:, None].expand_as(masked)
+    if exponents is not None:
+        w = w * exponents.to(w.device)[None]
     w = w[:, 1:][masked[:, 1:]] if shift else w[masked]
     return (w * nll).sum()
 

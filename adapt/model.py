@@ -204,7 +204,24 @@ def add_mask_token(model: PreTrainedModel, tokenizer, mcfg: ModelConfig) -> Diff
         real_vocab = len(tokenizer)
     if real_vocab > old_rows:
         _resize(model, real_vocab, mcfg.pad_vocab_to_multiple_of)
+    if mcfg.mask_token_id < 0 and mcfg.mask_init != "mean":
+        _init_mask_row(model, mask_id, mcfg.mask_init, tokenizer.eos_token_id, min(old_rows, real_vocab))
     return DiffusionMeta(mask_token_id=mask_id, real_vocab_size=real_vocab)
+
+
+@torch.no_grad()
+def _init_mask_row(model: PreTrainedModel, mask_id: int, how: str, eos_id: int | None, n: int) -> None:
+    """Re-initialise the new mask token's input row (model.mask_init): `normal` draws it from the per-dimension
+    mean and spread of the first n rows (seeded, so every rank and rerun agrees); `eos` copies the EOS row."""
+    emb = model.get_input_embeddings().weight
+    if how == "eos":
+        if eos_id is None:
+            raise ModelLoadError("model.mask_init=eos: the tokenizer has no EOS token; use mean or normal")
+        emb[mask_id] = emb[eos_id]
+        return
+    rows = emb[:n].float()
+    noise = torch.randn(emb.shape[1], generator=torch.Generator().manual_seed(0))
+    emb[mask_id] = (rows.mean(0) + rows.std(0) * noise).to(emb.dtype)
 
 
 def prepare_diffusion(model: PreTrainedModel, tokenizer, mcfg: ModelConfig,

@@ -96,6 +96,9 @@ def validate(cfg: Config) -> list[str]:
     if cfg.diffusion.ar_loss_weight > 0 and cfg.model.attn_implementation == "flash_attention_2":
         problems.append("`diffusion.ar_loss_weight` needs a causal mask tensor, which flash_attention_2 does not take; "
                         "use model.attn_implementation=sdpa or flex_attention, or diffusion.ar_loss_weight=0")
+    if cfg.model.mask_init != "mean" and cfg.model.mask_token_id >= 0:
+        problems.append("`model.mask_init` sets a NEW mask token's row; `model.mask_token_id` reuses an existing token "
+                        "as it is: use model.mask_init=mean or model.mask_token_id=-1")
     if cfg.lora.enabled and not cfg.lora.target_modules:
         problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
     problems += _exported_model_problems(cfg)

@@ -28,8 +28,11 @@ def run_adapt(cfg: Config) -> dict:
     if state.step == 0:
         show_batch(state)
         summary.update(parent_perplexity(state))
-        summary.update({f"before_causal_{k}": v for k, v in evaluate(state, "causal").items()})
-        summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
+        before = state.cfg.train.eval_before
+        if before in ("both", "causal"):
+            summary.update({f"before_causal_{k}": v for k, v in evaluate(state, "causal").items()})
+        if before in ("both", "bidirectional"):
+            summary.update({f"before_{k}": v for k, v in evaluate(state).items()})
         state.log.record(0, summary, "eval")
     if not fit(state):
         return summary

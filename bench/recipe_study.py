@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from adapt.checkpoint import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "run.sample_length=0", "train.log_every=10"]
+SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0", "train.log_every=10"]
 VARIANTS = {
     "base": [],
     "lr2e-4": ["optim.lr=2e-4"],
@@ -39,37 +39,67 @@ VARIANTS = {
     "noshift": ["diffusion.shift=false"],
     "ar0.3": ["diffusion.ar_loss_weight=0.3"],
     "ar0.1": ["diffusion.ar_loss_weight=0.1"],
+    "ar0.3eqtime": ["diffusion.ar_loss_weight=0.3", "train.max_steps={eq}", "attention.anneal_steps={eqhalf}"],
     "layerlr0.8": ["optim.layer_lr_decay=0.8"],
     "masknorm": ["diffusion.loss_norm=masked"],
     "constlr": ["optim.min_lr_ratio=1.0"],
+    "nowarmup": ["optim.warmup_steps=0"],
+    "posmask0.5": ["diffusion.position_masking=0.5"],
+    "posmask1": ["diffusion.position_masking=1.0"],
+    "masknormal": ["model.mask_init=normal"],
+    "maskeos": ["model.mask_init=eos"],
+    "lora": ["lora.enabled=true", "optim.lr=1e-3"],
+    "lora2x": ["lora.enabled=true", "optim.lr=1e-3", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
+               "optim.warmup_steps={warmup2}"],
+    "annealall": ["attention.anneal_steps={steps}"],
+    "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
+            "optim.warmup_steps={warmup2}"],
 }
-"""name -> overrides on top of the default recipe and SCREEN (a variant named `X+Y` combines X and Y)."""
+"""name -> overrides on top of the default recipe and SCREEN (a variant named `X+Y` combines X and Y); {steps},
+{2steps} and {warmup2} stand for the screen's step count, twice it, and the warmup of twice it; {eq} and {eqhalf}
+for the steps (and anneal steps) of equal wall time with the joint loss."""
 
 
-def overrides(name: str, lr: str) -> list[str]:
+AR_COST = 1.7
+"""Step time with the joint causal loss over the plain step's (measured on the screen's runs, 2026-12-02):
+`ar0.3eqtime` trains 1/AR_COST of the steps, so it spends the wall time of the plain runs."""
+
+
+def overrides(name: str, lr: str, steps: int) -> list[str]:
     out = [f"optim.lr={lr}"] if lr else []
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"error: unknown variant {part!r}; choose from {', '.join(VARIANTS)}")
-        out += VARIANTS[part]
+        names = {"2steps": 2 * steps, "warmup2": max(1, steps // 5), "eq": round(steps / AR_COST),
+                 "eqhalf": round(steps / AR_COST) // 2}
+        out += [o.format(steps=steps, **names) for o in VARIANTS[part]]
     return out
 
 
+def run_dir(name: str, args: argparse.Namespace) -> Path:
+    """checkpoints/study_<name>[_lr<lr>][_s<seed>]: one folder per variant, learning rate and seed."""
+    tag = (f"_lr{args.lr}" if args.lr else "") + (f"_s{args.seed}" if args.seed else "")
+    return ROOT / "checkpoints" / f"study_{name}{tag}"
+
+
 def train(name: str, args: argparse.Namespace) -> Path:
-    run_dir = ROOT / "checkpoints" / f"study_{name}"
-    if exported_meta(run_dir / "final") is not None:
-        return run_dir / "final"
+    folder = run_dir(name, args)
+    if exported_meta(folder / "final") is not None:
+        return folder / "final"
     steps = args.steps
     cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "llama_to_mdlm.yaml"), *SCREEN,
            f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}", f"optim.warmup_steps={max(1, steps // 10)}",
-           f"data.block_size={args.block_size}", f"run.name=study_{name}", *overrides(name, args.lr)]
+           f"data.block_size={args.block_size}", f"run.name={folder.name}", f"train.seed={args.seed}",
+           *args.common, *overrides(name, args.lr, steps)]
     tic = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
                          env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
     if out.returncode:
         raise SystemExit(f"error: variant {name} failed:\n{out.stderr[-3000:]}")
-    print(f"trained {name} in {time.perf_counter() - tic:.0f} s", file=sys.stderr, flush=True)
-    return run_dir / "final"
+    seconds = time.perf_counter() - tic
+    (folder / "study_seconds.txt").write_text(f"{seconds:.1f}\n")
+    print(f"trained {name} in {seconds:.0f} s", file=sys.stderr, flush=True)
+    return folder / "final"
 
 
 def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
@@ -108,6 +138,9 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
             result[name][domain] = summarize(per_block, scored.sum(1)).as_dict() | {"per_block": per_block}
         print(f"scored {name}", file=sys.stderr, flush=True)
     first = next(iter(exports))
+    for name, path in exports.items():
+        timing = path.parent / "study_seconds.txt"
+        result[name]["train_seconds"] = float(timing.read_text()) if timing.exists() else None
     for name in exports:
         for domain in domains:
             row = result[name][domain]
@@ -144,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--lr", default="", help="learning rate for every variant (a variant's own lr wins)")
+    ap.add_argument("--seed", type=int, default=0, help="the runs' seed (data order, draws); 0 is the recipe's")
+    ap.add_argument("--common", nargs="*", default=[], help="overrides for every variant (before a variant's own)")
     ap.add_argument("--blocks", type=int, default=16)
     ap.add_argument("--draws", type=int, default=4)
     ap.add_argument("--threads", type=int, default=2)

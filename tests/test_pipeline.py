@@ -185,11 +185,17 @@ def test_resume_refuses_an_incompatible_recipe(finished_run, tmp_path, tiny_mode
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, corpus_file):
-    """1 x 8 and 8 x 1 sequences per step give the same update (per-masked-token normalisation)."""
+    """1 x 8 and 8 x 1 sequences per step give the same update (per-masked-token normalisation), whichever
+    evaluations ran before training (train.eval_before: they draw from their own streams)."""
     common = ("train.max_steps=2", "train.save_every=0", "attention.anneal_steps=0", "diffusion.loss_norm=masked",
               "optim.warmup_steps=0", "optim.lr=1e-3", "run.sample_length=0")
-    launch(tmp_path / "a", tiny_model_dir, corpus_file, "train.micro_batch_size=8", "train.grad_accum=1", *common)
-    launch(tmp_path / "b", tiny_model_dir, corpus_file, "train.micro_batch_size=1", "train.grad_accum=8", *common)
+    launch(tmp_path / "a", tiny_model_dir, corpus_file, "train.micro_batch_size=8", "train.grad_accum=1",
+           "train.eval_before=causal", *common)
+    launch(tmp_path / "b", tiny_model_dir, corpus_file, "train.micro_batch_size=1", "train.grad_accum=8",
+           "train.eval_before=none", *common)
+    first = {name: json.loads((tmp_path / name / "debug" / "metrics.jsonl").read_text().splitlines()[0]) for name in "ab"}
+    assert "before_causal_ppl" in first["a"] and "before_ppl" not in first["a"] and "parent_ppl" in first["a"]
+    assert not any(k.startswith("before") for k in first["b"]) and "parent_ppl" in first["b"]
     la, lb = losses(tmp_path / "a" / "debug"), losses(tmp_path / "b" / "debug")
     assert la[1] == pytest.approx(lb[1], rel=1e-5) and la[2] == pytest.approx(lb[2], rel=1e-5)
     ga, gb = losses(tmp_path / "a" / "debug", "grad_norm"), losses(tmp_path / "b" / "debug", "grad_norm")

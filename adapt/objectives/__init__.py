@@ -36,7 +36,7 @@ def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
     """The recipe's objective (`diffusion.block_length`) for training and its evaluation."""
     return _make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
                  cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype,
-                 ar_weight=cfg.diffusion.ar_loss_weight)
+                 ar_weight=cfg.diffusion.ar_loss_weight, position_masking=cfg.diffusion.position_masking)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):

@@ -13,8 +13,8 @@ from __future__ import annotations
 import torch
 
 from adapt.attention import build_mask, causal_visibility, uses_block_mask, window_block_mask
-from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, prediction_logits,
-                             sample_t, token_nll)
+from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, position_exponents,
+                             prediction_logits, sample_t, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, Forward, Noised
 
@@ -37,13 +37,15 @@ class MaskedDiffusion:
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
-                 dtype: str = "fp32", ar_weight: float = 0.0):
+                 dtype: str = "fp32", ar_weight: float = 0.0, position_masking: float = 0.0):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
         self.read_shift = shift
         """Whether `predict`'s logits still need the shift when read (row i-1 predicts token i)."""
         self.ar_weight = ar_weight
         """alpha of the joint causal term (diffusion.ar_loss_weight); 0 = none, and no second forward."""
+        self.position_masking = position_masking
+        """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -58,10 +60,17 @@ class MaskedDiffusion:
         ok[:, 0] = False
         return ok
 
+    def exponents(self, length: int) -> torch.Tensor | None:
+        """(L,) exponents of position-dependent masking over the whole block, or None when it is off."""
+        if not self.position_masking:
+            return None
+        return position_exponents(torch.arange(length), length, self.position_masking)
+
     def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised:
-        """One t per row (`diffusion.t_sampling` over the batch), then each maskable token masked w.p. t."""
+        """One t per row (`diffusion.t_sampling` over the batch), then each maskable token masked w.p. t
+        (t ** a_i under position-dependent masking)."""
         t = sample_t(len(x0), self.eps, self.t_sampling, generator)
-        xt, masked = corrupt(x0, t, self.mask_id, maskable, generator)
+        xt, masked = corrupt(x0, t, self.mask_id, maskable, generator, self.exponents(x0.shape[1]))
         return Noised(xt, masked, t)
 
     def normaliser(self, maskable: torch.Tensor, masked: torch.Tensor) -> float:
@@ -85,9 +94,11 @@ class MaskedDiffusion:
         return prediction_logits(self.predict(forward, x0, self._hidden(x0, masked), attention), self.read_shift)
 
     def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor:
-        """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t): a scalar, to divide by `normaliser`."""
+        """sum over masked tokens of (1/t) * -log p_theta(x0_i | x_t) (a_i / t under position-dependent masking):
+        a scalar, to divide by `normaliser`."""
         dev = logits.device
-        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked)
+        return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked,
+                                  self.exponents(x0.shape[1]))
 
     def causal_loss_sum(self, forward: Forward, x0: torch.Tensor, scored: torch.Tensor,
                         docs: torch.Tensor | None = None) -> torch.Tensor:
