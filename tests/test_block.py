@@ -171,8 +171,9 @@ def test_block_decoding_is_batch_independent_and_refuses_another_block_length():
     for r in range(3):
         alone = generate(den, x[r:r + 1], "confidence", steps=8, temperature=0.0)
         assert torch.equal(alone.ids[0], out.ids[r])
-    # blocks 1-3 are filled (block 1 holds the prompt's tail): 8 steps + 2 commits of finished blocks + 1 prefix
-    assert out.nfe <= 8 + 3
+    # blocks 1-3 are filled (block 1 holds the prompt's tail) in 8 steps; the prefix and each finished block
+    # enter the cache within the next block's first call, so no call is spent on commits
+    assert out.nfe <= 8
     with pytest.raises(ValueError, match="force_block_length"):
         generate(den, x, "confidence", steps=8, block_length=2)
     forced = generate(den, x, "confidence", steps=8, block_length=2, force_block_length=True, temperature=0.0)

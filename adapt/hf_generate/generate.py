@@ -292,7 +292,7 @@ class BlockCache:
         self.den, self.b, self.cached = den, b, cached
         self.blk = torch.arange(x.shape[1], device=x.device) // b
         self.cache = DynamicCache(config=den.model.config) if cached else None
-        self.done, self.last = 0, None  # blocks in the cache; (B, V) logits at the last cached position
+        self.done, self.pending, self.last = 0, 0, None  # blocks cached, blocks clean; (B, V) logits at the last cached column
 
     def mask(self, q0: int, q1: int, k1: int) -> torch.Tensor:
         """(B, 1, q1 - q0, k1) additive: query c sees valid key j iff block(j) <= block(c) (and itself)."""
@@ -302,22 +302,28 @@ class BlockCache:
         return self.den.additive(visible | eye)
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
-        """Run the clean blocks done .. upto-1 of x once and append them to the cache (one model call)."""
-        a, e = self.done * self.b, upto * self.b
-        if e <= a:
-            return
-        if self.cached:
-            logits = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache, keep=1)
-            self.last = logits[:, -1]
-        self.done = upto
+        """Blocks done .. upto-1 of x are clean: they enter the cache with the next `predictions` call, which
+        runs them once together with the block it predicts (one model call for both), so committing costs no
+        call of its own. Nothing runs when no block follows."""
+        self.pending = max(self.pending, upto)
 
     def predictions(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Logits (B, b, V) predicting each column of block k of x, given the clean blocks < k (k == done)."""
+        """Logits (B, b, V) predicting each column of block k of x, given the clean blocks < k (k == the
+        blocks committed). A pending commit runs in the same call: the rows [clean blocks done..k-1 | block k]
+        under the block-causal mask, so the clean rows never see block k and their keys/values are exactly
+        those of a call of their own."""
         a, e = k * self.b, (k + 1) * self.b
         if self.cached:
-            out, before = self.den.forward(x[:, a:e], a, self.mask(a, e, e), self.cache), self.last
+            s = self.done * self.b if self.pending > self.done else a
+            if s < a and self.pending != k:
+                raise ValueError(f"block {k} predicted with blocks committed up to {self.pending}")
+            logits = self.den.forward(x[:, s:e], s, self.mask(s, e, e), self.cache, keep=self.b + (s < a))
+            if s < a:  # the last clean row predicts block k's first column
+                self.last, self.done = logits[:, 0], k
+            out, before = logits[:, -self.b:], self.last
             self.cache.crop(-self.b)
         else:  # one forward over [blocks < k | block k]
+            self.done = max(self.done, self.pending)
             full = self.den.forward(x[:, :e], 0, self.mask(0, e, e))
             out, before = full[:, a:], full[:, a - 1] if k else None
         if not self.den.shift:
