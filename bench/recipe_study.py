@@ -34,6 +34,7 @@ VARIANTS = {
     "lr2e-4": ["optim.lr=2e-4"],
     "lr5e-4": ["optim.lr=5e-4"],
     "lr1e-3": ["optim.lr=1e-3"],
+    "lr3e-4": ["optim.lr=3e-4"],
     "noanneal": ["attention.anneal_steps=0"],
     "window": ["attention.anneal_schedule=window"],
     "noshift": ["diffusion.shift=false"],
