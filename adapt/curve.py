@@ -1,6 +1,7 @@
 """curve.png: a run's held-out bounds against training tokens, the parent's exact perplexity as a line.
 
     python -m adapt.curve RUN_DIR          (re)draws RUN_DIR/curve.png from RUN_DIR/metrics.jsonl
+    python -m adapt.curve RUN_DIR... --out F.png   the bounds of several runs on one figure (a study's finalists)
 
 The points are the perplexities of the run's `eval` records (keys ending in `ppl`): the bound before training
 (`before_ppl`), during it (`ppl`, every train.eval_every steps) and after (`after_ppl`) make one series, each other
@@ -61,6 +62,11 @@ def draw(run_dir: str | Path, out: str | Path | None = None) -> dict:
     points, parent, xlabel = series(read_records(run_dir / "metrics.jsonl"))
     if not points:
         raise CurveError(f"no held-out evaluation in {run_dir / 'metrics.jsonl'}")
+    return _figure(points, parent, xlabel, run_dir.name, Path(out) if out is not None else run_dir / CURVE)
+
+
+def _figure(points: dict[str, list[tuple[float, float]]], parent: float | None, xlabel: str, title: str,
+            path: Path) -> dict:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -74,12 +80,25 @@ def draw(run_dir: str | Path, out: str | Path | None = None) -> dict:
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("held-out perplexity (bounds: ELBO)")
-    ax.set_title(run_dir.name)
+    ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    path = Path(out) if out is not None else run_dir / CURVE
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return {"path": path, "points": points, "parent_ppl": parent}
+
+
+def draw_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
+    """The bound series of several runs on one figure `out` (each labelled by its folder), the first run's
+    parent line; returns {"path", "points": {run name: [(x, ppl)]}, "parent_ppl"}. Raises as `draw`."""
+    runs = {}
+    parent = None
+    for run_dir in map(Path, run_dirs):
+        points, first_parent, xlabel = series(read_records(run_dir / "metrics.jsonl"))
+        if "bound" not in points:
+            raise CurveError(f"no held-out evaluation in {run_dir / 'metrics.jsonl'}")
+        runs[run_dir.name] = points["bound"]
+        parent = first_parent if parent is None else parent
+    return _figure(runs, parent, xlabel, "held-out bound against training tokens", Path(out))
 
 
 def try_draw(run_dir: str | Path, say=print) -> Path | None:
@@ -94,10 +113,23 @@ def try_draw(run_dir: str | Path, say=print) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1 or args[0].startswith("-"):
-        print(__doc__.strip().splitlines()[2].strip(), file=sys.stderr)
+    args = list(sys.argv[1:] if argv is None else argv)
+    out = None
+    if "--out" in args:
+        i = args.index("--out")
+        out, args = (args[i + 1] if i + 1 < len(args) else ""), args[:i] + args[i + 2:]
+    usage = "\n".join(line.strip() for line in __doc__.strip().splitlines()[2:4])
+    if not args or any(a.startswith("-") for a in args) or out == "" or (len(args) > 1 and out is None):
+        print(f"usage:\n{usage}", file=sys.stderr)
         return 2
+    if out is not None:
+        try:
+            path = draw_runs(args, out)["path"]
+        except (CurveError, ImportError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        print(path)
+        return 0
     path = try_draw(args[0], lambda line: print(line, file=sys.stderr))
     if path is None:
         return 1

@@ -78,8 +78,11 @@ def overrides(name: str, lr: str, steps: int) -> list[str]:
 
 
 def run_dir(name: str, args: argparse.Namespace) -> Path:
-    """checkpoints/study_<name>[_lr<lr>][_s<seed>]: one folder per variant, learning rate and seed."""
-    tag = (f"_lr{args.lr}" if args.lr else "") + (f"_s{args.seed}" if args.seed else "")
+    """checkpoints/study_<name>[_lr<lr>][_<steps>x<block>][_s<seed>]: one folder per variant, learning rate, size
+    (when not the screen's 30 steps of 128 tokens) and seed."""
+    size = (args.steps, args.block_size) != (30, 128)
+    tag = (f"_lr{args.lr}" if args.lr else "") + (f"_{args.steps}x{args.block_size}" if size else "") + (
+        f"_s{args.seed}" if args.seed else "")
     return ROOT / "checkpoints" / f"study_{name}{tag}"
 
 

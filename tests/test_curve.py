@@ -81,3 +81,20 @@ def test_train_records_carry_the_step_tokens(tmp_path):
     assert [r["tokens"] for r in rows if r["kind"] == "train"] == [STEP_TOKENS] * 6
     with pytest.raises(curve.CurveError):
         curve.draw(tmp_path / "missing")
+
+
+def test_several_runs_on_one_figure(tmp_path, capsys):
+    a, b, empty = tmp_path / "a", tmp_path / "b", tmp_path / "empty"
+    for folder in (a, b, empty):
+        folder.mkdir()
+    write_run(a)
+    write_run(b, sft=True)
+    out = curve.draw_runs([a, b], tmp_path / "both.png")
+    assert out["points"] == {"a": [(0.0, 900.0), (3.0 * STEP_TOKENS, 500.0), (6.0 * STEP_TOKENS, 300.0)],
+                             "b": [(0.0, 900.0), (3.0 * STEP_TOKENS, 500.0), (6.0 * STEP_TOKENS, 300.0)]}
+    assert out["parent_ppl"] == 40.0 and (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
+    assert curve.main([str(a), str(b), "--out", str(tmp_path / "cli.png")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "cli.png")
+    assert curve.main([str(a), str(empty), "--out", str(tmp_path / "x.png")]) == 1
+    assert "no held-out evaluation" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
+    assert curve.main([str(a), str(b)]) == 2 and "usage" in capsys.readouterr().err  # several runs need --out
