@@ -35,6 +35,7 @@ VARIANTS = {
     "lr5e-4": ["optim.lr=5e-4"],
     "lr1e-3": ["optim.lr=1e-3"],
     "lr3e-4": ["optim.lr=3e-4"],
+    "lr2e-3": ["optim.lr=2e-3"],
     "noanneal": ["attention.anneal_steps=0"],
     "window": ["attention.anneal_schedule=window"],
     "noshift": ["diffusion.shift=false"],
@@ -50,6 +51,8 @@ VARIANTS = {
     "masknormal": ["model.mask_init=normal"],
     "maskeos": ["model.mask_init=eos"],
     "lora": ["lora.enabled=true", "optim.lr=1e-3"],
+    "lora1.7x": ["lora.enabled=true", "optim.lr=1e-3", "train.max_steps={lora}", "attention.anneal_steps={lorahalf}",
+                 "optim.warmup_steps={lorawarm}"],
     "lora2x": ["lora.enabled=true", "optim.lr=1e-3", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
                "optim.warmup_steps={warmup2}"],
     "annealall": ["attention.anneal_steps={steps}"],
@@ -58,7 +61,7 @@ VARIANTS = {
 }
 """name -> overrides on top of the default recipe and SCREEN (a variant named `X+Y` combines X and Y); {steps},
 {2steps} and {warmup2} stand for the screen's step count, twice it, and the warmup of twice it; {eq} and {eqhalf}
-for the steps (and anneal steps) of equal wall time with the joint loss."""
+for the steps (and anneal steps) of equal wall time with the joint loss; {lora}, {lorahalf}, {lorawarm} for LoRA's."""
 
 
 AR_COST = 1.7
@@ -66,13 +69,20 @@ AR_COST = 1.7
 `ar0.3eqtime` trains 1/AR_COST of the steps, so it spends the wall time of the plain runs."""
 
 
+LORA_SPEEDUP = 1.7
+"""A full step's time over a LoRA step's (r 16, every projection; 5.89 s vs 3.46 s at 4 x 128 on the screen's runs,
+2026-12-02): `lora1.7x` trains LORA_SPEEDUP times the steps, the plain runs' wall time."""
+
+
 def overrides(name: str, lr: str, steps: int) -> list[str]:
     out = [f"optim.lr={lr}"] if lr else []
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"error: unknown variant {part!r}; choose from {', '.join(VARIANTS)}")
+        lora = round(steps * LORA_SPEEDUP)
         names = {"2steps": 2 * steps, "warmup2": max(1, steps // 5), "eq": round(steps / AR_COST),
-                 "eqhalf": round(steps / AR_COST) // 2}
+                 "eqhalf": round(steps / AR_COST) // 2, "lora": lora, "lorahalf": lora // 2,
+                 "lorawarm": max(1, lora // 10)}
         out += [o.format(steps=steps, **names) for o in VARIANTS[part]]
     return out
 
