@@ -165,7 +165,7 @@ class TrainConfig:
     log_every: int = 5
     """Steps between status lines."""
     eval_every: int = 0
-    """Steps between held-out evaluations; 0 = only before and after."""
+    """Steps between held-out evaluations; 0 = only before and after (the last step's is the one after)."""
     eval_t_samples: int = 8
     """Monte Carlo draws per held-out block for the likelihood bound."""
     eval_before: str = "both"

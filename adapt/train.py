@@ -374,7 +374,8 @@ def fit(state: State) -> bool:
         if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
             log.status(state.step, window)
             window = []
-        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0:
+        if cfg.train.eval_every and state.step % cfg.train.eval_every == 0 and state.step < cfg.train.max_steps:
+            # the last step's bound is the stage's evaluation after training
             log.record(state.step, evaluate(state), "eval")
         if state.stop_requested:
             save(state)

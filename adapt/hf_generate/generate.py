@@ -21,10 +21,10 @@ rows are compacted by the attention mask; mask ids in a prompt are filled too. A
 new positions are pad_token_id, and columns where every row stopped are cut, as in transformers.
 
 Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside. The
-prompt's complete blocks run once into a KV cache; the current block attends the cache and itself; a
-finished block runs once, clean, to extend the cache, and its last logits predict the next block's
-first token: exactly an uncached forward under the block-causal mask. Every forward gets an explicit 4D
-mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
+current block attends a KV cache of clean blocks and itself; the prompt's complete blocks and each finished
+block enter the cache in the next block's first call (clean rows first, which never see that block), whose
+last clean row predicts its first token: exactly an uncached forward under the block-causal mask, one
+call per block step. Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
 passes ids positionally.
 """
 from __future__ import annotations
@@ -302,28 +302,23 @@ class BlockCache:
         return self.den.additive(visible | eye)
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
-        """Blocks done .. upto-1 of x are clean: they enter the cache with the next `predictions` call, which
-        runs them once together with the block it predicts (one model call for both), so committing costs no
-        call of its own. Nothing runs when no block follows."""
+        """Blocks done .. upto-1 are clean: they run with the next `predictions` call (no call of their own)."""
         self.pending = max(self.pending, upto)
 
     def predictions(self, x: torch.Tensor, k: int) -> torch.Tensor:
-        """Logits (B, b, V) predicting each column of block k of x, given the clean blocks < k (k == the
-        blocks committed). A pending commit runs in the same call: the rows [clean blocks done..k-1 | block k]
-        under the block-causal mask, so the clean rows never see block k and their keys/values are exactly
-        those of a call of their own."""
+        """Logits (B, b, V) predicting each column of block k of x given the clean blocks < k (all committed).
+        A pending commit rides along: rows [clean blocks done..k-1 | block k] under the block-causal mask,
+        where the clean rows never see block k, so their keys/values are those of a call of their own."""
         a, e = k * self.b, (k + 1) * self.b
         if self.cached:
-            s = self.done * self.b if self.pending > self.done else a
-            if s < a and self.pending != k:
-                raise ValueError(f"block {k} predicted with blocks committed up to {self.pending}")
+            s = self.done * self.b  # == a unless a commit is pending
+            assert k in (self.done, self.pending), f"block {k} predicted with blocks committed up to {self.pending}"
             logits = self.den.forward(x[:, s:e], s, self.mask(s, e, e), self.cache, keep=self.b + (s < a))
             if s < a:  # the last clean row predicts block k's first column
                 self.last, self.done = logits[:, 0], k
             out, before = logits[:, -self.b:], self.last
             self.cache.crop(-self.b)
         else:  # one forward over [blocks < k | block k]
-            self.done = max(self.done, self.pending)
             full = self.den.forward(x[:, :e], 0, self.mask(0, e, e))
             out, before = full[:, a:], full[:, a - 1] if k else None
         if not self.den.shift:
