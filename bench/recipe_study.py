@@ -28,7 +28,8 @@ import torch  # noqa: E402
 from adapt.checkpoint import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0", "train.log_every=10"]
+SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0",
+          "train.log_every=10"]
 VARIANTS = {
     "base": [],
     "lr2e-4": ["optim.lr=2e-4"],
@@ -63,7 +64,8 @@ VARIANTS = {
 }
 """name -> overrides on top of the default recipe and SCREEN (a variant named `X+Y` combines X and Y); {steps},
 {2steps} and {warmup2} stand for the screen's step count, twice it, and the warmup of twice it; {eq} and {eqhalf}
-for the steps (and anneal steps) of equal wall time with the joint loss; {lora}, {lorahalf}, {lorawarm} for LoRA's."""
+for the steps (and anneal steps) of equal wall time with the joint loss; {lora}, {lorahalf}, {lorawarm} (and the
+same with lora135) for LoRA's at 4 x 128 (and 4 x 256)."""
 
 
 AR_COST = 1.7
@@ -74,21 +76,26 @@ AR_COST = 1.7
 LORA_SPEEDUP = 1.7
 """A full step's time over a LoRA step's (r 16, every projection; 5.89 s vs 3.46 s at 4 x 128 on the screen's runs,
 2026-12-02): `lora1.7x` trains LORA_SPEEDUP times the steps, the plain runs' wall time. At 4 x 256 the ratio is
-1.35 (9.2 s vs 6.8-7.0 s: the optimizer's share of a step is smaller), hence `lora1.35x` for full-size runs."""
+1.35 (9.2 s vs 6.8-7.0 s: the optimizer's share of a step is smaller), LORA_SPEEDUP_256, hence `lora1.35x` for
+full-size runs."""
+LORA_SPEEDUP_256 = 1.35
 
 
 def overrides(name: str, lr: str, steps: int) -> list[str]:
     out = [f"optim.lr={lr}"] if lr else []
+    names = {"2steps": 2 * steps, "warmup2": max(1, steps // 5), "eq": round(steps / AR_COST),
+             "eqhalf": round(steps / AR_COST) // 2, **_scaled("lora", round(steps * LORA_SPEEDUP)),
+             **_scaled("lora135", round(steps * LORA_SPEEDUP_256))}
     for part in name.split("+"):
         if part not in VARIANTS:
             raise SystemExit(f"error: unknown variant {part!r}; choose from {', '.join(VARIANTS)}")
-        lora = round(steps * LORA_SPEEDUP)
-        names = {"2steps": 2 * steps, "warmup2": max(1, steps // 5), "eq": round(steps / AR_COST),
-                 "eqhalf": round(steps / AR_COST) // 2, "lora": lora, "lorahalf": lora // 2,
-                 "lorawarm": max(1, lora // 10), "lora135": round(steps * 1.35),
-                 "lora135half": round(steps * 1.35) // 2, "lora135warm": max(1, round(steps * 1.35) // 10)}
         out += [o.format(steps=steps, **names) for o in VARIANTS[part]]
     return out
+
+
+def _scaled(prefix: str, steps: int) -> dict[str, int]:
+    """{prefix}, {prefix}half and {prefix}warm: a run of `steps` steps, its anneal (half) and warmup (a tenth)."""
+    return {prefix: steps, f"{prefix}half": steps // 2, f"{prefix}warm": max(1, steps // 10)}
 
 
 def run_dir(name: str, args: argparse.Namespace) -> Path:

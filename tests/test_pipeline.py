@@ -193,7 +193,8 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, tiny_model_dir, c
            "train.eval_before=causal", *common)
     launch(tmp_path / "b", tiny_model_dir, corpus_file, "train.micro_batch_size=1", "train.grad_accum=8",
            "train.eval_before=none", *common)
-    first = {name: json.loads((tmp_path / name / "debug" / "metrics.jsonl").read_text().splitlines()[0]) for name in "ab"}
+    first = {name: json.loads((tmp_path / name / "debug" / "metrics.jsonl").read_text().splitlines()[0])
+             for name in "ab"}
     assert "before_causal_ppl" in first["a"] and "before_ppl" not in first["a"] and "parent_ppl" in first["a"]
     assert not any(k.startswith("before") for k in first["b"]) and "parent_ppl" in first["b"]
     la, lb = losses(tmp_path / "a" / "debug"), losses(tmp_path / "b" / "debug")

@@ -107,3 +107,20 @@ def test_mask_init_with_a_reused_token_is_refused():
         load_config(None, ["model.mask_init=normal", "model.mask_token_id=5"])
     with pytest.raises(ConfigError, match="position_masking"):
         load_config(None, ["diffusion.position_masking=-1"])
+
+
+def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
+    """recipes/llama_to_mdlm.yaml must train exactly as `lora1.35x+constlr` of bench/recipe_study.py at the
+    finalists' size did (docs/decisions.md), or the README's figures describe another recipe."""
+    from bench import recipe_study
+
+    study = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml",
+                        ["train.max_steps=40", "attention.anneal_steps=20", "optim.warmup_steps=4",
+                         *recipe_study.overrides("lora1.35x+constlr", "2e-4", 40)])
+    default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml")
+    for part in ("model", "diffusion", "attention", "data", "lora", "optim", "dist"):
+        assert getattr(study, part) == getattr(default, part), part
+    assert (study.train.max_steps, study.train.micro_batch_size, study.train.seed) == (
+        default.train.max_steps, default.train.micro_batch_size, default.train.seed)
+    with pytest.raises(SystemExit, match="unknown variant 'nope'"):
+        recipe_study.overrides("lora+nope", "", 30)

@@ -23,9 +23,9 @@ new positions are pad_token_id, and columns where every row stopped are cut, as 
 Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside. The
 current block attends a KV cache of clean blocks and itself; the prompt's complete blocks and each finished
 block enter the cache in the next block's first call (clean rows first, which never see that block), whose
-last clean row predicts its first token: exactly an uncached forward under the block-causal mask, one
-call per block step. Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
-passes ids positionally.
+last clean row predicts its first token: exactly an uncached forward under the block-causal mask, one call
+per block step. Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only:
+transformers binds it by name, and `model.generate(ids)` passes ids positionally.
 """
 from __future__ import annotations
 
@@ -292,7 +292,7 @@ class BlockCache:
         self.den, self.b, self.cached = den, b, cached
         self.blk = torch.arange(x.shape[1], device=x.device) // b
         self.cache = DynamicCache(config=den.model.config) if cached else None
-        self.done, self.pending, self.last = 0, 0, None  # blocks cached, blocks clean; (B, V) logits at the last cached column
+        self.done, self.pending, self.last = 0, 0, None  # blocks cached; blocks clean; (B, V) last cached logits
 
     def mask(self, q0: int, q1: int, k1: int) -> torch.Tensor:
         """(B, 1, q1 - q0, k1) additive: query c sees valid key j iff block(j) <= block(c) (and itself)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import torch
 
 from adapt.attention import document_visibility, to_additive
-from adapt.diffusion import position_exponents
 from adapt.objectives.base import Attention, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion
 
@@ -77,12 +76,9 @@ class BlockDiffusion(MaskedDiffusion):
         self.block_length = block_length
         self.read_shift = False  # `logits` reads each token's row itself (clean stream for a block's first)
 
-    def exponents(self, length: int) -> torch.Tensor | None:
-        """Position-dependent masking inside each block (a token's place in its block), or None when off."""
-        if not self.position_masking:
-            return None
-        b = min(self.block_length, length)
-        return position_exponents(torch.arange(length) % b, b, self.position_masking)
+    def masking_span(self, length: int) -> int:
+        """Position-dependent masking ranks a token's place in its block."""
+        return min(self.block_length, length)
 
     def block_size(self, attention: Attention, length: int) -> int:
         """The block length of this forward: the target, or the curriculum's (attention.block) while it grows."""

@@ -60,11 +60,16 @@ class MaskedDiffusion:
         ok[:, 0] = False
         return ok
 
+    def masking_span(self, length: int) -> int:
+        """The span position-dependent masking ranks a token's place in: the whole block of `length`."""
+        return length
+
     def exponents(self, length: int) -> torch.Tensor | None:
-        """(L,) exponents of position-dependent masking over the whole block, or None when it is off."""
+        """(L,) exponents of position-dependent masking by a token's place in its span, or None when it is off."""
         if not self.position_masking:
             return None
-        return position_exponents(torch.arange(length), length, self.position_masking)
+        span = self.masking_span(length)
+        return position_exponents(torch.arange(length) % span, span, self.position_masking)
 
     def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised:
         """One t per row (`diffusion.t_sampling` over the batch), then each maskable token masked w.p. t
