@@ -124,3 +124,16 @@ def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
         default.train.max_steps, default.train.micro_batch_size, default.train.seed)
     with pytest.raises(SystemExit, match="unknown variant 'nope'"):
         recipe_study.overrides("lora+nope", "", 30)
+
+
+def test_the_block_recipe_is_the_default_job_with_blocks():
+    """recipes/llama_to_bd.yaml trains the default job's data, tokens and optimiser with blocks of 8 (the study's
+    `b8` variant), so its bound compares with the default's at equal training tokens; nothing else may differ."""
+    from bench import recipe_study
+
+    default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml", recipe_study.overrides("b8", "", 54))
+    block = load_config(recipe_study.ROOT / "recipes" / "llama_to_bd.yaml")
+    for part in ("model", "diffusion", "attention", "data", "lora", "optim", "dist"):
+        assert getattr(block, part) == getattr(default, part), part
+    assert block.train == default.train
+    assert block.diffusion.block_length == 8 and block.attention.anneal_schedule == "blocks"
