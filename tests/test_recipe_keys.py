@@ -109,6 +109,9 @@ def test_mask_init_with_a_reused_token_is_refused():
         load_config(None, ["diffusion.position_masking=-1"])
 
 
+TRAINING_PARTS = ("model", "diffusion", "attention", "data", "lora", "optim", "dist")
+"""The recipe sections that decide what a run trains (run names and sampling aside)."""
+
 def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
     """recipes/llama_to_mdlm.yaml must train exactly as `lora1.35x+constlr` of bench/recipe_study.py at the
     finalists' size did (docs/decisions.md), or the README's figures describe another recipe."""
@@ -118,7 +121,7 @@ def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
                         ["train.max_steps=40", "attention.anneal_steps=20", "optim.warmup_steps=4",
                          *recipe_study.overrides("lora1.35x+constlr", "2e-4", 40)])
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml")
-    for part in ("model", "diffusion", "attention", "data", "lora", "optim", "dist"):
+    for part in TRAINING_PARTS:
         assert getattr(study, part) == getattr(default, part), part
     assert (study.train.max_steps, study.train.micro_batch_size, study.train.seed) == (
         default.train.max_steps, default.train.micro_batch_size, default.train.seed)
@@ -133,7 +136,7 @@ def test_the_block_recipe_is_the_default_job_with_blocks():
 
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml", recipe_study.overrides("b8", "", 54))
     block = load_config(recipe_study.ROOT / "recipes" / "llama_to_bd.yaml")
-    for part in ("model", "diffusion", "attention", "data", "lora", "optim", "dist"):
+    for part in TRAINING_PARTS:
         assert getattr(block, part) == getattr(default, part), part
     assert block.train == default.train
     assert block.diffusion.block_length == 8 and block.attention.anneal_schedule == "blocks"
