@@ -39,6 +39,7 @@ VARIANTS = {
     "lr2e-3": ["optim.lr=2e-3"],
     "noanneal": ["attention.anneal_steps=0"],
     "window": ["attention.anneal_schedule=window"],
+    "curriculum": ["attention.anneal_schedule=blocks"],
     "noshift": ["diffusion.shift=false"],
     "ar0.3": ["diffusion.ar_loss_weight=0.3"],
     "ar0.1": ["diffusion.ar_loss_weight=0.1"],
