@@ -223,7 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     set_causal(model, False)
     x = prompt_canvas(start, meta.mask_token_id, args.length, ids[:args.prompt_tokens], (), args.batch).to(device)
     fwd = bare_forward_seconds(model, x, args.repeats)
-    rows = run_samplers(model, meta, x, args)
+    try:
+        rows = run_samplers(model, meta, x, args)
+    except ValueError as err:  # e.g. fewer --steps than the blocks the new tokens span
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     x0 = torch.tensor([[start, *ids[:args.prompt_tokens + args.length]]], device=device)
     quality = prefix_cache_quality(model, meta, x0, prompt.shape[1])
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else \
