@@ -69,6 +69,8 @@ class DiffusionConfig:
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
     """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole block (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    clean_attention: str = "block"
+    """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's keys and values at the start)."""
     position_masking: float = 0.0
     """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
     ar_loss_weight: float = 0.0
@@ -238,6 +240,7 @@ CHOICES: dict[str, tuple] = {
     "model.attn_implementation": ("eager", "sdpa", "flash_attention_2", "flex_attention"),
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
+    "diffusion.clean_attention": ("block", "causal"),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window", "blocks"),

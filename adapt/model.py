@@ -43,6 +43,8 @@ class DiffusionMeta:
     """Fraction of future positions visible when the weights were exported."""
     block_length: int = 0
     """Block diffusion's block length (blocks causal to each other, bidirectional inside); 0 = whole sequence."""
+    clean_attention: str = "block"
+    """Block diffusion's clean stream: block (clean blocks <= its own) or causal (clean tokens up to itself)."""
     parent: str = ""
     """The causal LM this model was converted from (for parent-vs-diffusion comparisons)."""
     parent_gguf_file: str = ""

@@ -82,7 +82,9 @@ def _what(meta: dict, recipe: dict) -> str:
     block = meta.get("block_length") or 0
     if block:
         attention = (f"block diffusion with blocks of {block} tokens: attention is bidirectional inside a block and "
-                     f"causal across blocks, and text is generated block by block with an exact key/value cache")
+                     f"causal across blocks, and text is generated block by block with an exact key/value cache"
+                     + ("; committed blocks are read causally, as the parent reads text"
+                        if meta.get("clean_attention") == "causal" else ""))
     elif meta.get("bidirectional", True):
         attention = "fully bidirectional attention"
     else:

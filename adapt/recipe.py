@@ -148,6 +148,10 @@ def _exported_model_problems(cfg: Config) -> list[str]:
     if meta.shift != cfg.diffusion.shift:
         problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
                         f"shift={meta.shift}; set `diffusion.shift={str(meta.shift).lower()}`")
+    if meta.block_length and meta.clean_attention != cfg.diffusion.clean_attention:
+        problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block model was "
+                        f"trained with clean_attention={meta.clean_attention}; set "
+                        f"`diffusion.clean_attention={meta.clean_attention}`")
     return problems
 
 

@@ -129,7 +129,8 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
     model = load_causal_lm(cfg.model)
     exported = checkpoint.exported_meta(cfg.model.name_or_path)
     meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
-                   eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length)
+                   eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length,
+                   clean_attention=cfg.diffusion.clean_attention)
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     if cfg.lora.enabled:

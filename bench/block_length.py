@@ -1,6 +1,7 @@
 """Held-out bound against the block length b, next to the parent's exact perplexity, in-domain and out of domain.
 
     python bench/block_length.py [--model EXPORT_OR_CAUSAL_LM] [--lengths 1 4 16 64 0] [--blocks 8] [--draws 2]
+                                 [--clean-attention block|causal]
 
 Every b scores the same blocks with the masked-count estimator (adapt.likelihood; b = 0 is the whole-block
 objective). In-domain text is the embedded corpus' held-out tail (the default recipe's); out-of-domain text is
@@ -14,6 +15,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -47,7 +49,7 @@ def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: in
     out = {"parent": summarize(nll, x0.shape[1] - 1).as_dict()}
     set_causal(model, False)
     for b in lengths:
-        extra = {"block_length": b} if b else {}
+        extra = {"block_length": b, "clean_causal": meta.clean_attention == "causal"} if b else {}
         obj = OBJECTIVES[objective_name(b)](meta.mask_token_id, True, blocked, **extra)
         tic = time.perf_counter()
         out[f"b={b or 'L'}"] = heldout_bound(obj, forward, x0, obj.scored(x0), draws, "count",
@@ -63,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--length", type=int, default=256)
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--clean-attention", choices=("block", "causal"), default=None,
+                    help="block diffusion's clean stream (default: the export's; block for a causal LM)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     bad = [b for b in args.lengths if b < 0 or (b and args.length % b)]
@@ -73,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = ModelConfig(name_or_path=args.model, dtype="fp32")
     tok, model = load_tokenizer(mcfg), load_causal_lm(mcfg).eval()
     meta = prepare_diffusion(model, tok, mcfg)
+    meta = replace(meta, clean_attention=args.clean_attention or meta.clean_attention)
     blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
     data = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.blocks), tok).heldout
     result = {"model": args.model, "in_domain": bounds(model, meta, blocked, data, args.lengths, args.draws, args.batch),

@@ -41,6 +41,7 @@ VARIANTS = {
     "window": ["attention.anneal_schedule=window"],
     "curriculum": ["attention.anneal_schedule=blocks"],
     "noshift": ["diffusion.shift=false"],
+    "cleancausal": ["diffusion.clean_attention=causal"],
     "ar0.3": ["diffusion.ar_loss_weight=0.3"],
     "ar0.1": ["diffusion.ar_loss_weight=0.1"],
     "ar0.3eqtime": ["diffusion.ar_loss_weight=0.3", "train.max_steps={eq}", "attention.anneal_steps={eqhalf}"],

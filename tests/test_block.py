@@ -23,19 +23,20 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def test_block_visibility_is_the_definition():
+@pytest.mark.parametrize("causal", [False, True])
+def test_block_visibility_is_the_definition(causal):
     b = 4
-    vis = block_visibility(L, b)
+    vis = block_visibility(L, b, clean_causal=causal)
     for q in range(2 * L):
         for kv in range(2 * L):
             qb, kb = (q % L) // b, (kv % L) // b
             if q < L:  # noised: its own noised block, clean blocks before it
                 want = qb == kb if kv < L else kb < qb
-            else:  # clean: clean blocks up to its own, never a noised token
-                want = False if kv < L else kb <= qb
+            else:  # clean: clean blocks up to its own (causal: clean tokens up to itself), never a noised token
+                want = False if kv < L else (kv <= q if causal else kb <= qb)
             assert bool(vis[q, kv]) == want, (q, kv)
     docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 12 + [1] * 4])
-    flex = create_mask(block_mask_flex(L, b, docs, "cpu").mask_mod, 2, None, 2 * L, 2 * L, device="cpu")[:, 0]
+    flex = create_mask(block_mask_flex(L, b, docs, "cpu", causal).mask_mod, 2, None, 2 * L, 2 * L, device="cpu")[:, 0]
     doc2 = torch.cat([docs, docs], 1)
     assert torch.equal(flex, vis[None] & (doc2[:, :, None] == doc2[:, None, :]))
 
@@ -120,27 +121,31 @@ def test_recipe_checks():
     with pytest.raises(ConfigError, match="flash_attention_2"):
         load_config(None, ["diffusion.block_length=8", "attention.anneal_steps=0",
                            "model.attn_implementation=flash_attention_2"])
+    with pytest.raises(ConfigError, match="diffusion.clean_attention"):
+        load_config(None, ["diffusion.clean_attention=bidirectional"])
     cfg = load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks"])
     assert cfg.diffusion.block_length == 8
 
 
-def block_denoiser(b: int = 4):
+def block_denoiser(b: int = 4, clean: str = "block"):
     from adapt.denoiser import Denoiser
     from adapt.model import DiffusionMeta
 
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
     model.config.bos_token_id = 1
-    return Denoiser(model, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b))
+    return Denoiser(model, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b,
+                                         clean_attention=clean))
 
 
+@pytest.mark.parametrize("clean", ["block", "causal"])
 @torch.no_grad()
-def test_block_decoder_cache_is_exact_and_keeps_given_tokens():
+def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean):
     """The cached rows of block k equal one uncached forward over [x0 blocks < k | block k] under the block mask
     (the objective's own layout, whose clean half is what the cache holds)."""
     from adapt.sampling.block_cache import BlockCachedDenoiser
 
-    den = block_denoiser()
+    den = block_denoiser(clean=clean)
     x = torch.randint(3, MASK, (2, 13), generator=gen(1))
     x[:, 0] = 1
     x[:, 9:] = MASK
@@ -150,12 +155,15 @@ def test_block_decoder_cache_is_exact_and_keeps_given_tokens():
     cached.commit(xp, 2)
     cached.block = 2
     got = cached(xp)[:, 8:12]
-    obj = BlockDiffusion(MASK, True, den.blocked, block_length=4)
     full = xp[:, :12]  # clean blocks 0, 1 and the noised block 2 in the objective's 2L layout
-    clean = full.clone()
-    logits = obj.logits(ModelForward(den.model, "cpu"), full, Attention(), clean)
-    want = torch.log_softmax(logits.float().masked_fill(den.blocked, float("-inf")), -1)[:, 8:12]
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    def log_probs(causal: bool) -> torch.Tensor:
+        obj = BlockDiffusion(MASK, True, den.blocked, block_length=4, clean_causal=causal)
+        logits = obj.logits(ModelForward(den.model, "cpu"), full, Attention(), full.clone())
+        return torch.log_softmax(logits.float().masked_fill(den.blocked, float("-inf")), -1)[:, 8:12]
+
+    torch.testing.assert_close(got, log_probs(clean == "causal"), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, log_probs(clean != "causal"), atol=1e-4)  # the decoder follows the export's stream
 
 
 @torch.no_grad()

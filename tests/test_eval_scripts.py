@@ -69,14 +69,20 @@ def test_mauve_and_report_read_the_folder(outputs, tmp_path):
         assert heading in text, heading
 
 
-def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+def bench_module(name: str):
+    """bench/<name>.py loaded as a module (bench/ holds scripts, not a package)."""
     import importlib.util
 
     from cli_runner import ROOT
 
-    spec = importlib.util.spec_from_file_location("sampling_speed", ROOT / "bench" / "sampling_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
+    bench = bench_module("sampling_speed")
     out = tmp_path / "speed.json"
     assert bench.main(["--model", str(tiny_model_dir), "--length", "4", "--steps", "2", "--block-length", "2",
                        "--prompt-tokens", "4", "--repeats", "1", "--json", str(out)]) == 0
@@ -86,6 +92,11 @@ def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
         for c in bench.CONFIGS]
     assert all(r["nfe"] >= 1 for r in result["samplers"]) and len(result["prefix_cache_quality"]) == 4
     assert "overhead target" in capsys.readouterr().out
+    # fewer steps than the blocks of 2 the 4 new tokens span: one error line and exit 2, not a traceback
+    assert bench.main(["--model", str(tiny_model_dir), "--length", "4", "--steps", "1", "--block-length", "2",
+                       "--prompt-tokens", "4", "--repeats", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: 1 steps cannot cover 2 blocks") and "Traceback" not in err
 
 
 def test_bench_adapt_step_on_a_tiny_model(tiny_model_dir, tmp_path):
@@ -98,3 +109,21 @@ def test_bench_adapt_step_on_a_tiny_model(tiny_model_dir, tmp_path):
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"causal", "anneal", "bidirectional", "block", "ar"} and results["causal"]["speed_ratio"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in results.values())
+
+
+
+def test_bench_block_length_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The b table of an unconverted causal LM: at b = 1 the bound is its exact perplexity, whichever clean stream;
+    the clean streams differ at b = 4."""
+    bench, nll = bench_module("block_length"), {}
+    for clean in ("block", "causal"):
+        out = tmp_path / f"{clean}.json"
+        assert bench.main(["--model", str(tiny_model_dir), "--lengths", "1", "4", "0", "--blocks", "2", "--length",
+                           "16", "--draws", "1", "--batch", "2", "--clean-attention", clean, "--json", str(out)]) == 0
+        result = json.loads(out.read_text())
+        for part in ("in_domain", "out_of_domain"):
+            assert set(result[part]) == {"parent", "b=1", "b=4", "b=L"}
+            assert abs(result[part]["b=1"]["nll"] - result[part]["parent"]["nll"]) < 1e-5
+        nll[clean] = result["in_domain"]["b=4"]["nll"]
+    assert abs(nll["block"] - nll["causal"]) > 1e-4
+    assert bench.main(["--model", str(tiny_model_dir), "--lengths", "5"]) == 2

@@ -259,23 +259,27 @@ def test_generation_config_and_files(export):
 
 # --- (c) the block cache is exact --------------------------------------------------------------------
 
-def block_causal_logits(model, x: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, b: int) -> torch.Tensor:
-    """One uncached forward under the block-causal mask, built here pair by pair (the reference)."""
+def block_causal_logits(model, x: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, b: int,
+                        causal: bool = False) -> torch.Tensor:
+    """One uncached forward under the block-causal mask, built here pair by pair (the reference); `causal`: the
+    clean blocks (all but the last) causal inside."""
     B, L = x.shape
     mask = torch.full((B, 1, L, L), torch.finfo(torch.float32).min)
     for r in range(B):
         for i in range(L):
             for j in range(L):
-                if i == j or (valid[r, j] and j // b <= i // b):
+                clean = causal and i // b < (L - 1) // b
+                if i == j or (valid[r, j] and (j <= i if clean else j // b <= i // b)):
                     mask[r, 0, i, j] = 0.0
     return model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
-def test_block_cache_equals_uncached_forward(block_export):
+@pytest.mark.parametrize("clean", ["block", "causal"])
+def test_block_cache_equals_uncached_forward(block_export, clean):
     from adapt.hf_generate import generate as hg
 
     model, b = remote_model(block_export).eval(), 4
-    meta = hg.load_meta(model)
+    meta = hg.load_meta(model) | {"clean_attention": clean}
     rows = [torch.tensor([1, *range(50, 59)]), torch.tensor([1, 60, 61])]  # 2 full blocks + 2; 3 tokens
     x, valid, pos, starts = hg.layout(rows, 9, meta["mask_token_id"], 1, b)
     assert x.shape[1] % b == 0 and starts == [0, 8]  # the short row is padded by whole blocks
@@ -286,7 +290,7 @@ def test_block_cache_equals_uncached_forward(block_export):
         state.commit(x, 2)  # the prompts' complete blocks: they run with block 2's first call
         for k in range(2, x.shape[1] // b):
             a, e = k * b, (k + 1) * b
-            ref = block_causal_logits(model, x[:, :e], valid[:, :e], pos[:, :e], b)
+            ref = block_causal_logits(model, x[:, :e], valid[:, :e], pos[:, :e], b, clean == "causal")
             # with the shift, column c of the block is predicted by the logits at c - 1
             torch.testing.assert_close(state.predictions(x, k), ref[:, a - 1:e - 1], atol=1e-5, rtol=0)
             # commit random tokens into the block, as decoding would, and extend the cache

@@ -8,7 +8,7 @@ transformers makes it the model's `generate` (without it, `generate` decodes lef
 
 diffusion.json beside the weights gives mask_token_id, real_vocab_size (ids >= it and the mask id are
 never predicted), shift (logits at i-1 predict token i; position 0, BOS, is never predicted),
-bidirectional, and block_length (> 0: a block-diffusion export). Options (generation-config keys or
+bidirectional, block_length (> 0: a block-diffusion export) and clean_attention. Options (generation-config keys or
 keyword arguments, merged as model.generation_config < generation_config < kwargs): `OPTIONS` below, and
 max_new_tokens / max_length, do_sample (False = greedy, ties to the lowest id), temperature, top_k, top_p,
 eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate. Samplers: confidence (LLaDA:
@@ -20,12 +20,13 @@ a tokenizer call often does not add it); the result is the given input_ids, then
 rows are compacted by the attention mask; mask ids in a prompt are filled too. After a row's first EOS
 new positions are pad_token_id, and columns where every row stopped are cut, as in transformers.
 
-Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside. The
-current block attends a KV cache of clean blocks and itself; the prompt's complete blocks and each finished
-block enter the cache in the next block's first call (clean rows first, which never see that block), whose
-last clean row predicts its first token: exactly an uncached forward under the block-causal mask, one call
-per block step. Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only:
-transformers binds it by name, and `model.generate(ids)` passes ids positionally.
+Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside (a clean
+block causal inside if clean_attention is "causal"). The current block attends a KV cache of clean blocks
+and itself; the prompt's complete blocks and each finished block enter the cache in the next block's first
+call (clean rows first, which never see that block), whose last clean row predicts its first token: exactly
+an uncached forward under the block mask, one call per block step. Every forward gets an explicit 4D mask
+(sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)` passes
+ids positionally.
 """
 from __future__ import annotations
 
@@ -289,7 +290,7 @@ class BlockCache:
     def __init__(self, den: Denoiser, x: torch.Tensor, b: int, cached: bool = True):
         from transformers import DynamicCache
 
-        self.den, self.b, self.cached = den, b, cached
+        self.den, self.b, self.cached, self.causal = den, b, cached, den.meta.get("clean_attention") == "causal"
         self.blk = torch.arange(x.shape[1], device=x.device) // b
         self.cache = DynamicCache(config=den.model.config) if cached else None
         self.done, self.pending, self.last = 0, 0, None  # blocks cached; blocks clean; (B, V) last cached logits
@@ -297,9 +298,11 @@ class BlockCache:
     def mask(self, q0: int, q1: int, k1: int) -> torch.Tensor:
         """(B, 1, q1 - q0, k1) additive: query c sees valid key j iff block(j) <= block(c) (and itself)."""
         qb, kb = self.blk[q0:q1], self.blk[:k1]
-        visible = self.den.valid[:, None, :k1] & (kb[None, None, :] <= qb[None, :, None])
-        eye = torch.arange(q0, q1, device=qb.device)[:, None] == torch.arange(k1, device=qb.device)[None, :]
-        return self.den.additive(visible | eye)
+        q, j = torch.arange(q0, q1, device=qb.device)[:, None], torch.arange(k1, device=qb.device)[None, :]
+        see = kb[None, :] <= qb[:, None]
+        if self.causal:  # rows of clean blocks (before the last query's, the current one) see keys j <= c only
+            see = torch.where(qb[:, None] < qb[-1], j <= q, see)
+        return self.den.additive((self.den.valid[:, None, :k1] & see) | (q == j))
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
         """Blocks done .. upto-1 are clean: they run with the next `predictions` call (no call of their own)."""
@@ -383,13 +386,10 @@ def layout(rows: list[torch.Tensor], new: int, mask_id: int, fill_id: int, block
 
 def _prompts(input_ids, attention_mask, bos: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
     """Per row: BOS + the unpadded tokens, the input columns they came from, and 1 if BOS was added."""
-    rows, cols, added = [], [], []
-    for ids, keep in zip(input_ids, attention_mask.bool()):
-        c = keep.nonzero().flatten()
-        lead = int(len(c) == 0 or int(ids[c[0]]) != bos)
-        rows.append(torch.cat([torch.tensor([bos] * lead, dtype=torch.long), ids[c].long()]))
-        cols.append(c)
-        added.append(lead)
+    cols = [keep.nonzero().flatten() for keep in attention_mask.bool()]
+    added = [int(len(c) == 0 or int(ids[c[0]]) != bos) for ids, c in zip(input_ids, cols)]
+    rows = [torch.cat([torch.tensor([bos] * lead, dtype=torch.long), ids[c].long()])
+            for ids, c, lead in zip(input_ids, cols, added)]
     return rows, cols, added
 
 

@@ -27,8 +27,8 @@ def objective_name(block_length: int) -> str:
     return "block" if block_length > 0 else "mdlm"
 
 
-def _make(block_length: int, *args, **kwargs):
-    extra = {"block_length": block_length} if block_length > 0 else {}
+def _make(block_length: int, *args, clean_attention: str = "block", **kwargs):
+    extra = {"block_length": block_length, "clean_causal": clean_attention == "causal"} if block_length > 0 else {}
     return OBJECTIVES[objective_name(block_length)](*args, **extra, **kwargs)
 
 
@@ -36,10 +36,11 @@ def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
     """The recipe's objective (`diffusion.block_length`) for training and its evaluation."""
     return _make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
                  cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype,
-                 ar_weight=cfg.diffusion.ar_loss_weight, position_masking=cfg.diffusion.position_masking)
+                 ar_weight=cfg.diffusion.ar_loss_weight, position_masking=cfg.diffusion.position_masking,
+                 clean_attention=cfg.diffusion.clean_attention)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):
     """The objective an export was trained with, from its metadata (for evaluation)."""
     return _make(meta.block_length, meta.mask_token_id, meta.shift, blocked, meta.eps, "stratified", "token",
-                 backend, dtype)
+                 backend, dtype, clean_attention=meta.clean_attention)

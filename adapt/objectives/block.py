@@ -5,7 +5,10 @@ b = L is the whole-block objective (`mdlm`); b = 1 with the shift is the parent 
 
 Training runs in one forward over [x_t | x_0] (2L positions, x_0 reusing x_t's position ids) under the
 block mask: noised block k attends noised block k and clean blocks < k; clean block k attends clean
-blocks <= k (so the clean half is exactly what a decoder's KV cache holds).
+blocks <= k (so the clean half is exactly what a decoder's KV cache holds). With `clean_causal` the clean
+half is causal instead (clean token i attends clean tokens <= i): the clean stream is then the parent's own
+forward, so the keys and values every noised block reads start as the parent's, and each block's first token
+is predicted exactly as the parent predicts it; b = 1 and b = L are unchanged.
 
 The shift with blocks: the prediction for position i is read from the logits at i-1 (the causal head's
 habit). Inside a block, i-1 is a noised position of the same block. For the first token of a block,
@@ -29,12 +32,14 @@ def block_ids(length: int, block: int, device=None) -> torch.Tensor:
     return torch.arange(length, device=device) // block
 
 
-def block_visibility(length: int, block: int, device=None) -> torch.Tensor:
+def block_visibility(length: int, block: int, device=None, clean_causal: bool = False) -> torch.Tensor:
     """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column)."""
     k = block_ids(length, block, device)
     q_b, kv_b = k[:, None], k[None, :]
     noised = torch.cat([q_b == kv_b, kv_b < q_b], dim=1)  # noised queries: own noised block, earlier clean blocks
-    clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), kv_b <= q_b], dim=1)
+    pos = torch.arange(length, device=device)
+    own = pos[None, :] <= pos[:, None] if clean_causal else kv_b <= q_b
+    clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), own], dim=1)
     return torch.cat([noised, clean], dim=0)
 
 
@@ -47,15 +52,16 @@ def source_rows(length: int, block: int, shift: bool, device=None) -> torch.Tens
     return torch.where(first, length + pos - 1, pos - 1).clamp_min(0)  # row 0 is never used (position 0 given)
 
 
-def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, device):
+def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, device, clean_causal: bool = False):
     """The same visibility as `block_visibility` (and documents) as a FlexAttention BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def visible(b, h, q, kv):
         qb, kb = (q % length) // block, (kv % length) // block
         q_noised, kv_noised = q < length, kv < length
+        clean_ok = (kv <= q) if clean_causal else (kb <= qb)
         ok = (q_noised & kv_noised & (qb == kb)) | (q_noised & ~kv_noised & (kb < qb)) | (
-            ~q_noised & ~kv_noised & (kb <= qb))
+            ~q_noised & ~kv_noised & clean_ok)
         if doc_ids is not None:
             ok = ok & (doc_ids[b, q % length] == doc_ids[b, kv % length])
         return ok
@@ -71,9 +77,9 @@ class BlockDiffusion(MaskedDiffusion):
 
     name = "block"
 
-    def __init__(self, *args, block_length: int, **kwargs):
+    def __init__(self, *args, block_length: int, clean_causal: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.block_length = block_length
+        self.block_length, self.clean_causal = block_length, clean_causal
         self.read_shift = False  # `logits` reads each token's row itself (clean stream for a block's first)
 
     def masking_span(self, length: int) -> int:
@@ -89,8 +95,8 @@ class BlockDiffusion(MaskedDiffusion):
         b = self.block_size(attention, length)
         docs = None if attention.docs is None else attention.docs.to(device)
         if self.backend == "flex_attention":
-            return block_mask_flex(length, b, docs, device)
-        visible = block_visibility(length, b, device)
+            return block_mask_flex(length, b, docs, device, self.clean_causal)
+        visible = block_visibility(length, b, device, self.clean_causal)
         if docs is not None:
             doc2 = torch.cat([docs, docs], dim=1)
             visible = visible[None] & document_visibility(doc2)
