@@ -225,8 +225,9 @@ def train_step(state: State, step: int) -> dict:
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
         part = noised.rows(sl)
-        loss_sum = obj.loss_sum(obj.predict(state.forward, x0[sl], part, attention.rows(sl)), x0[sl], part)
-        ar_sum = None if joint is None else joint.loss_sum(x0[sl], sl, attention.rows(sl).docs)
+        logits, causal_logits = obj.predict_joint(state.forward, x0[sl], part, attention.rows(sl))
+        loss_sum = obj.loss_sum(logits, x0[sl], part)
+        ar_sum = None if joint is None else joint.loss_sum(x0[sl], sl, attention.rows(sl).docs, causal_logits)
         if step in faults.nan_steps():
             loss_sum = loss_sum * float("nan")
         finite = torch.isfinite(loss_sum) if ar_sum is None else torch.isfinite(loss_sum) & torch.isfinite(ar_sum)
@@ -264,9 +265,14 @@ class _JointCausal:
         self.count = max(1.0, float(scored_all.sum()))  # every rank's sequences: the global batch's count
         self.total = 0.0
 
-    def loss_sum(self, x0: torch.Tensor, rows: slice, docs: torch.Tensor | None) -> torch.Tensor:
-        """The summed causal NLL of these rows of this rank's sequences (one forward)."""
-        out = self.objective.causal_loss_sum(self.forward, x0, self.scored[rows], docs)
+    def loss_sum(self, x0: torch.Tensor, rows: slice, docs: torch.Tensor | None,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed causal NLL of these rows of this rank's sequences: from the step's own causal `logits`
+        when its forward gave them (a causal clean stream), else one forward of its own."""
+        if logits is not None:
+            out = self.objective.causal_nll_sum(logits, x0, self.scored[rows])
+        else:
+            out = self.objective.causal_loss_sum(self.forward, x0, self.scored[rows], docs)
         self.total += out.item() if torch.isfinite(out) else 0.0
         return out
 

@@ -242,3 +242,28 @@ def test_harness_scores_a_one_token_block_model_as_the_parent(tiny_model_dir):
     set_causal(model, False)
     logp = F.log_softmax(logits, -1).gather(-1, x[0, 1:, None])[:, 0]
     assert got == pytest.approx(float(logp[-len(cont):].sum()), rel=1e-4, abs=1e-4)
+
+
+@pytest.mark.parametrize("docs", [False, True])
+@torch.no_grad()
+def test_the_causal_clean_stream_gives_the_joint_causal_term_of_its_own_forward(docs):
+    """With clean_attention=causal the clean half of the 2L forward is the causal forward of x0 (within
+    documents), so the joint term read from its rows equals the term's own causal forward; the block-causal
+    clean stream is not causal and asks for that forward (None)."""
+    model = tiny_llama(V, seed=4)
+    set_causal(model, False)
+    blocked, fwd = blocked_vocab(V, V, MASK), ModelForward(model, "cpu")
+    x0 = torch.randint(0, MASK, (2, L), generator=gen(7))
+    doc_ids = torch.tensor([[0] * 5 + [1] * 11, [0] * 9 + [1] * 7]) if docs else None
+    obj = BlockDiffusion(MASK, True, blocked, block_length=4, clean_causal=True, ar_weight=0.3)
+    noised = obj.corrupt(x0, obj.maskable(x0), gen(8))
+    attention = Attention(docs=doc_ids)
+    logits, causal = obj.predict_joint(fwd, x0, noised, attention)
+    scored = obj.scored(x0)
+    torch.testing.assert_close(obj.causal_nll_sum(causal, x0, scored), obj.causal_loss_sum(fwd, x0, scored, doc_ids),
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(logits, obj.predict(fwd, x0, noised, attention), rtol=1e-5, atol=1e-5)
+    block = BlockDiffusion(MASK, True, blocked, block_length=4, ar_weight=0.3)
+    assert block.predict_joint(fwd, x0, noised, attention)[1] is None
+    wide = block.logits(fwd, noised.xt, attention, x0, clean_rows=True)[:, L:]  # block-causal clean rows differ
+    assert not torch.allclose(block.causal_nll_sum(wide, x0, scored), obj.causal_loss_sum(fwd, x0, scored, doc_ids))

@@ -102,16 +102,29 @@ class BlockDiffusion(MaskedDiffusion):
             visible = visible[None] & document_visibility(doc2)
         return to_additive(visible, self.dtype).expand(batch, -1, -1, -1)
 
-    def logits(self, forward: Forward, xt: torch.Tensor, attention: Attention, x0: torch.Tensor | None = None):
-        """(B, L, V) logits aligned so row i predicts token i, from one forward over [x_t | x_0]."""
+    def logits(self, forward: Forward, xt: torch.Tensor, attention: Attention, x0: torch.Tensor | None = None,
+               clean_rows: bool = False):
+        """(B, L, V) logits aligned so row i predicts token i, from one forward over [x_t | x_0]; with
+        `clean_rows` (B, 2L, V): those, then the clean stream's own rows."""
         length = xt.shape[1]
         device = getattr(forward, "device", xt.device)
         b = self.block_size(attention, length)
         pos = torch.arange(length, device=device)
         ids = torch.cat([xt.to(device), x0.to(device)], dim=1)
+        keep = source_rows(length, b, self.shift, device)
         return forward(ids, self.mask(attention, length, len(xt), device),
                        position_ids=torch.cat([pos, pos])[None].expand(len(xt), -1),
-                       logits_to_keep=source_rows(length, b, self.shift, device))
+                       logits_to_keep=torch.cat([keep, length + pos]) if clean_rows else keep)
 
     def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
         return self.logits(forward, noised.xt, attention, x0)
+
+    def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention):
+        """With a causal clean stream the clean half of the 2L forward IS the causal forward of x0 (within
+        documents): the joint causal term reads its rows (L more rows through the head) instead of a second
+        forward."""
+        if not (self.ar_weight and self.clean_causal):
+            return super().predict_joint(forward, x0, noised, attention)
+        out = self.logits(forward, noised.xt, attention, x0, clean_rows=True)
+        length = x0.shape[1]
+        return out[:, :length], out[:, length:]

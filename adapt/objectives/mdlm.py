@@ -93,6 +93,11 @@ class MaskedDiffusion:
         """The logits the loss and the bound read for a noised batch (one model call)."""
         return self.logits(forward, noised.xt, attention)
 
+    def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention):
+        """`predict`'s logits and, where the same call gives them, the clean sequence's causal logits (B, L, V)
+        for the joint causal term (else None: `causal_loss_sum` runs its own forward)."""
+        return self.predict(forward, x0, noised, attention), None
+
     def aligned_logits(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor,
                        attention: Attention) -> torch.Tensor:
         """(B, L, V) logits of x0 with `masked` hidden, row i predicting token i (the shift applied)."""
@@ -112,7 +117,11 @@ class MaskedDiffusion:
         documents when `docs` (B, L) is given; the blocked ids are excluded, as in the parent's exact NLL."""
         length, device = x0.shape[1], getattr(forward, "device", x0.device)
         causal = Attention(causal_visibility(length), 0.0, "window", docs)  # a window of width 0 is causal
-        logits = forward(x0, sequence_mask(causal, length, len(x0), device, self.backend, self.dtype))
+        return self.causal_nll_sum(forward(x0, sequence_mask(causal, length, len(x0), device, self.backend,
+                                                             self.dtype)), x0, scored)
+
+    def causal_nll_sum(self, logits: torch.Tensor, x0: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
+        """sum over `scored` of -log p(x0_i | x0_<i) from causal logits (B, L, V), row i-1 predicting token i."""
         dev = logits.device
         return token_nll(logits, x0.to(dev), scored.to(dev), True, self.blocked).sum()
 
