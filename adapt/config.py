@@ -73,6 +73,14 @@ class DiffusionConfig:
     """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's keys and values at the start)."""
     position_masking: float = 0.0
     """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
+    t_min: float = 0.0
+    """Training draws of t lie in [max(eps, t_min), t_max] (BD3-LM's clipped schedule, a variance lever). Other than [0, 1] the training loss covers only those times, so it is no longer the whole bound; held-out bounds always cover [eps, 1]."""
+    t_max: float = 1.0
+    """Largest diffusion time of the training draws (see t_min)."""
+    t_per_block: bool = False
+    """Block diffusion: one t per block (stratified over all blocks of the batch) instead of one per sequence; each block's bound is then its own single-t estimate. No effect at block_length 0 (one block)."""
+    complementary_masks: bool = False
+    """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an even number of sequences per step."""
     ar_loss_weight: float = 0.0
     """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
 
@@ -252,6 +260,8 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.eps", 1e-8, 0.5),
     ("diffusion.block_length", 0, None),
     ("diffusion.ar_loss_weight", 0.0, None),
+    ("diffusion.t_min", 0.0, 1.0),
+    ("diffusion.t_max", 0.0, 1.0),
     ("attention.anneal_steps", 0, None),
     ("data.block_size", 8, None),
     ("data.heldout_blocks", 1, None),

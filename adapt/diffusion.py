@@ -15,8 +15,8 @@ import torch.nn.functional as F
 
 
 def sample_t(n: int, eps: float, method: str = "uniform",
-             generator: torch.Generator | None = None) -> torch.Tensor:
-    """(n,) diffusion times in [eps, 1].
+             generator: torch.Generator | None = None, high: float = 1.0) -> torch.Tensor:
+    """(n,) diffusion times in [eps, high] (high < 1: BD3-LM's clipped schedule, for training draws only).
 
     uniform: i.i.d.; stratified: one draw in each of n equal strata of [0, 1), then shuffled;
     antithetic: n/2 i.i.d. draws u and their mirrors 1-u (n must be even).
@@ -33,7 +33,7 @@ def sample_t(n: int, eps: float, method: str = "uniform",
         u = torch.stack([half, 1 - half], dim=1).reshape(n)
     else:
         raise ValueError(f"unknown t sampling {method!r}; use uniform, stratified or antithetic")
-    return (eps + (1 - eps) * u).float()
+    return (eps + (high - eps) * u).float()
 
 
 def mask_prob(t: torch.Tensor) -> torch.Tensor:
@@ -73,12 +73,19 @@ def maskable_positions(x0: torch.Tensor, shift: bool, loss_mask: torch.Tensor | 
 def corrupt(x0: torch.Tensor, t: torch.Tensor, mask_id: int, maskable: torch.Tensor,
             generator: torch.Generator | None = None,
             exponents: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw x_t ~ q(x_t | x_0). x0 (B, L) long, t (B,) -> (x_t (B, L), masked (B, L) bool); with `exponents`
-    (L,) (position_exponents), token i is masked w.p. t ** a_i instead of t."""
+    """Draw x_t ~ q(x_t | x_0). x0 (B, L) long, t (B,) or (B, L) (a time per token, e.g. per block) ->
+    (x_t (B, L), masked (B, L) bool); with `exponents` (L,) (position_exponents), token i is masked w.p.
+    t ** a_i instead of t."""
     u = torch.rand(x0.shape, generator=generator, device="cpu").to(x0.device)
-    p = mask_prob(t)[:, None] if exponents is None else t.double()[:, None] ** exponents.double()[None]
+    t = per_token(t)
+    p = mask_prob(t) if exponents is None else t.double() ** exponents.double()[None]
     masked = (u < p.to(x0.device)) & maskable
     return x0.masked_fill(masked, mask_id), masked
+
+
+def per_token(t: torch.Tensor) -> torch.Tensor:
+    """Diffusion times (B,) per row or (B, L) per token, as (B, 1) or (B, L): broadcastable over tokens."""
+    return t[:, None] if t.dim() == 1 else t
 
 
 def shift_logits(logits: torch.Tensor) -> torch.Tensor:
@@ -124,13 +131,14 @@ def token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shif
 
 def diffusion_loss_sum(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
                        shift: bool, blocked: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
-    """sum over masked tokens of w(t_b) * -log p_theta(x0_i | x_t); a scalar (float32). With `exponents` (L,)
+    """sum over masked tokens of w(t) * -log p_theta(x0_i | x_t) (t (B,) per row or (B, L) per token); a scalar
+    (float32). With `exponents` (L,)
     (position-dependent masking) token i's weight is a_i / t_b, the hazard of its schedule t ** a_i.
 
     Divide by `normaliser` counts summed across micro-batches and ranks to get the loss.
     """
     nll = token_nll(logits, x0, masked, shift, blocked)
-    w = loss_weight(t.float()).to(nll.device)[:, None].expand_as(masked)
+    w = per_token(loss_weight(t.float())).to(nll.device).expand_as(masked)
     if exponents is not None:
         w = w * exponents.to(w.device)[None]
     w = w[:, 1:][masked[:, 1:]] if shift else w[masked]

@@ -88,7 +88,7 @@ def validate(cfg: Config) -> list[str]:
     if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
         problems.append("antithetic t needs an even number of sequences per step "
                         "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
-    problems += _block_problems(cfg)
+    problems += _block_problems(cfg) + _noise_problems(cfg)
     if cfg.train.eval_method == "antithetic" and cfg.train.eval_t_samples % 2:
         problems.append("`train.eval_method=antithetic` needs an even `train.eval_t_samples` (t, 1-t pairs)")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
@@ -127,6 +127,22 @@ def _block_problems(cfg: Config) -> list[str]:
     if b > 0 and cfg.model.attn_implementation == "flash_attention_2":
         problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not take; "
                         "use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
+    return problems
+
+
+def _noise_problems(cfg: Config) -> list[str]:
+    """The training draws of t: a non-empty range; complementary masks need pairs and the plain rate t."""
+    d, problems = cfg.diffusion, []
+    if max(d.eps, d.t_min) >= d.t_max:
+        problems.append(f"training t lies in [max(eps, t_min), t_max] = [{max(d.eps, d.t_min)}, {d.t_max}], which is "
+                        f"empty; set diffusion.t_max above diffusion.t_min and diffusion.eps")
+    if d.complementary_masks and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
+        problems.append("`diffusion.complementary_masks` trains each sequence twice in one step: it needs an even "
+                        "micro_batch_size * grad_accum; change the batch or set diffusion.complementary_masks=false")
+    if d.complementary_masks and d.position_masking:
+        problems.append("`diffusion.complementary_masks` masks the complement at rate 1 - t, which position-dependent "
+                        "masking (rate t ** a_i) does not have; set diffusion.position_masking=0 or "
+                        "diffusion.complementary_masks=false")
     return problems
 
 

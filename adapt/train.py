@@ -209,6 +209,7 @@ def train_step(state: State, step: int) -> dict:
     # dropout (lora.dropout) draws from the global RNG: seed it per (step, rank) so a resume replays it
     torch.manual_seed(rng.seed_for(cfg.train.seed, "dropout", step, distributed.rank()))
     idx, gen = global_batch(cfg, step, len(data.train))
+    idx = obj.batch_rows(idx)
     x0_all = data.train[idx]
     loss_mask = None if data.train_loss_mask is None else data.train_loss_mask[idx]
     maskable_all = obj.maskable(x0_all, loss_mask)

@@ -127,3 +127,19 @@ def test_bench_block_length_on_a_tiny_model(tiny_model_dir, tmp_path):
         nll[clean] = result["in_domain"]["b=4"]["nll"]
     assert abs(nll["block"] - nll["causal"]) > 1e-4
     assert bench.main(["--model", str(tiny_model_dir), "--lengths", "5"]) == 2
+
+
+def test_bench_loss_variance_on_a_tiny_model(tiny_model_dir, tmp_path):
+    """The levers' training losses on paired draws: the base lever is the reference of the ratios, a clipped range
+    moves the mean, and a bad lever or batch exits 2."""
+    bench, out = bench_module("loss_variance"), tmp_path / "var.json"
+    assert bench.main(["--model", str(tiny_model_dir), "--levers", "base", "tclip", "perblock+complementary",
+                       "--t-min", "0.6", "--t-max", "0.9", "--draws", "4", "--batch", "2", "--pool", "2",
+                       "--length", "16", "--json", str(out)]) == 0
+    levers = json.loads(out.read_text())["levers"]
+    assert set(levers) == {"base", "tclip", "perblock+complementary"} and "var_ratio" not in levers["base"]
+    low, high = levers["tclip"]["var_ratio_ci95"]
+    assert low <= levers["tclip"]["var_ratio"] <= high and levers["tclip"]["mean"] != levers["base"]["mean"]
+    assert all(row["draws"] == 4 and row["var"] > 0 for row in levers.values())
+    assert bench.main(["--model", str(tiny_model_dir), "--levers", "base", "nope"]) == 2
+    assert bench.main(["--model", str(tiny_model_dir), "--batch", "3"]) == 2

@@ -37,7 +37,8 @@ def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
     return _make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
                  cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype,
                  ar_weight=cfg.diffusion.ar_loss_weight, position_masking=cfg.diffusion.position_masking,
-                 clean_attention=cfg.diffusion.clean_attention)
+                 clean_attention=cfg.diffusion.clean_attention, t_range=(cfg.diffusion.t_min, cfg.diffusion.t_max),
+                 t_per_block=cfg.diffusion.t_per_block, complementary=cfg.diffusion.complementary_masks)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):

@@ -19,7 +19,8 @@ class Noised:
     masked: torch.Tensor
     """(B, L) bool."""
     t: torch.Tensor | None
-    """(B,) float32 diffusion times (None for the bound's draws, which carry their own weights)."""
+    """(B,) float32 diffusion times, or (B, L) one per token (one t per block); None for the bound's draws,
+    which carry their own weights."""
 
     def rows(self, sl: slice) -> "Noised":
         """The draw of rows `sl` of the batch."""

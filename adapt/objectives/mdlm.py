@@ -37,7 +37,8 @@ class MaskedDiffusion:
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
-                 dtype: str = "fp32", ar_weight: float = 0.0, position_masking: float = 0.0):
+                 dtype: str = "fp32", ar_weight: float = 0.0, position_masking: float = 0.0,
+                 t_range: tuple[float, float] = (0.0, 1.0), t_per_block: bool = False, complementary: bool = False):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
         self.read_shift = shift
@@ -46,6 +47,8 @@ class MaskedDiffusion:
         """alpha of the joint causal term (diffusion.ar_loss_weight); 0 = none, and no second forward."""
         self.position_masking = position_masking
         """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
+        self.t_range, self.t_per_block, self.complementary = t_range, t_per_block, complementary
+        """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -71,12 +74,32 @@ class MaskedDiffusion:
         span = self.masking_span(length)
         return position_exponents(torch.arange(length) % span, span, self.position_masking)
 
+    def batch_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """The step's sequence indices: as drawn, or with complementary masks half of them, each twice in a row."""
+        return idx[: len(idx) // 2].repeat_interleave(2) if self.complementary else idx
+
+    def draw_t(self, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
+        """Training times: (rows,) one per row, or (rows, L) one per block (`t_per_block`), drawn by
+        `diffusion.t_sampling` over all of them, in [max(eps, t_min), t_max]."""
+        span = self.masking_span(length) if self.t_per_block else length
+        units = -(-length // span)
+        t = sample_t(rows * units, max(self.eps, self.t_range[0]), self.t_sampling, generator, self.t_range[1])
+        return t if units == 1 else t.view(rows, units)[:, torch.arange(length) // span]
+
     def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised:
-        """One t per row (`diffusion.t_sampling` over the batch), then each maskable token masked w.p. t
-        (t ** a_i under position-dependent masking)."""
-        t = sample_t(len(x0), self.eps, self.t_sampling, generator)
-        xt, masked = corrupt(x0, t, self.mask_id, maskable, generator, self.exponents(x0.shape[1]))
-        return Noised(xt, masked, t)
+        """t per row or per block (`draw_t`), then each maskable token masked w.p. t (t ** a_i under
+        position-dependent masking). With complementary masks rows 2j and 2j+1 hold the same sequence: the
+        second is masked exactly where the first is not, at time 1 - t."""
+        exponents = self.exponents(x0.shape[1])
+        if not self.complementary:
+            t = self.draw_t(len(x0), x0.shape[1], generator)
+            xt, masked = corrupt(x0, t, self.mask_id, maskable, generator, exponents)
+            return Noised(xt, masked, t)
+        t = self.draw_t(len(x0) // 2, x0.shape[1], generator)
+        _, first = corrupt(x0[0::2], t, self.mask_id, maskable[0::2], generator, exponents)
+        masked = torch.stack([first, maskable[1::2] & ~first], dim=1).reshape(x0.shape)
+        t = torch.stack([t, (1 - t).clamp_min(self.eps)], dim=1).reshape(-1, *t.shape[1:])
+        return Noised(x0.masked_fill(masked, self.mask_id), masked, t)
 
     def normaliser(self, maskable: torch.Tensor, masked: torch.Tensor) -> float:
         return normaliser(self.loss_norm, maskable, masked)
