@@ -11,6 +11,9 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
                  block mask), its tokens/s counted over L tokens per sequence like the others
   ar             the bidirectional step with the joint causal term (diffusion.ar_loss_weight=0.3: a second,
                  causal forward of the clean sequences), also reported against `bidirectional`
+  blockar        the block step with the joint causal term: with --clean-attention causal (the default, the block
+                 recipe's) read from the same 2L forward's clean rows; reported against `block`
+`--only` runs a subset (`causal` is always run: it is every ratio's baseline).
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
 sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
 `--in-process` runs the variants one after another in this process instead (a quick check that
@@ -29,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar")
+VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "blockar")
 AR_WEIGHT = 0.3
 """diffusion.ar_loss_weight of the `ar` variant."""
 
@@ -71,9 +74,10 @@ def _state(args):
     from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
     from adapt.train import State, _optimizer, lr_lambda
 
-    block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0"] \
-        if args.variant == "block" else ["attention.anneal_steps=2"]
-    if args.variant == "ar":
+    block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0",
+             f"diffusion.clean_attention={args.clean_attention}"] \
+        if args.variant in ("block", "blockar") else ["attention.anneal_steps=2"]
+    if args.variant in ("ar", "blockar"):
         block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.block_size={args.length}",
@@ -115,7 +119,7 @@ def run_variant(args) -> dict:
 
     state = _state(args)
     # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1
-    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2, "ar": 2}[args.variant]
+    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2, "ar": 2, "blockar": 2}[args.variant]
     step = (lambda s: _causal_step(state, s)) if args.variant == "causal" else (
         lambda s: train_step(state, first if args.variant == "anneal" else first + s))  # block: anneal_steps=0
     cuda = args.device == "cuda"
@@ -147,6 +151,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--block-length", type=int, default=8, help="block length of the block variant")
+    p.add_argument("--clean-attention", choices=("block", "causal"), default="causal",
+                   help="the block variants' clean stream")
+    p.add_argument("--only", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="run these variants")
     p.add_argument("--in-process", action="store_true", help="run the variants in this process (a quick check)")
     p.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     p.add_argument("--json", default="", help="also write the results here")
@@ -165,6 +172,21 @@ def run_subprocess(variant: str, argv: list[str]) -> dict:
     return json.loads(line[0][7:])
 
 
+def _targets(args, results: dict) -> None:
+    """The step targets and the joint term's cost, for the variants that ran."""
+    b, d, a, j = (results.get(v) for v in ("block", "bidirectional", "ar", "blockar"))
+    if d:
+        print(f"target: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
+              f"{d['memory_ratio']:.3f}x")
+    if b:
+        print(f"target: block (b={args.block_length}, {args.clean_attention} clean stream) >= 0.45x speed and <= 2.2x "
+              f"memory: {b['speed_ratio']:.3f}x, {b['memory_ratio']:.3f}x")
+    for joint, plain, name in ((a, d, "bidirectional"), (j, b, "block")):
+        if joint and plain:
+            print(f"joint causal term (alpha={AR_WEIGHT}) vs {name}: {plain['tokens_per_s'] / joint['tokens_per_s']:.3f}x "
+                  f"the time per step, {joint['peak_bytes'] / plain['peak_bytes']:.3f}x the peak memory")
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -172,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(run_variant(args)), flush=True)
         return
     results = {}
-    for variant in VARIANTS:
+    for variant in [v for v in VARIANTS if v == "causal" or v in args.only]:
         results[variant] = (run_variant(argparse.Namespace(**{**vars(args), "variant": variant})) if args.in_process
                             else run_subprocess(variant, argv))
     base = results["causal"]
@@ -183,13 +205,7 @@ def main(argv: list[str] | None = None) -> None:
         r["memory_ratio"] = r["peak_bytes"] / base["peak_bytes"]
         print(f"{name:<14}{r['tokens_per_s']:>10.0f}{r['step_seconds']:>9.2f}{r['peak_bytes'] / 2**20:>10.0f}"
               f"{r['speed_ratio']:>9.3f}{r['memory_ratio']:>10.3f}")
-    b, d = results["block"], results["bidirectional"]
-    print(f"targets: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
-          f"{d['memory_ratio']:.3f}x; block (b={args.block_length}) >= 0.45x speed and <= 2.2x memory: "
-          f"{b['speed_ratio']:.3f}x, {b['memory_ratio']:.3f}x")
-    a = results["ar"]
-    print(f"joint causal term (alpha={AR_WEIGHT}) vs bidirectional: {d['tokens_per_s'] / a['tokens_per_s']:.3f}x "
-          f"the time per step, {a['peak_bytes'] / d['peak_bytes']:.3f}x the peak memory")
+    _targets(args, results)
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
