@@ -7,7 +7,8 @@ Each draw is one training batch as a step sees it: `--batch` sequences drawn fro
 (the same sequences for every lever at a given draw, so the levers are paired), noised by the objective with the
 lever on, the training loss (sum over masked tokens of -log p / t over the normaliser) of one forward without a
 gradient. The spread over draws is the step's loss noise, data and masks together; its mean is the training
-loss the lever optimises (a clipped range of t is not the whole bound, so its mean differs). Levers:
+loss the lever optimises (a clipped range of t is not the whole bound, so its mean differs); `--fixed-data` keeps
+the same sequences in every draw, so the spread is the noise's alone. Levers:
 base (one t per sequence, stratified), tclip (t in [--t-min, --t-max], BD3-LM's clipped schedule), perblock (one
 t per block, stratified over the batch's blocks), complementary (half the sequences, each twice with complementary
 masks, Fast-dLLM v2), and '+' combinations. Writes JSON with --json.
@@ -58,8 +59,9 @@ def losses(model, meta, blocked, pool: torch.Tensor, args, options: dict) -> lis
     obj = OBJECTIVES[objective_name(b)](meta.mask_token_id, True, blocked, **extra, **options)
     forward, out = ModelForward(model, "cpu"), []
     for d in range(args.draws):
-        pick = rng.generator(0, "estimate", d)
-        idx = obj.batch_rows(torch.randperm(len(pool), generator=pick)[: args.batch])
+        pick = torch.arange(args.batch) if args.fixed_data else torch.randperm(
+            len(pool), generator=rng.generator(0, "estimate", d))[: args.batch]
+        idx = obj.batch_rows(pick)
         x0 = pool[idx]
         maskable = obj.maskable(x0)
         noised = obj.corrupt(x0, maskable, rng.generator(0, "noise", d))
@@ -95,6 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--pool", type=int, default=16, help="held-out blocks the batches are drawn from")
     ap.add_argument("--length", type=int, default=256)
+    ap.add_argument("--fixed-data", action="store_true",
+                    help="the same sequences in every draw: the spread is the masks' alone")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     try:

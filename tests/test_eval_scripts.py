@@ -147,5 +147,8 @@ def test_bench_loss_variance_on_a_tiny_model(tiny_model_dir, tmp_path):
     low, high = levers["tclip"]["var_ratio_ci95"]
     assert low <= levers["tclip"]["var_ratio"] <= high and levers["tclip"]["mean"] != levers["base"]["mean"]
     assert all(row["draws"] == 4 and row["var"] > 0 for row in levers.values())
+    assert bench.main(["--model", str(tiny_model_dir), "--levers", "base", "complementary", "--draws", "3",
+                       "--batch", "2", "--pool", "2", "--length", "16", "--fixed-data", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["args"]["fixed_data"] is True
     assert bench.main(["--model", str(tiny_model_dir), "--levers", "base", "nope"]) == 2
     assert bench.main(["--model", str(tiny_model_dir), "--batch", "3"]) == 2
