@@ -48,6 +48,7 @@ VARIANTS = {
     "layerlr0.8": ["optim.layer_lr_decay=0.8"],
     "masknorm": ["diffusion.loss_norm=masked"],
     "tclip": ["diffusion.t_min=0.45", "diffusion.t_max=0.95"],
+    "tclip30-80": ["diffusion.t_min=0.3", "diffusion.t_max=0.8"],
     "perblock": ["diffusion.t_per_block=true"],
     "comp": ["diffusion.complementary_masks=true"],
     "constlr": ["optim.min_lr_ratio=1.0"],
