@@ -132,8 +132,8 @@ def token_nll(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, shif
 def diffusion_loss_sum(logits: torch.Tensor, x0: torch.Tensor, masked: torch.Tensor, t: torch.Tensor,
                        shift: bool, blocked: torch.Tensor, exponents: torch.Tensor | None = None) -> torch.Tensor:
     """sum over masked tokens of w(t) * -log p_theta(x0_i | x_t) (t (B,) per row or (B, L) per token); a scalar
-    (float32). With `exponents` (L,)
-    (position-dependent masking) token i's weight is a_i / t_b, the hazard of its schedule t ** a_i.
+    (float32). With `exponents` (L,) (position-dependent masking) token i's weight is a_i / t, the hazard of its
+    schedule t ** a_i.
 
     Divide by `normaliser` counts summed across micro-batches and ranks to get the loss.
     """

@@ -119,7 +119,7 @@ def run_variant(args) -> dict:
 
     state = _state(args)
     # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1
-    first = {"causal": 0, "anneal": 1, "bidirectional": 2, "block": 2, "ar": 2, "blockar": 2}[args.variant]
+    first = {"causal": 0, "anneal": 1}.get(args.variant, 2)
     step = (lambda s: _causal_step(state, s)) if args.variant == "causal" else (
         lambda s: train_step(state, first if args.variant == "anneal" else first + s))  # block: anneal_steps=0
     cuda = args.device == "cuda"

@@ -24,12 +24,13 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
+from adapt.checkpoint import exported_meta  # noqa: E402
 from adapt.config import DataConfig, ModelConfig  # noqa: E402
 from adapt.data import build_blocks  # noqa: E402
 from adapt.diffusion import blocked_vocab  # noqa: E402
 from adapt.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
 from adapt.model import load_causal_lm, load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
-from adapt.objectives import ModelForward, objective_name, OBJECTIVES  # noqa: E402
+from adapt.objectives import ModelForward, make  # noqa: E402
 
 
 def reference_blocks(tokenizer, length: int, n: int) -> torch.Tensor:
@@ -42,6 +43,16 @@ def reference_blocks(tokenizer, length: int, n: int) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
+def load_scored(name: str):
+    """(tokenizer, model in eval mode, diffusion metadata, blocked ids) of an export (its own metadata: mask token,
+    clean stream) or of a causal LM (a mask token added), in fp32 on the CPU."""
+    mcfg = ModelConfig(name_or_path=name, dtype="fp32")
+    tok, model = load_tokenizer(mcfg), load_causal_lm(mcfg).eval()
+    meta = prepare_diffusion(model, tok, mcfg, exported_meta(name))
+    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
+    return tok, model, meta, blocked
+
+
 def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: int, batch: int) -> dict:
     forward = ModelForward(model, "cpu")
     set_causal(model, True)
@@ -49,8 +60,7 @@ def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: in
     out = {"parent": summarize(nll, x0.shape[1] - 1).as_dict()}
     set_causal(model, False)
     for b in lengths:
-        extra = {"block_length": b, "clean_causal": meta.clean_attention == "causal"} if b else {}
-        obj = OBJECTIVES[objective_name(b)](meta.mask_token_id, True, blocked, **extra)
+        obj = make(b, meta.mask_token_id, True, blocked, clean_attention=meta.clean_attention)
         tic = time.perf_counter()
         out[f"b={b or 'L'}"] = heldout_bound(obj, forward, x0, obj.scored(x0), draws, "count",
                                              rng.generator(0, "estimate"), batch) | {"seconds": time.perf_counter() - tic}
@@ -74,11 +84,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: block lengths must divide --length {args.length} (got {bad}); --blocks and --draws >= 1",
               file=sys.stderr)
         return 2
-    mcfg = ModelConfig(name_or_path=args.model, dtype="fp32")
-    tok, model = load_tokenizer(mcfg), load_causal_lm(mcfg).eval()
-    meta = prepare_diffusion(model, tok, mcfg)
+    tok, model, meta, blocked = load_scored(args.model)
     meta = replace(meta, clean_attention=args.clean_attention or meta.clean_attention)
-    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
     data = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.blocks), tok).heldout
     result = {"model": args.model, "in_domain": bounds(model, meta, blocked, data, args.lengths, args.draws, args.batch),
               "out_of_domain": bounds(model, meta, blocked, reference_blocks(tok, args.length, args.blocks),

@@ -27,11 +27,11 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
-from adapt.config import DataConfig, ModelConfig  # noqa: E402
+from adapt.config import DataConfig  # noqa: E402
 from adapt.data import build_blocks  # noqa: E402
-from adapt.diffusion import blocked_vocab  # noqa: E402
-from adapt.model import load_causal_lm, load_tokenizer, prepare_diffusion, set_causal  # noqa: E402
-from adapt.objectives import Attention, ModelForward, objective_name, OBJECTIVES  # noqa: E402
+from adapt.model import set_causal  # noqa: E402
+from adapt.objectives import Attention, ModelForward, make  # noqa: E402
+from bench.block_length import load_scored  # noqa: E402
 
 LEVERS = ("base", "tclip", "perblock", "complementary")
 
@@ -54,9 +54,7 @@ def lever_options(name: str, t_min: float, t_max: float) -> dict:
 @torch.no_grad()
 def losses(model, meta, blocked, pool: torch.Tensor, args, options: dict) -> list[float]:
     """The training loss of `--draws` batches under one lever."""
-    b = args.block_length
-    extra = {"block_length": b, "clean_causal": args.clean_attention == "causal"} if b else {}
-    obj = OBJECTIVES[objective_name(b)](meta.mask_token_id, True, blocked, **extra, **options)
+    obj = make(args.block_length, meta.mask_token_id, True, blocked, clean_attention=args.clean_attention, **options)
     forward, out = ModelForward(model, "cpu"), []
     for d in range(args.draws):
         pick = torch.arange(args.batch) if args.fixed_data else torch.randperm(
@@ -89,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--block-length", type=int, default=4, help="0 = the whole-block objective")
     ap.add_argument("--clean-attention", choices=("block", "causal"), default="causal")
     ap.add_argument("--levers", nargs="+", help="the first is the baseline of the ratios (base by default)",
-                    default=["base", "tclip", "perblock", "complementary",
-                                                    "perblock+complementary"])
+                    default=["base", "tclip", "perblock", "complementary", "perblock+complementary"])
     ap.add_argument("--t-min", type=float, default=0.45)
     ap.add_argument("--t-max", type=float, default=0.95)
     ap.add_argument("--draws", type=int, default=24)
@@ -112,11 +109,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --block-length must divide --length {args.length} (0 = whole block); --draws >= 2; --batch even "
               f"and <= --pool; 0 <= --t-min < --t-max <= 1", file=sys.stderr)
         return 2
-    mcfg = ModelConfig(name_or_path=args.model, dtype="fp32")
-    tok, model = load_tokenizer(mcfg), load_causal_lm(mcfg).eval()
-    meta = prepare_diffusion(model, tok, mcfg)
+    tok, model, meta, blocked = load_scored(args.model)
     set_causal(model, False)
-    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
     pool = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.pool), tok).heldout
     result, raw = {"args": vars(args), "levers": {}}, {}
     for name, opts in options.items():
