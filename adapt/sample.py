@@ -20,7 +20,7 @@ import torch
 
 from adapt.cli_types import at_least, device, fraction, non_negative
 from adapt.model import start_token
-from adapt.sampling import SAMPLERS, SampleResult, generate, sampler_options
+from adapt.sampling import SAMPLER_NAMES, SampleResult, generate, sampler_options
 from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
 
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     what.add_argument("--mask-range", action="append", default=[], metavar="START:END",
                       help="token span of --text to mask (0 = first token after BOS, end exclusive); repeatable")
     how = p.add_argument_group("how")
-    how.add_argument("--sampler", default="analytic", choices=list(SAMPLERS))
+    how.add_argument("--sampler", default="analytic", choices=list(SAMPLER_NAMES))
     how.add_argument("--steps", type=at_least(1), help="sampler steps (default: one per generated token)")
     how.add_argument("--num-samples", type=at_least(1), default=1, help="samples drawn as one batch")
     how.add_argument("--seed", type=int, default=0)

@@ -57,10 +57,13 @@ CONFIGS = [
     ("threshold tau, blocks + prefix cache", "threshold", {}, "B", True),
     ("block export: confidence, exact cache", "confidence", {}, "BD", False),
     ("block export: threshold tau, exact cache", "threshold", {}, "BD", False),
+    ("block export: speculative, drafts checked by the clean stream", "speculative", {}, "BD", False),
 ]
 """block "B": semi-AR blocks of --block-length on the whole-sequence model; "BD": the same weights decoded as a
 block-diffusion export of --bd-block-length (its own block length when --model is one) with the exact cache:
-the speed of that decoder; its quality needs a model trained with blocks."""
+the speed of that decoder; its quality needs a model trained with blocks. The speculative row reads a model that
+is not a block export as one with a causal clean stream; it decodes rows one after another, so its NFE is the
+sum over rows."""
 
 
 def sync(device: torch.device) -> None:
@@ -118,17 +121,21 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
     for label, name, options, block, cache in CONFIGS:
         if args.only and not any(word in label for word in args.only):
             continue
-        opts = dict(options, **({"tau": args.tau} if name == "threshold" else {}))
+        opts = dict(options, temperature=args.temperature, **({"tau": args.tau} if name == "threshold" else {}))
         block_length = args.block_length if block == "B" else None
         bd = replace(meta, block_length=meta.block_length or args.bd_block_length if block == "BD" else 0)
+        if name == "speculative" and not meta.block_length:
+            bd = replace(bd, clean_attention="causal")
+        steps = None if name == "speculative" else args.steps
+        calls_per = 1 if name == "speculative" else x.shape[0]  # speculative calls run one row each
         label = label.replace("tau", f"tau={args.tau}").replace("blocks", f"blocks of {args.block_length}")
         label = label.replace("block export", f"block export b={bd.block_length}")
         timer.seconds = 0.0
-        res, seconds = timed(lambda: generate(Denoiser(model, bd), x, name, args.steps,
+        res, seconds = timed(lambda: generate(Denoiser(model, bd), x, name, steps,
                                               torch.Generator().manual_seed(0), block_length, cache, **opts),
                              x.device)
         rows.append(dict(label=label, seconds=seconds, nfe=res.nfe, tok_s=generated / seconds,
-                         overhead=seconds / timer.seconds, per_call=generated / x.shape[0] / res.nfe,
+                         overhead=seconds / timer.seconds, per_call=generated / calls_per / res.nfe,
                          cache=cache))
         print(f"  {label}: {seconds:.2f}s nfe={res.nfe} in forward {timer.seconds:.2f}s", file=sys.stderr)
     return rows
@@ -192,6 +199,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-length", type=int, default=16)
     p.add_argument("--bd-block-length", type=int, default=8, help="block length of the block-export rows")
     p.add_argument("--tau", type=float, default=0.9)
+    p.add_argument("--temperature", type=float, default=1.0, help="the diffusion samplers' temperature (0 = greedy)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--prompt-tokens", type=int, default=24)
     p.add_argument("--repeats", type=int, default=5, help="bare-forward timings (median)")
@@ -200,6 +208,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", nargs="*", default=[], help="run only the samplers whose label contains one of these "
                    "words (e.g. --only 'block export')")
     args = p.parse_args(argv)
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
     if min(args.length, args.steps, args.block_length, args.bd_block_length, args.batch, args.prompt_tokens,
            args.repeats) < 1:
         p.error("--length, --steps, --block-length, --bd-block-length, --batch, --prompt-tokens and --repeats "

@@ -46,7 +46,7 @@ from adapt.denoiser import Denoiser
 from adapt.likelihood import METHODS, block_estimates
 from adapt.model import DTYPES, start_token
 from adapt.objectives import Attention, ModelForward
-from adapt.sampling import SAMPLERS, generate
+from adapt.sampling import SAMPLER_NAMES, generate
 from eval.cli import user_errors
 from eval.models import stream_step
 from eval.options import ESTIMATOR, EvalError, export_check
@@ -69,8 +69,8 @@ def _check_options(estimator: str, sampler: str, dtype: str, mc_samples: int, mc
     problems = [] if dtype in DTYPES else [f"dtype={dtype!r} (use one of {', '.join(DTYPES)})"]
     if estimator not in METHODS:
         problems.append(f"estimator={estimator!r} (use one of {', '.join(METHODS)})")
-    if sampler not in SAMPLERS:
-        problems.append(f"sampler={sampler!r} (use one of {', '.join(SAMPLERS)})")
+    if sampler not in SAMPLER_NAMES:
+        problems.append(f"sampler={sampler!r} (use one of {', '.join(SAMPLER_NAMES)})")
     if mc_samples < 1 or mc_batch < 1:
         problems.append(f"mc_samples={mc_samples}, mc_batch={mc_batch} (both must be >= 1)")
     if max_length == 1 or max_length < 0:

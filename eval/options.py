@@ -49,8 +49,8 @@ on the 135M model (docs/decisions.md)."""
 
 
 def add_samplers(parser: argparse.ArgumentParser, default: list[str]) -> None:
-    """--samplers: names of adapt.sampling.SAMPLERS (an unknown one is refused at parse time)."""
-    from adapt.sampling import SAMPLERS
+    """--samplers: names of adapt.sampling.SAMPLER_NAMES (an unknown one is refused at parse time)."""
+    from adapt.sampling import SAMPLER_NAMES
 
-    parser.add_argument("--samplers", nargs="+", default=default, choices=list(SAMPLERS), metavar="SAMPLER",
-                        help=f"samplers to run, of {', '.join(SAMPLERS)}")
+    parser.add_argument("--samplers", nargs="+", default=default, choices=list(SAMPLER_NAMES), metavar="SAMPLER",
+                        help=f"samplers to run, of {', '.join(SAMPLER_NAMES)}")

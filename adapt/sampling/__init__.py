@@ -19,6 +19,7 @@ from adapt.sampling.blocks import sample_blocks, stop_after_eos
 from adapt.sampling.confidence import confidence_sample
 from adapt.sampling.loop import Trace
 from adapt.sampling.sedd import analytic_sample, euler_sample
+from adapt.sampling.speculative import speculative_decode
 from adapt.sampling.threshold import threshold_sample
 
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
@@ -30,7 +31,13 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 }
 """name -> fn(denoiser, x (B, L) long, steps, generator=None, **options) -> (B, L) long."""
 
-_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace")
+SPECULATIVE = "speculative"
+"""Not a family inside a block but a decoder of block exports with a causal clean stream
+(adapt.sampling.speculative): the noised stream drafts, the clean stream checks; `steps` does not apply."""
+SAMPLER_NAMES = (*SAMPLERS, SPECULATIVE)
+"""Every name `generate` takes."""
+
+_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace", "model", "meta", "eos_id")
 
 
 @dataclass
@@ -57,9 +64,10 @@ class SampleResult:
 
 def sampler_options(name: str) -> dict[str, object]:
     """The options (name -> default) a sampler accepts besides the loop arguments."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
-    params = inspect.signature(SAMPLERS[name]).parameters
+    if name not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLER_NAMES)}")
+    fn = speculative_decode if name == SPECULATIVE else SAMPLERS[name]
+    params = inspect.signature(fn).parameters
     return {k: p.default for k, p in params.items() if k not in _LOOP_ARGS}
 
 
@@ -98,10 +106,14 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     keys/values of the given prefix (an approximation under bidirectional attention; see
     adapt.denoiser). eos_id: generated positions after a row's first generated EOS become EOS,
     and block mode stops once every row has one. options: the sampler's own (see `sampler_options`).
+    sampler "speculative" decodes a block export with a causal clean stream by drafting with the noised
+    stream and checking with the clean one (adapt.sampling.speculative); `steps` does not apply to it.
     A block-diffusion export (meta.block_length > 0) is decoded block by block with its exact KV cache
     (adapt.sampling.block_cache); another block_length is refused unless force_block_length.
     """
     _check(denoiser, x, sampler, options)
+    if sampler == SPECULATIVE:
+        return _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory, options)
     trained = getattr(getattr(denoiser, "meta", None), "block_length", 0)
     if trained and not force_block_length:
         if block_length not in (None, 0, trained):
@@ -143,5 +155,19 @@ def _generate_blocks(denoiser, x, sampler, steps, generator, eos_id, trajectory,
     return SampleResult(ids, den.nfe, trace.steps_run, trace.reveal_step if trajectory else None)
 
 
-__all__ = ["SAMPLERS", "SampleResult", "generate", "sampler_options", "ancestral_sample", "euler_sample",
+def _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory, options) -> SampleResult:
+    meta = getattr(denoiser, "meta", None)
+    if meta is None or not hasattr(denoiser, "model"):
+        raise ValueError("speculative decoding needs an adapt.denoiser.Denoiser (a model and its metadata)")
+    if block_length not in (None, 0, meta.block_length):
+        raise ValueError(f"speculative decoding drafts whole blocks of the export's own length "
+                         f"({meta.block_length}); omit block_length")
+    trace = Trace()
+    ids, calls = speculative_decode(denoiser.model, meta, x.to(denoiser.device), generator, eos_id=eos_id,
+                                    trace=trace, **options)
+    denoiser.nfe += calls
+    return SampleResult(ids, calls, trace.steps_run, trace.reveal_step if trajectory else None)
+
+
+__all__ = ["SAMPLER_NAMES", "SPECULATIVE", "SAMPLERS", "SampleResult", "generate", "sampler_options", "ancestral_sample", "euler_sample",
            "analytic_sample", "confidence_sample", "threshold_sample"]
