@@ -195,6 +195,7 @@ SAMPLE_CASES = [  # adapt.sample options -> text the message must hold
     (["--text", "The cat sat."], "--mask-range"),
     (["--infill", "The <mask>.", "--prompt", "x"], "--infill"),
     (["--trajectory-out", "order.gif"], "order.gif"),
+    (["--sampler", "speculative"], "block-diffusion export"),  # a whole-sequence export has no causal stream
 ]
 
 

@@ -68,7 +68,8 @@ class _Row:
     """The decoding state of one row: the canvas, the cache and the drafts."""
 
     def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
-        self.model, self.b, self.mask_id, self.filt, self.gen = model, meta.block_length, meta.mask_token_id, filt, generator
+        self.model, self.b, self.mask_id = model, meta.block_length, meta.mask_token_id
+        self.filt, self.gen = filt, generator
         rows = model.get_output_embeddings().weight.shape[0]
         self.blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=x.device)
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
