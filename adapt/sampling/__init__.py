@@ -169,5 +169,5 @@ def _generate_speculative(denoiser, x, generator, block_length, eos_id, trajecto
     return SampleResult(ids, calls, trace.steps_run, trace.reveal_step if trajectory else None)
 
 
-__all__ = ["SAMPLER_NAMES", "SPECULATIVE", "SAMPLERS", "SampleResult", "generate", "sampler_options", "ancestral_sample", "euler_sample",
-           "analytic_sample", "confidence_sample", "threshold_sample"]
+__all__ = ["SAMPLER_NAMES", "SPECULATIVE", "SAMPLERS", "SampleResult", "generate", "sampler_options",
+           "ancestral_sample", "euler_sample", "analytic_sample", "confidence_sample", "threshold_sample"]

@@ -26,6 +26,7 @@ import inspect
 import torch
 from transformers import DynamicCache
 
+from adapt.attention import to_additive
 from adapt.diffusion import blocked_vocab, denoiser_log_probs
 from adapt.sampling.categorical import TokenFilter, draw, uniform
 from adapt.sampling.loop import Trace
@@ -72,6 +73,7 @@ class _Row:
         self.filt, self.gen = filt, generator
         rows = model.get_output_embeddings().weight.shape[0]
         self.blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=x.device)
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.x, self.width = x.clone(), x.shape[0]
         self.start = int((x == self.mask_id).nonzero()[0])  # first generated position
@@ -101,9 +103,7 @@ class _Row:
         q_clean = torch.arange(len(pos), device=pos.device) < c
         see = torch.where(q_clean[:, None], key_clean[None] & (key_pos[None] <= pos[:, None]),
                           (key_clean[None] & (key_pos[None] < a)) | ~key_clean[None])
-        dtype = self.model.dtype
-        mask = torch.zeros(see.shape, dtype=dtype, device=pos.device).masked_fill_(~see, torch.finfo(dtype).min)
-        return ids, pos, mask[None, None], c
+        return ids, pos, to_additive(see, self.model.dtype), c
 
     @torch.no_grad()
     def step(self) -> None:
