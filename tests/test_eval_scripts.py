@@ -6,6 +6,7 @@ import json
 import time
 
 import pytest
+import torch
 from cli_runner import run_fresh
 from test_eval_fixtures import exported_dir  # noqa: F401
 
@@ -152,3 +153,31 @@ def test_bench_loss_variance_on_a_tiny_model(tiny_model_dir, tmp_path):
     assert json.loads(out.read_text())["args"]["fixed_data"] is True
     assert bench.main(["--model", str(tiny_model_dir), "--levers", "base", "nope"]) == 2
     assert bench.main(["--model", str(tiny_model_dir), "--batch", "3"]) == 2
+
+
+def test_bench_gpu_check_smoke_run_on_cpu(tiny_model_dir, tmp_path, capsys):
+    """The prepared GPU run at --tiny on CPU: random weights of the given shape, each check in its own process,
+    one report with the step and decoding figures; a shape folder without config.json is one error line."""
+    bench = bench_module("gpu_check")
+    assert bench.main(["--shape", str(tiny_model_dir), "--out", str(tmp_path), "--tiny", "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(result["checks"]) == {"decode_batch1", "step_sdpa", "decode_big"}
+    assert all(c["ok"] for c in result["checks"].values())
+    assert set(result["step_a"]["results"]) == {"causal", "block"} and result["decode_b"]["args"]["batch"] == 2
+    text = (tmp_path / "gpu_check.md").read_text()
+    assert "| step_a | block |" in text and "| decode_b | parent `generate`, batch 2 |" in text
+    assert bench.main(["--shape", str(tmp_path), "--out", str(tmp_path), "--tiny", "--device", "cpu"]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+
+@torch.no_grad()
+def test_bench_gpu_check_flex_block_mask_matches_dense_where_flex_is_trusted(tiny_model_dir):
+    """The GPU run's FlexAttention check on CPU where this CPU's compiled flex passes its own check; it must find
+    the two block masks (both clean streams) equal to the dense ones."""
+    from adapt.attention import flex_problem
+
+    if flex_problem("cpu", 8, ((16, 8),)) is not None:
+        pytest.skip("compiled flex_attention is wrong on this CPU (adapt.attention.flex_problem)")
+    res = bench_module("gpu_check").flex_check(tiny_model_dir, "cpu", 8, 2)
+    assert set(res["max_abs_diff"]) == {"block clean", "causal clean"} and res["logit_scale"] > 0
+    assert max(res["max_abs_diff"].values()) < 1e-4
