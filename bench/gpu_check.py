@@ -146,8 +146,10 @@ def summary(results: dict) -> list[str]:
             batch = run["args"]["batch"]
             parent = run["parent_tokens"] * batch / run["parent_seconds"]
             lines.append(f"| {key} | parent `generate`, batch {batch} | {parent:.0f} tokens/s |")
-            lines += [f"| {key} | {r['label']} | {r['tok_s']:.0f} tokens/s = {r['tok_s'] / parent:.2f}x, "
-                      f"NFE {r['nfe']} |" for r in run["samplers"]]
+            lines += [f"| {key} | {r['label']} | {r['tok_s']:.0f} tokens/s = {r['tok_s'] / parent:.2f}x, NFE {r['nfe']}, "
+                      f"{r['seconds'] / r['nfe'] * 1000:.1f} ms per call"
+                      + (" (tokens per call depend on the weights: not a figure here)" if "speculative" in r["label"]
+                         else "") + " |" for r in run["samplers"]]
     return lines
 
 
