@@ -22,12 +22,12 @@ from pathlib import Path
 
 import torch
 import yaml
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from adapt import distributed, faults
 from adapt.attention import usable_backend
 from adapt.config import Config, from_dict, to_yaml, values
-from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, set_causal
+from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, load_causal_lm, set_causal
 
 COMPLETE = "COMPLETE"
 META_FILE = "diffusion.json"
@@ -397,6 +397,19 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
 
 
 # --- loading an export -------------------------------------------------------------------------
+
+def load_weights(mcfg) -> PreTrainedModel:
+    """`adapt.model.load_causal_lm`, with the adapter of a `lora.export=adapter` export merged: the weights the
+    export stands for, to train a next stage from, to judge with or to measure (the base weights alone are the
+    model before its adaptation)."""
+    model = load_causal_lm(mcfg)
+    folder = Path(str(mcfg.name_or_path)) / ADAPTER_DIR
+    if folder.is_dir() and exported_meta(mcfg.name_or_path) is not None:
+        from adapt.lora import merge_adapter
+
+        model = merge_adapter(model, folder)
+    return model
+
 
 def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa",
                          device: str | torch.device = "cpu"):

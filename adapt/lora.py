@@ -94,7 +94,9 @@ def _tied(model) -> set[str]:
 
 
 def merge_adapter(model: PreTrainedModel, folder: Path) -> PreTrainedModel:
-    """Apply the peft adapter of an `lora.export=adapter` folder to its base weights, merged."""
+    """Apply the peft adapter of an `lora.export=adapter` folder to its base weights, merged (a tied head tied
+    again, as in a merged export)."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(model, folder).merge_and_unload()
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return _retie(PeftModel.from_pretrained(model, folder).merge_and_unload(), tied)

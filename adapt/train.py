@@ -23,7 +23,7 @@ from adapt.config import Config, to_yaml
 from adapt.data import Blocks, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
 from adapt.metrics import MetricsLog
-from adapt.model import DiffusionMeta, load_causal_lm, load_tokenizer, prepare_diffusion, set_causal
+from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward
 
 
@@ -126,7 +126,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
         raise TrainingError("FlexAttention has no backward pass on CPU (torch 2.13); train with "
                             "model.attn_implementation=sdpa on CPU (same masks, dense)")
     tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model)
+    model = checkpoint.load_weights(cfg.model)  # an adapter export: its adapter merged
     exported = checkpoint.exported_meta(cfg.model.name_or_path)
     meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
                    eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length,

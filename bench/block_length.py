@@ -24,12 +24,12 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
-from adapt.checkpoint import exported_meta  # noqa: E402
+from adapt.checkpoint import exported_meta, load_weights  # noqa: E402
 from adapt.config import DataConfig, ModelConfig  # noqa: E402
 from adapt.data import build_blocks  # noqa: E402
 from adapt.diffusion import blocked_vocab  # noqa: E402
 from adapt.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
-from adapt.model import load_causal_lm, load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
+from adapt.model import load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
 from adapt.objectives import ModelForward, make  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def load_scored(name: str):
     """(tokenizer, model in eval mode, diffusion metadata, blocked ids) of an export (its own metadata: mask token,
     clean stream) or of a causal LM (a mask token added), in fp32 on the CPU."""
     mcfg = ModelConfig(name_or_path=name, dtype="fp32")
-    tok, model = load_tokenizer(mcfg), load_causal_lm(mcfg).eval()
+    tok, model = load_tokenizer(mcfg), load_weights(mcfg).eval()
     meta = prepare_diffusion(model, tok, mcfg, exported_meta(name))
     blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
     return tok, model, meta, blocked

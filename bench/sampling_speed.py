@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from adapt import checkpoint  # noqa: E402
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
-from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal, start_token  # noqa: E402
+from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
 from adapt.sampling import generate  # noqa: E402
 from adapt.sampling.canvas import prompt_canvas  # noqa: E402
 
@@ -224,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     mcfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(mcfg)
-    model = load_causal_lm(mcfg).to(device).eval()
+    model = checkpoint.load_weights(mcfg).to(device).eval()
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)

@@ -18,11 +18,11 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from adapt import objectives, rng
-from adapt.checkpoint import load_diffusion_model, read_recipe
+from adapt.checkpoint import load_diffusion_model, load_weights, read_recipe
 from adapt.config import DataConfig, ModelConfig
 from adapt.denoiser import Denoiser
 from adapt.diffusion import blocked_vocab
-from adapt.model import DiffusionMeta, load_causal_lm, load_tokenizer
+from adapt.model import DiffusionMeta, load_tokenizer
 from adapt.objectives import ModelForward
 from adapt.sampling import generate
 from eval.judge import Judge
@@ -76,7 +76,7 @@ class EvalContext:
     def parent(self) -> PreTrainedModel:
         """The parent causal LM (causal attention, eval mode), loaded on first use."""
         if self._parent is None:
-            self._parent = load_causal_lm(self.parent_config()).to(self.device).eval()
+            self._parent = load_weights(self.parent_config()).to(self.device).eval()
         return self._parent
 
     def judge(self) -> Judge:
@@ -84,7 +84,7 @@ class EvalContext:
         if self._judge is None:
             if self.judge_path:
                 mcfg = ModelConfig(name_or_path=self.judge_path, dtype=self.dtype)
-                model = load_causal_lm(mcfg).to(self.device).eval()
+                model = load_weights(mcfg).to(self.device).eval()
                 self._judge = Judge(model, load_tokenizer(mcfg), self.judge_path, self.tokenizer)
             else:
                 self._judge = Judge(self.parent(), self.tokenizer, self.parent_config().name_or_path, self.tokenizer)
