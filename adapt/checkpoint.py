@@ -327,7 +327,7 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     (tmp / RECIPE_FILE).write_text(to_yaml(saved))
     from adapt.hf_export import write_hf_extras  # custom_generate/, decoding defaults, model card
 
-    write_hf_extras(tmp, meta, saved, run_dir=run_dir)
+    write_hf_extras(tmp, meta, saved, run_dir=run_dir, adapter=ADAPTER_DIR if (tmp / ADAPTER_DIR).is_dir() else None)
     faults.maybe_kill_in_export()
     _swap_into_place(tmp, out)
     return out

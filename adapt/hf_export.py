@@ -36,12 +36,13 @@ _KEPT = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def write_hf_extras(folder: str | Path, meta, recipe_cfg=None, summary: dict | None = None,
-                    run_dir: str | Path | None = None) -> None:
+                    run_dir: str | Path | None = None, adapter: str | None = None) -> None:
     """Write custom_generate/, generation_config.json and README.md into an export folder.
 
     meta: the export's DiffusionMeta (or its dict); recipe_cfg: the resolved training Config (or its
     dict, or None); summary: held-out figures to show, else they are read from run_dir/metrics.jsonl
-    when that exists (else the card says they were not measured).
+    when that exists (else the card says they were not measured); adapter: the folder name of a LoRA adapter
+    kept apart from the weights (the card says how to load it).
     """
     folder = Path(folder)
     meta = _as_dict(meta)
@@ -50,7 +51,7 @@ def write_hf_extras(folder: str | Path, meta, recipe_cfg=None, summary: dict | N
     write_generation_config(folder, meta)
     if summary is None and run_dir is not None:
         summary = run_figures(Path(run_dir) / "metrics.jsonl")
-    (folder / "README.md").write_text(model_card(meta, recipe, summary or {}, _bos_adds(folder)))
+    (folder / "README.md").write_text(model_card(meta, recipe, summary or {}, _bos_adds(folder), adapter))
 
 
 def write_generate(folder: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -229,6 +230,7 @@ def test_card_metadata_and_body(export, tmp_path, tokenizer_dir):
     assert "<= 297.20 (95% CI 247.0-358.0)" in body and "CC BY-SA 3.0" in body
     assert "trust_remote_code=True" in body and "python -m eval.harness --model diffusion-lm" in body
     assert "silently decodes left to right" in body and "load_diffusion_model" in body
+    assert "load_adapter" not in body  # said only by an export that keeps its adapter apart
     bare = make_export(tmp_path / "bare", tokenizer_dir, block_length=8)  # no run metrics; a block export
     assert "Not measured" in (bare / "README.md").read_text()
     assert "block-diffusion" in front_matter(bare / "README.md")["tags"]
@@ -376,3 +378,40 @@ def test_card_figures_come_from_the_runs_evaluations(tmp_path):
     got = [(label.split(",")[0], step) for label, step, _ in run_figures(tmp_path / "metrics.jsonl")["rows"]]
     assert got == [("parent causal LM", 0), ("diffusion bound before training", 0),
                    ("diffusion bound during training", 100), ("diffusion bound after training", 120)]
+
+
+@pytest.mark.parametrize("block", [0, 4])
+def test_an_adapter_export_decodes_only_with_its_adapter(tmp_path, tokenizer_dir, block):
+    """A `lora.export=adapter` export holds the base weights: decoding it without the adapter would be the model
+    before its adaptation, so generate refuses and names model.load_adapter; with the adapter loaded (peft through
+    transformers) it decodes as the library, which merges the adapter."""
+    from peft import get_peft_model
+    from transformers import AutoTokenizer
+
+    from adapt.checkpoint import ADAPTER_DIR
+    from adapt.config import LoraConfig
+    from adapt.hf_export import write_hf_extras
+    from adapt.lora import peft_config
+
+    export = make_export(tmp_path / "export", tokenizer_dir, block_length=block)
+    meta = json.loads((export / "diffusion.json").read_text())
+    wrapped = get_peft_model(remote_model(export), peft_config(LoraConfig(enabled=True, r=4, alpha=8.0),
+                                                               meta["mask_token_id"]))
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
+    wrapped.save_pretrained(export / ADAPTER_DIR)
+    write_hf_extras(export, meta, adapter=ADAPTER_DIR)  # as checkpoint.export does for such a run
+    assert f'model.load_adapter("THIS_FOLDER/{ADAPTER_DIR}")' in (export / "README.md").read_text()
+    tok = AutoTokenizer.from_pretrained(export)
+    prompt, new = tok(PROMPT).input_ids, 8
+    ids, opts = torch.tensor([prompt]), dict(max_new_tokens=new, diffusion_steps=8, do_sample=False)
+    model = remote_model(export)
+    with pytest.raises(ValueError, match="keeps its LoRA adapter apart"):
+        model.generate(ids, **opts)
+    model.load_adapter(str(export / ADAPTER_DIR))
+    got = model.generate(ids, **opts)[0].tolist()  # the prompt (no BOS given, none returned), then the new ids
+    assert got == library_ids(export, prompt, new, "confidence", 8, None, temperature=0)
+    shutil.rmtree(export / ADAPTER_DIR)  # the base weights alone decode otherwise: the check can fail
+    assert remote_model(export).generate(ids, **opts)[0].tolist() != got

@@ -43,7 +43,7 @@ OPTIONS = {"diffusion_sampler": "confidence", "diffusion_steps": 0, "diffusion_b
 token); semi-AR block length of a whole-sequence export (0 = none; block exports use their own); tau of
 the threshold sampler; confidence (prob | margin | entropy); cache (block exports; False recomputes)."""
 SAMPLERS, CONFIDENCES = ("confidence", "threshold"), ("prob", "margin", "entropy")
-META_FILE = "diffusion.json"
+META_FILE, ADAPTER = "diffusion.json", "adapter"
 _HARMLESS = {"tokenizer", "use_cache", "synced_gpus", "assistant_tokenizer", "use_model_defaults"}
 """Keyword arguments transformers or its pipeline may pass that decoding does not need."""
 
@@ -71,6 +71,11 @@ def load_meta(model, given=None) -> dict:
                               f"load the export folder itself or pass diffusion_meta=<folder or dict>")
         with open(where, encoding="utf-8") as f:
             meta = json.load(f)
+        lora = os.path.join(os.path.dirname(where), ADAPTER)  # a lora.export=adapter export: base weights + adapter
+        if os.path.isdir(lora) and not getattr(model, "_hf_peft_config_loaded", False):
+            raise DecodeError(f"this export keeps its LoRA adapter apart, in {lora}, and the model was loaded without "
+                              f"it (it would decode the model before its adaptation): call model.load_adapter("
+                              f"{lora!r}) first (needs peft), or export with lora.export=merged")
     block = meta.get("block_length") or 0
     if not all(isinstance(meta.get(k), int) for k in ("mask_token_id", "real_vocab_size")) or \
             not isinstance(block, int) or block < 0:
@@ -135,8 +140,6 @@ def filtered(logp: torch.Tensor, o: dict) -> torch.Tensor:
 def draw(logp: torch.Tensor, o: dict) -> torch.Tensor:
     """One id per row (N,): argmax when greedy (ties -> lowest id), else inverse-CDF sampling with one
     float64 uniform per row from torch's global CPU generator (seed it with torch.manual_seed)."""
-    if logp.shape[0] == 0:
-        return torch.zeros(0, dtype=torch.long, device=logp.device)
     rows = filtered(logp, o)
     if o["temperature"] == 0:
         return rows.argmax(-1)
@@ -150,10 +153,8 @@ def confidence(logp: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "prob":
         return logp.max(-1).values.exp()
     if kind == "margin":
-        top2 = logp.topk(2, dim=-1).values.exp()
-        return top2[:, 0] - top2[:, 1]
-    p = logp.exp()
-    return (p * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+        return logp.topk(2, dim=-1).values.exp().diff(dim=-1).neg().squeeze(-1)
+    return (logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
 
 
 def transfer_counts(n: torch.Tensor, steps: int) -> torch.Tensor:
@@ -406,8 +407,8 @@ def generate(*args, model=None, input_ids=None, attention_mask=None, generation_
     generation_config = generation_config if generation_config is not None or not args else args.pop(0)
     if args or model is None:
         raise TypeError("call generate(model=..., input_ids=..., attention_mask=..., generation_config=..., **options)")
-    input_ids = input_ids if input_ids is not None else kwargs.pop("inputs", None)
-    kwargs.pop("inputs", None)
+    inputs = kwargs.pop("inputs", None)
+    input_ids = input_ids if input_ids is not None else inputs
     meta = load_meta(model, kwargs.pop("diffusion_meta", None))
     o = merged_options(model, generation_config, kwargs)
     bos = next((v for v in (o.get("bos_token_id"), getattr(model.config, "bos_token_id", None)) if isinstance(v, int)),
@@ -417,8 +418,7 @@ def generate(*args, model=None, input_ids=None, attention_mask=None, generation_
     eos = o.get("eos_token_id")
     eos = [] if eos is None else [int(v) for v in (eos if isinstance(eos, (list, tuple)) else [eos])]
     n_seq, device = int(o.get("num_return_sequences") or 1), next(model.parameters()).device
-    ids = torch.as_tensor(input_ids if input_ids is not None else [[bos]])
-    ids = ids[None] if ids.dim() == 1 else ids
+    ids = torch.atleast_2d(torch.as_tensor(input_ids if input_ids is not None else [[bos]]))
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
     input_ids, attention_mask = (t.view(-1, t.shape[-1]).cpu().repeat_interleave(n_seq, 0) for t in (ids, mask))
     new = o["max_new_tokens"] if o.get("max_new_tokens") is not None else (o.get("max_length") or 0) - input_ids.shape[1]
