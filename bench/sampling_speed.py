@@ -62,8 +62,7 @@ CONFIGS = [
 """block "B": semi-AR blocks of --block-length on the whole-sequence model; "BD": the same weights decoded as a
 block-diffusion export of --bd-block-length (its own block length when --model is one) with the exact cache:
 the speed of that decoder; its quality needs a model trained with blocks. The speculative row reads a model that
-is not a block export as one with a causal clean stream; it decodes rows one after another, so its NFE is the
-sum over rows."""
+is not a block export as one with a causal clean stream."""
 
 
 def sync(device: torch.device) -> None:
@@ -127,7 +126,6 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
         if name == "speculative" and not meta.block_length:
             bd = replace(bd, clean_attention="causal")
         steps = None if name == "speculative" else args.steps
-        calls_per = 1 if name == "speculative" else x.shape[0]  # speculative calls run one row each
         label = label.replace("tau", f"tau={args.tau}").replace("blocks", f"blocks of {args.block_length}")
         label = label.replace("block export", f"block export b={bd.block_length}")
         timer.seconds = 0.0
@@ -135,7 +133,7 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
                                               torch.Generator().manual_seed(0), block_length, cache, **opts),
                              x.device)
         rows.append(dict(label=label, seconds=seconds, nfe=res.nfe, tok_s=generated / seconds,
-                         overhead=seconds / timer.seconds, per_call=generated / calls_per / res.nfe,
+                         overhead=seconds / timer.seconds, per_call=generated / x.shape[0] / res.nfe,
                          cache=cache))
         print(f"  {label}: {seconds:.2f}s nfe={res.nfe} in forward {timer.seconds:.2f}s", file=sys.stderr)
     return rows

@@ -10,7 +10,7 @@ from conftest import tiny_llama
 from adapt.model import DiffusionMeta, set_causal
 from adapt.objectives import Attention, BlockDiffusion, ModelForward
 from adapt.sampling import generate
-from adapt.sampling.speculative import _Row, accept_or_correct, speculative_decode
+from adapt.sampling.speculative import _Batch, accept_or_correct, speculative_decode
 from adapt.sampling.categorical import TokenFilter
 from adapt.diffusion import blocked_vocab
 from adapt.denoiser import Denoiser
@@ -52,10 +52,27 @@ def test_greedy_output_is_the_clean_streams_greedy_decoding_and_rows_are_indepen
     x = canvas([5, 2, 9], 23)
     out, calls = speculative_decode(model, meta(b), x, temperature=0.0)
     assert torch.equal(out, greedy_causal(model, x))  # given tokens kept, every mask filled as AR would
+    alone_calls = 0
     for r in range(len(x)):  # a row decodes alone as it does in the batch
-        alone, _ = speculative_decode(model, meta(b), x[r:r + 1], temperature=0.0)
+        alone, n = speculative_decode(model, meta(b), x[r:r + 1], temperature=0.0)
         assert torch.equal(alone[0], out[r])
-    assert calls <= int((x == MASK).sum())  # never more calls than tokens
+        alone_calls += n
+    assert calls <= int((x == MASK).sum(1).max())  # never more calls than the longest row's tokens
+    assert calls < alone_calls  # the rows share calls
+    sampled, _ = speculative_decode(model, meta(b), x, torch.Generator().manual_seed(1))
+    given = x != MASK
+    assert torch.equal(sampled[given], x[given]) and not (sampled == MASK).any()
+
+
+def test_a_row_that_stops_early_leaves_the_others_as_they_are_alone():
+    model = tiny_llama(V, seed=9)
+    x = canvas([3, 6], 30)
+    free, _ = speculative_decode(model, meta(4), x, temperature=0.0)
+    eos = int(free[0, 6])  # row 0's third generated token: row 0 stops there
+    out, _ = speculative_decode(model, meta(4), x, temperature=0.0, eos_id=eos)
+    assert (out[0, 6:] == eos).all() and torch.equal(out[0, :6], free[0, :6])
+    alone, _ = speculative_decode(model, meta(4), x[1:], temperature=0.0, eos_id=eos)
+    assert torch.equal(out[1], alone[0])
 
 
 def test_kept_drafts_give_several_tokens_per_call():
@@ -98,9 +115,10 @@ def test_drafts_are_the_objectives_noised_rows():
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
     x = canvas([6], 16)  # prompt ends at position 6, inside block 1 (positions 4-7)
-    row = _Row(model, meta(4), x[0], TokenFilter(), torch.Generator().manual_seed(0))
-    row.step()  # prefill: position 7, the end of block 1, drawn from the clean stream; nothing left to draft
-    row.step()  # verifies nothing, draws position 8 (block 2's first), drafts 9-11 with 8 masked
+    batch = _Batch(model, meta(4), x, TokenFilter(), torch.Generator().manual_seed(0))
+    row = batch.rows[0]
+    batch.step()  # prefill: position 7, the end of block 1, drawn from the clean stream; nothing left to draft
+    batch.step()  # verifies nothing, draws position 8 (block 2's first), drafts 9-11 with 8 masked
     assert row.done == 9 and len(row.drafts) == 3
     full = row.x.clone()
     full[8:] = MASK

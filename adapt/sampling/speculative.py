@@ -17,7 +17,9 @@ One call holds [clean rows | noised block]:
   rows draft e + 1 .. the end of block K.
 If every draft is kept the clean keys/values stay cached; at the first rejection the cache is cut back to the
 kept prefix (exact: the clean stream is causal) and the next call drafts the rest of that block.
-Rows are decoded one at a time, each with its own cache, so a row's output never depends on the other rows.
+Rows are decoded together, one call per step for every unfinished row (each at its own place: rows accept
+different numbers of drafts), in one cache that keeps per row which columns are valid; a row's queries see only
+its own keys, so its output does not depend on the other rows (greedy: tested equal to each row alone).
 """
 from __future__ import annotations
 
@@ -66,19 +68,16 @@ def accept_or_correct(p: torch.Tensor, q: torch.Tensor, d: int, generator: torch
 
 
 class _Row:
-    """The decoding state of one row: the canvas, the cache and the drafts."""
+    """The decoding state of one row: its canvas, how much of it is decided, cached and drafted."""
 
-    def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
-        self.model, self.b, self.mask_id = model, meta.block_length, meta.mask_token_id
+    def __init__(self, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
+                 blocked: torch.Tensor):
+        self.b, self.mask_id, self.blocked = meta.block_length, meta.mask_token_id, blocked
         self.filt, self.gen = filt, generator
-        rows = model.get_output_embeddings().weight.shape[0]
-        self.blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=x.device)
-        # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.x, self.width = x.clone(), x.shape[0]
-        self.start = int((x == self.mask_id).nonzero()[0])  # first generated position
-        self.cache = DynamicCache(config=model.config)
-        self.n, self.done, self.calls = 0, self.start, 0  # positions < n cached; < done decided
+        masks = (x == self.mask_id).nonzero()
+        self.start = int(masks[0]) if len(masks) else self.width  # first generated position
+        self.n, self.done, self.calls, self.stopped = 0, self.start, 0, False  # < n cached; < done decided
         self.drafts: list[int] = []
         self.q: torch.Tensor | None = None  # (len(drafts), V) filtered draft log-probabilities
 
@@ -86,54 +85,47 @@ class _Row:
     def greedy(self) -> bool:
         return self.filt.temperature == 0
 
-    def _layout(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """-> ids (Q,), positions (Q,), additive mask (1, 1, Q, n + Q), number of clean rows."""
+    @property
+    def finished(self) -> bool:
+        return self.stopped or self.done >= self.width
+
+    def queries(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """This call's rows: (ids, positions) of [clean n .. e-1 | the noised block of e] and the clean count."""
         e = self.done + len(self.drafts)
         cur = self.x.clone()
         cur[self.done:e] = torch.tensor(self.drafts, dtype=torch.long, device=cur.device)
-        ids, pos, a = cur[self.n:e], torch.arange(self.n, e, device=cur.device), e
-        c = len(ids)
+        ids, pos = cur[self.n:e], torch.arange(self.n, e, device=cur.device)
         if e < self.width:
             a = e // self.b * self.b
             end = min(a + self.b, self.width)
             noised = torch.cat([cur[a:e], torch.full((end - e,), self.mask_id, dtype=torch.long, device=cur.device)])
             ids, pos = torch.cat([ids, noised]), torch.cat([pos, torch.arange(a, end, device=pos.device)])
-        key_pos = torch.cat([torch.arange(self.n, device=pos.device), pos])
-        key_clean = torch.arange(len(key_pos), device=pos.device) < self.n + c
-        q_clean = torch.arange(len(pos), device=pos.device) < c
-        see = torch.where(q_clean[:, None], key_clean[None] & (key_pos[None] <= pos[:, None]),
-                          (key_clean[None] & (key_pos[None] < a)) | ~key_clean[None])
-        return ids, pos, to_additive(see, self.model.dtype), c
+        return ids, pos, e - self.n
 
-    @torch.no_grad()
-    def step(self) -> None:
-        """One model call: check the drafts against the clean rows, draw the next token, draft the next ones."""
-        ids, pos, mask, c = self._layout()
-        out = self.model(input_ids=ids[None], attention_mask=mask, position_ids=pos[None], use_cache=True,
-                         **{self.cache_arg: self.cache}).logits[0]
+    def absorb(self, clean: torch.Tensor, noised: torch.Tensor) -> int:
+        """Check the drafts against this call's clean logits (c, V), draw the next token, draft from the noised
+        logits; -> the positions whose cached keys/values stay valid (< the returned count)."""
         self.calls += 1
-        target = self.filt.apply(denoiser_log_probs(out[:c], self.blocked))  # row i predicts position n + i + 1
+        target = self.filt.apply(denoiser_log_probs(clean, self.blocked))  # row i predicts position n + i + 1
         n, e = self.n, self.done + len(self.drafts)
         for i, d in enumerate(self.drafts):
             kept, tok = accept_or_correct(target[self.done - 1 - n], self.q[i], d, self.gen, self.greedy)
             self.x[self.done] = tok
             self.done += 1
             if not kept:
-                self._cut(self.done - 1)
-                return
-        self._cut(e)
+                return self._keep(self.done - 1)
+        self._keep(e)
         if e < self.width:
             p = target[e - 1 - n][None]
             self.x[e] = int(p.argmax()) if self.greedy else int(draw(p, self.gen))
             self.done = e + 1
-            self._draft(out[c:], e)
+            self._draft(noised, e)
+        return e
 
-    def _cut(self, upto: int) -> None:
-        """Keep the cached keys/values of positions < upto; drop the drafts."""
-        extra = self.cache.get_seq_length() - upto
-        if extra > 0:
-            self.cache.crop(-extra)  # transformers 5 crops by a negative count of tokens to remove
+    def _keep(self, upto: int) -> int:
+        """Positions < upto stay cached; the drafts are dropped."""
         self.n, self.drafts, self.q = upto, [], None
+        return upto
 
     def _draft(self, noised: torch.Tensor, e: int) -> None:
         """Draft positions e + 1 .. the end of e's block from its noised rows (row j - 1 predicts column j)."""
@@ -144,6 +136,75 @@ class _Row:
         self.q = self.filt.apply(denoiser_log_probs(rows, self.blocked))
         tokens = self.q.argmax(-1) if self.greedy else draw(self.q, self.gen)
         self.drafts = tokens.tolist()
+
+
+class _Batch:
+    """Rows decoded together: one model call per step for all unfinished rows, one cache.
+
+    Each row's queries sit at its own place in the call: [its clean rows | padding | its noised block |
+    padding]. The cache keeps, per row, the logical position of every column and whether it is valid; a
+    rejected draft's columns are marked invalid instead of cropped (rows keep different numbers of drafts), and
+    the noised and padding columns, which no later query reads, are cropped after every call.
+    """
+
+    def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
+        self.model, self.mask_id = model, meta.mask_token_id
+        blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
+                                meta.mask_token_id, device=x.device)
+        self.rows = [_Row(meta, x[r], filt, generator, blocked) for r in range(len(x))]
+        # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache = DynamicCache(config=model.config)
+        self.kv_pos = torch.zeros((len(x), 0), dtype=torch.long, device=x.device)
+        self.kv_ok = torch.zeros((len(x), 0), dtype=torch.bool, device=x.device)
+        self.calls = 0
+
+    def _layout(self, live: list[int]):
+        """ids (B, Q), positions (B, Q), additive mask (B, 1, Q, K + Q), the clean width C, and per live row its
+        clean and noised query counts."""
+        parts = {r: self.rows[r].queries() for r in live}
+        width_c = max(c for _, _, c in parts.values())
+        width_n = max(len(i) - c for i, _, c in parts.values())
+        batch, q, device = len(self.rows), width_c + width_n, self.kv_pos.device
+        ids = torch.full((batch, q), self.mask_id, dtype=torch.long, device=device)
+        pos = torch.zeros((batch, q), dtype=torch.long, device=device)
+        kind = torch.zeros((batch, q), dtype=torch.long, device=device)  # 0 padding, 1 clean, 2 noised
+        block_start = torch.zeros((batch, 1), dtype=torch.long, device=device)
+        counts = {}
+        for r, (i, p, c) in parts.items():
+            ids[r, :c], pos[r, :c], kind[r, :c] = i[:c], p[:c], 1
+            m = len(i) - c
+            ids[r, width_c:width_c + m], pos[r, width_c:width_c + m], kind[r, width_c:width_c + m] = i[c:], p[c:], 2
+            block_start[r] = p[c] if m else 0
+            counts[r] = (c, m)
+        clean_q, noised_q = kind[:, :, None] == 1, kind[:, :, None] == 2
+        key_pos = torch.cat([self.kv_pos, pos], 1)[:, None, :]
+        key_ok = torch.cat([self.kv_ok, kind == 1], 1)[:, None, :]  # cached valid columns and this call's clean rows
+        old = torch.arange(key_pos.shape[-1], device=device)[None, None, :] < self.kv_pos.shape[1]
+        see = (clean_q & key_ok & (key_pos <= pos[:, :, None])) | (
+            noised_q & key_ok & (key_pos < block_start[:, :, None]))
+        mine = torch.cat([torch.zeros_like(self.kv_ok), kind == 2], 1)[:, None, :]  # this call's noised keys
+        see = see | (noised_q & mine & ~old)
+        see[:, torch.arange(q), self.kv_pos.shape[1] + torch.arange(q)] |= True  # every query sees itself
+        return ids, pos, to_additive(see, self.model.dtype), width_c, counts
+
+    @torch.no_grad()
+    def step(self) -> list[int]:
+        """One model call for every unfinished row; -> the rows that took part."""
+        live = [r for r, row in enumerate(self.rows) if not row.finished]
+        ids, pos, mask, width_c, counts = self._layout(live)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **{self.cache_arg: self.cache}).logits
+        self.calls += 1
+        if ids.shape[1] > width_c:  # the noised and padding columns: no later query reads them
+            self.cache.crop(-(ids.shape[1] - width_c))  # transformers 5 crops by a negative count to remove
+        self.kv_pos = torch.cat([self.kv_pos, pos[:, :width_c]], 1)
+        self.kv_ok = torch.cat([self.kv_ok, torch.zeros_like(pos[:, :width_c], dtype=torch.bool)], 1)
+        for r in live:
+            (c, m), k = counts[r], self.kv_ok.shape[1] - width_c
+            upto = self.rows[r].absorb(out[r, :c], out[r, width_c:width_c + m])
+            self.kv_ok[r, k:k + c] = self.kv_pos[r, k:k + c] < upto  # this call's clean rows up to the kept prefix
+        return live
 
 
 def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator | None = None,
@@ -161,23 +222,18 @@ def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator 
     if (masked != (torch.arange(x.shape[1], device=x.device)[None] >= first[:, None])).any() or (first == 0).any():
         raise ValueError("speculative decoding continues a prompt: each row must be given tokens (BOS at least) "
                          "then masks only; use the confidence or threshold sampler to infill")
-    filt, out, calls = TokenFilter(temperature, top_k, top_p), x.clone(), 0
+    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator)
     if trace is not None:
         trace.start(x)
-    for r in range(len(x)):
-        if not masked[r].any():
-            continue
-        row = _Row(model, meta, x[r], filt, generator)
-        while row.done < row.width:
-            before = row.done
-            row.step()
+    while not all(row.finished for row in batch.rows):
+        before = [row.done for row in batch.rows]
+        for r in batch.step():
+            row = batch.rows[r]
             if trace is not None:
-                trace.reveal_step[r, before:row.done] = row.calls - 1
+                trace.reveal_step[r, before[r]:row.done] = batch.calls - 1
             if eos_id is not None and (row.x[row.start:row.done] == eos_id).any():
                 stop = row.start + int((row.x[row.start:] == eos_id).nonzero()[0])
-                row.x[stop:] = eos_id
-                break
-        out[r], calls = row.x, calls + row.calls
+                row.x[stop:], row.stopped = eos_id, True
     if trace is not None:
-        trace.steps_run = calls
-    return out, calls
+        trace.steps_run = batch.calls
+    return torch.stack([row.x for row in batch.rows]), batch.calls
