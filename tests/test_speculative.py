@@ -149,3 +149,17 @@ def test_what_it_cannot_decode_is_refused():
     res = generate(den, x, "speculative", temperature=0.0, trajectory=True)
     assert res.nfe == den.nfe and not (res.ids == MASK).any()
     assert (res.trajectory[0, 4:] >= 0).all() and (res.trajectory[0, :4] == -1).all()
+
+
+def test_finished_rows_leave_the_batch():
+    """A row with fewer masks finishes first; later calls hold only the rows still decoding (cache rows too)."""
+    model = tiny_llama(V, seed=9)
+    x = canvas([14, 2], 18)  # row 0: 3 masks, row 1: 15
+    batch = _Batch(model, meta(4), x, TokenFilter(temperature=0.0), None)
+    seen = []
+    while not all(row.finished for row in batch.rows):
+        seen.append(batch.step())
+    assert seen[0] == [0, 1] and seen[-1] == [1] and batch.rows[0].finished
+    assert batch.cache.layers[0].keys.shape[0] == 1 and batch.kv_pos.shape[0] == 1
+    out = torch.stack([row.x for row in batch.rows])
+    assert torch.equal(out, greedy_causal(model, x))

@@ -144,7 +144,8 @@ class _Batch:
     Each row's queries sit at its own place in the call: [its clean rows | padding | its noised block |
     padding]. The cache keeps, per row, the logical position of every column and whether it is valid; a
     rejected draft's columns are marked invalid instead of cropped (rows keep different numbers of drafts), and
-    the noised and padding columns, which no later query reads, are cropped after every call.
+    the noised and padding columns, which no later query reads, are cropped after every call. A finished row
+    leaves the batch (its cache row is dropped), so later calls compute only the rows still decoding.
     """
 
     def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
@@ -155,17 +156,27 @@ class _Batch:
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
         self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
         self.cache = DynamicCache(config=model.config)
-        self.kv_pos = torch.zeros((len(x), 0), dtype=torch.long, device=x.device)
-        self.kv_ok = torch.zeros((len(x), 0), dtype=torch.bool, device=x.device)
+        self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
+        self.kv_pos = torch.zeros((len(self.slots), 0), dtype=torch.long, device=x.device)
+        self.kv_ok = torch.zeros((len(self.slots), 0), dtype=torch.bool, device=x.device)
         self.calls = 0
 
-    def _layout(self, live: list[int]):
-        """ids (B, Q), positions (B, Q), additive mask (B, 1, Q, K + Q), the clean width C, and per live row its
-        clean and noised query counts."""
-        parts = {r: self.rows[r].queries() for r in live}
+    def _drop_finished(self) -> None:
+        """Rows that finished since the last call leave the cache and the batch."""
+        keep = [i for i, r in enumerate(self.slots) if not self.rows[r].finished]
+        if len(keep) == len(self.slots):
+            return
+        if self.kv_pos.shape[1]:
+            self.cache.batch_select_indices(torch.tensor(keep, device=self.kv_pos.device))
+        self.kv_pos, self.kv_ok, self.slots = self.kv_pos[keep], self.kv_ok[keep], [self.slots[i] for i in keep]
+
+    def _layout(self):
+        """ids (B, Q), positions (B, Q), additive mask (B, 1, Q, K + Q), the clean width C, and per slot its
+        clean and noised query counts (B: the rows still decoding)."""
+        parts = {i: self.rows[r].queries() for i, r in enumerate(self.slots)}
         width_c = max(c for _, _, c in parts.values())
         width_n = max(len(i) - c for i, _, c in parts.values())
-        batch, q, device = len(self.rows), width_c + width_n, self.kv_pos.device
+        batch, q, device = len(self.slots), width_c + width_n, self.kv_pos.device
         ids = torch.full((batch, q), self.mask_id, dtype=torch.long, device=device)
         pos = torch.zeros((batch, q), dtype=torch.long, device=device)
         kind = torch.zeros((batch, q), dtype=torch.long, device=device)  # 0 padding, 1 clean, 2 noised
@@ -191,8 +202,8 @@ class _Batch:
     @torch.no_grad()
     def step(self) -> list[int]:
         """One model call for every unfinished row; -> the rows that took part."""
-        live = [r for r, row in enumerate(self.rows) if not row.finished]
-        ids, pos, mask, width_c, counts = self._layout(live)
+        self._drop_finished()
+        ids, pos, mask, width_c, counts = self._layout()
         out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
                          **{self.cache_arg: self.cache}).logits
         self.calls += 1
@@ -200,11 +211,11 @@ class _Batch:
             self.cache.crop(-(ids.shape[1] - width_c))  # transformers 5 crops by a negative count to remove
         self.kv_pos = torch.cat([self.kv_pos, pos[:, :width_c]], 1)
         self.kv_ok = torch.cat([self.kv_ok, torch.zeros_like(pos[:, :width_c], dtype=torch.bool)], 1)
-        for r in live:
-            (c, m), k = counts[r], self.kv_ok.shape[1] - width_c
-            upto = self.rows[r].absorb(out[r, :c], out[r, width_c:width_c + m])
-            self.kv_ok[r, k:k + c] = self.kv_pos[r, k:k + c] < upto  # this call's clean rows up to the kept prefix
-        return live
+        for i, r in enumerate(self.slots):
+            (c, m), k = counts[i], self.kv_ok.shape[1] - width_c
+            upto = self.rows[r].absorb(out[i, :c], out[i, width_c:width_c + m])
+            self.kv_ok[i, k:k + c] = self.kv_pos[i, k:k + c] < upto  # this call's clean rows up to the kept prefix
+        return list(self.slots)
 
 
 def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator | None = None,
