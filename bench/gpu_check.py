@@ -98,7 +98,7 @@ def commands(args, model_dir: Path, work: Path) -> list[tuple[str, list[str]]]:
     out = [("decode_batch1", decode + ["--batch", "1", "--only", "block export", "--json", str(work / "decode_a.json")]),
            ("step_flex" if gpu else "step_sdpa", step + ["--attn", "flex_attention" if gpu else "sdpa",
                                                           "--only", "block", "--json", str(work / "step_a.json")]),
-           ("decode_big", decode + ["--batch", str(size(args, "big_batch")), "--only", "exact cache",
+           ("decode_big", decode + ["--batch", str(size(args, "big_batch")), "--only", "block export",
                                     "--json", str(work / "decode_b.json")])]
     if gpu:
         out.append(("step_sdpa", step + ["--attn", "sdpa", "--only", "block", "bidirectional",
