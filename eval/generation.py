@@ -6,7 +6,8 @@ Unconditional samples are `--length` tokens after BOS-only context; prompted sam
 first `--prompt-length` tokens of held-out blocks with `--gen-length` tokens. Every sample is scored
 by the judge causal LM (the parent unless --judge) given its prefix; diversity statistics are those of
 001_*.txt table 4 on the generated tokens. References on the same prefixes and lengths: held-out
-text itself, and the parent's own samples with and without nucleus sampling (p = --top-p). Writes
+text itself, and the parent's own samples with and without nucleus sampling (p = --top-p), at the same
+--temperature as the diffusion samplers. Writes
 generation.json, generation_samples.jsonl (texts, read by eval.mauve_score) and generation.png.
 """
 from __future__ import annotations
@@ -79,16 +80,17 @@ def run_sampler(ctx: EvalContext, prefix: torch.Tensor, gen_len: int, sampler: s
 
 def references(ctx: EvalContext, mode: str, prefix: torch.Tensor, real: torch.Tensor,
                args: argparse.Namespace) -> list[dict]:
-    """Held-out text and the parent's samples (plain and nucleus) on the same prefixes and lengths."""
+    """Held-out text and the parent's samples (plain and nucleus) on the same prefixes and lengths, at the
+    diffusion samplers' --temperature (a judge perplexity compares samples at the same temperature)."""
     out = [{"mode": mode, "source": "heldout", **score(ctx, prefix, real, args)}]
     for name, top_p in (("parent", 1.0), (f"parent_top_p_{args.top_p:g}", args.top_p)):
         start = time.perf_counter()
         conts = [parent_sample(ctx.parent(), prefix[i:i + args.batch_size], real.shape[1],
-                               ctx.seed_for("sample", NAME, mode, name, i), top_p)
+                               ctx.seed_for("sample", NAME, mode, name, i), top_p, args.temperature)
                  for i in range(0, len(prefix), args.batch_size)]
         cont = torch.cat(conts)[:, prefix.shape[1]:]
-        out.append({"mode": mode, "source": name, "seconds": time.perf_counter() - start,
-                    **score(ctx, prefix, cont, args)})
+        out.append({"mode": mode, "source": name, "temperature": args.temperature,
+                    "seconds": time.perf_counter() - start, **score(ctx, prefix, cont, args)})
     return out
 
 

@@ -78,6 +78,25 @@ def test_generation_script_runs_and_plots(ctx, tmp_path):  # noqa: F811
     assert len(lines) == (8 + 6) * 2
 
 
+def test_the_parents_reference_samples_share_the_temperature(ctx, tmp_path):  # noqa: F811
+    """At --temperature 0 the parent's reference samples are its greedy continuations (both references alike:
+    nucleus filtering does not move an argmax), as the diffusion samplers' are greedy."""
+    from eval import generation
+    from eval.cli import execute
+    from eval.models import parent_sample
+
+    args = common_args(ctx.model_dir, tmp_path, samplers=["confidence"], steps=[4], samples=2, length=12,
+                       prompt_length=6, gen_length=8, modes=["prompted"], temperature=0.0, top_p=0.95,
+                       batch_size=2, window=100)
+    result = execute(generation.SCRIPT, ctx, args)
+    prefix, real = generation.prefixes(ctx, "prompted", args)
+    greedy = parent_sample(ctx.parent(), prefix, real.shape[1], seed=5, temperature=0.0)[:, prefix.shape[1]:]
+    texts = {r["source"]: r["examples"] for r in result["references"]}
+    want = [ctx.tokenizer.decode(row) for row in greedy]
+    assert texts["parent"] == texts["parent_top_p_0.95"] == want
+    assert all(r["temperature"] == 0.0 for r in result["references"] if r["source"] != "heldout")
+
+
 def test_parent_sample_length_and_greedy(ctx):  # noqa: F811
     """Exactly new_tokens tokens even when the model's generation config would stop at any token;
     temperature 0 is the argmax chain."""
