@@ -175,27 +175,25 @@ class _Batch:
         clean and noised query counts (B: the rows still decoding)."""
         parts = {i: self.rows[r].queries() for i, r in enumerate(self.slots)}
         width_c = max(c for _, _, c in parts.values())
-        width_n = max(len(i) - c for i, _, c in parts.values())
+        width_n = max(len(tok) - c for tok, _, c in parts.values())
         batch, q, device = len(self.slots), width_c + width_n, self.kv_pos.device
         ids = torch.full((batch, q), self.mask_id, dtype=torch.long, device=device)
         pos = torch.zeros((batch, q), dtype=torch.long, device=device)
         kind = torch.zeros((batch, q), dtype=torch.long, device=device)  # 0 padding, 1 clean, 2 noised
         block_start = torch.zeros((batch, 1), dtype=torch.long, device=device)
         counts = {}
-        for r, (i, p, c) in parts.items():
-            ids[r, :c], pos[r, :c], kind[r, :c] = i[:c], p[:c], 1
-            m = len(i) - c
-            ids[r, width_c:width_c + m], pos[r, width_c:width_c + m], kind[r, width_c:width_c + m] = i[c:], p[c:], 2
-            block_start[r] = p[c] if m else 0
-            counts[r] = (c, m)
+        for s, (tok, at, c) in parts.items():
+            m, cols = len(tok) - c, slice(width_c, width_c + len(tok) - c)
+            ids[s, :c], pos[s, :c], kind[s, :c] = tok[:c], at[:c], 1
+            ids[s, cols], pos[s, cols], kind[s, cols] = tok[c:], at[c:], 2
+            block_start[s] = at[c] if m else 0
+            counts[s] = (c, m)
         clean_q, noised_q = kind[:, :, None] == 1, kind[:, :, None] == 2
         key_pos = torch.cat([self.kv_pos, pos], 1)[:, None, :]
         key_ok = torch.cat([self.kv_ok, kind == 1], 1)[:, None, :]  # cached valid columns and this call's clean rows
-        old = torch.arange(key_pos.shape[-1], device=device)[None, None, :] < self.kv_pos.shape[1]
+        fresh_noised = torch.cat([torch.zeros_like(self.kv_ok), kind == 2], 1)[:, None, :]  # this call's noised keys
         see = (clean_q & key_ok & (key_pos <= pos[:, :, None])) | (
-            noised_q & key_ok & (key_pos < block_start[:, :, None]))
-        mine = torch.cat([torch.zeros_like(self.kv_ok), kind == 2], 1)[:, None, :]  # this call's noised keys
-        see = see | (noised_q & mine & ~old)
+            noised_q & ((key_ok & (key_pos < block_start[:, :, None])) | fresh_noised))
         see[:, torch.arange(q), self.kv_pos.shape[1] + torch.arange(q)] |= True  # every query sees itself
         return ids, pos, to_additive(see, self.model.dtype), width_c, counts
 
