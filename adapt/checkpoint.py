@@ -398,17 +398,21 @@ def _swap_into_place(tmp: Path, dest: Path) -> None:
 
 # --- loading an export -------------------------------------------------------------------------
 
-def load_weights(mcfg) -> PreTrainedModel:
-    """`adapt.model.load_causal_lm`, with the adapter of a `lora.export=adapter` export merged: the weights the
-    export stands for, to train a next stage from, to judge with or to measure (the base weights alone are the
-    model before its adaptation)."""
-    model = load_causal_lm(mcfg)
-    folder = Path(str(mcfg.name_or_path)) / ADAPTER_DIR
-    if folder.is_dir() and exported_meta(mcfg.name_or_path) is not None:
-        from adapt.lora import merge_adapter
+def _with_adapter(model: PreTrainedModel, path: Path) -> PreTrainedModel:
+    """The model of an export folder with its `lora.export=adapter` adapter merged, if it has one: the base
+    weights alone are the model before its adaptation."""
+    if not (path / ADAPTER_DIR).is_dir():
+        return model
+    from adapt.lora import merge_adapter
 
-        model = merge_adapter(model, folder)
-    return model
+    return merge_adapter(model, path / ADAPTER_DIR)
+
+
+def load_weights(mcfg) -> PreTrainedModel:
+    """`adapt.model.load_causal_lm`, an export's adapter merged: the weights the export stands for, to train a
+    next stage from, to judge with or to measure."""
+    model = load_causal_lm(mcfg)
+    return _with_adapter(model, Path(str(mcfg.name_or_path))) if exported_meta(mcfg.name_or_path) else model
 
 
 def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa",
@@ -430,10 +434,7 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     except (OSError, ValueError) as err:  # transformers' own words for a folder it cannot load
         raise ModelLoadError(f"{path} does not load as a model ({str(err).splitlines()[0]}); export the run "
                              f"again with `python -m adapt.export RUN_DIR`") from None
-    if (path / ADAPTER_DIR).is_dir():  # a `lora.export=adapter` export: merge it for inference
-        from adapt.lora import merge_adapter
-
-        model = merge_adapter(model, path / ADAPTER_DIR)
+    model = _with_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model.to(device).eval(), tokenizer, meta

@@ -72,11 +72,12 @@ def model_card(meta: dict, recipe: dict, figures: dict, bos_added: bool | None =
     """README.md text of an export; `figures` from adapt.hf_export.run_figures ({} = not measured); `adapter` the
     folder of a LoRA adapter kept apart from the weights."""
     head = yaml.safe_dump(metadata(meta, recipe), sort_keys=False).strip()
-    adapter = (f"\n> **This export keeps its LoRA adapter apart** (`lora.export: adapter`: the base weights here, the "
-               f"adapter in `{adapter}/`): after `from_pretrained`, call `model.load_adapter(\"THIS_FOLDER/{adapter}\")` "
-               f"(needs peft); `generate` refuses to decode the base weights alone.\n" if adapter else "")
+    note = (f"\n> **This export keeps its LoRA adapter apart** (`lora.export: adapter`: the base weights here, the "
+            f"adapter in `{adapter}/`): after `from_pretrained`, call "
+            f"`model.load_adapter(\"THIS_FOLDER/{adapter}\")` (needs peft); `generate` refuses to decode the base "
+            f"weights alone.\n" if adapter else "")
     parts = [f"---\n{head}\n---\n", _what(meta, recipe), _training(meta, recipe), _figures(figures),
-             _usage(meta, bos_added) + adapter, _limits(meta)]
+             _usage(meta, bos_added) + note, _limits(meta)]
     return "\n".join(parts)
 
 

@@ -77,7 +77,7 @@ class _Row:
         self.x, self.width = x.clone(), x.shape[0]
         masks = (x == self.mask_id).nonzero()
         self.start = int(masks[0]) if len(masks) else self.width  # first generated position
-        self.n, self.done, self.calls, self.stopped = 0, self.start, 0, False  # < n cached; < done decided
+        self.n, self.done, self.stopped = 0, self.start, False  # positions < n cached; < done decided
         self.drafts: list[int] = []
         self.q: torch.Tensor | None = None  # (len(drafts), V) filtered draft log-probabilities
 
@@ -105,7 +105,6 @@ class _Row:
     def absorb(self, clean: torch.Tensor, noised: torch.Tensor) -> int:
         """Check the drafts against this call's clean logits (c, V), draw the next token, draft from the noised
         logits; -> the positions whose cached keys/values stay valid (< the returned count)."""
-        self.calls += 1
         target = self.filt.apply(denoiser_log_probs(clean, self.blocked))  # row i predicts position n + i + 1
         n, e = self.n, self.done + len(self.drafts)
         for i, d in enumerate(self.drafts):
@@ -183,7 +182,8 @@ class _Batch:
         block_start = torch.zeros((batch, 1), dtype=torch.long, device=device)
         counts = {}
         for s, (tok, at, c) in parts.items():
-            m, cols = len(tok) - c, slice(width_c, width_c + len(tok) - c)
+            m = len(tok) - c
+            cols = slice(width_c, width_c + m)
             ids[s, :c], pos[s, :c], kind[s, :c] = tok[:c], at[:c], 1
             ids[s, cols], pos[s, cols], kind[s, cols] = tok[c:], at[c:], 2
             block_start[s] = at[c] if m else 0
