@@ -1,13 +1,15 @@
 """Held-out bound against the block length b, next to the parent's exact perplexity, in-domain and out of domain.
 
     python bench/block_length.py [--model EXPORT_OR_CAUSAL_LM] [--lengths 1 4 16 64 0] [--blocks 8] [--draws 2]
-                                 [--clean-attention block|causal]
+                                 [--clean-attention block|causal] [--offsets B]
 
 Every b scores the same blocks with the masked-count estimator (adapt.likelihood; b = 0 is the whole-block
 objective). In-domain text is the embedded corpus' held-out tail (the default recipe's); out-of-domain text is
 the Python language reference shipped with CPython (`pydoc_data.topics`), which no recipe trains on. For the
 unconverted parent b = 1 reproduces its exact perplexity (the test of the shift with blocks); a converted
-model shows how much of the parent's quality each block length keeps. Writes JSON with --json.
+model shows how much of the parent's quality each block length keeps. With --offsets B each bound is also split by
+a token's place in blocks of B (offset i % B: `offset0_ppl` ...), which shows where a converted model loses to its
+parent (b = 1 of the parent gives the parent's exact perplexity per offset). Writes JSON with --json.
 """
 from __future__ import annotations
 
@@ -53,8 +55,11 @@ def load_scored(name: str):
     return tok, model, meta, blocked
 
 
-def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: int, batch: int) -> dict:
+def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: int, batch: int,
+           offsets: int = 0) -> dict:
     forward = ModelForward(model, "cpu")
+    place = torch.arange(x0.shape[1]) % max(offsets, 1)
+    parts = {f"offset{o}": (place == o)[None].expand(len(x0), -1) for o in range(offsets)}
     set_causal(model, True)
     nll = causal_nll(forward, x0, blocked, batch)
     out = {"parent": summarize(nll, x0.shape[1] - 1).as_dict()}
@@ -63,7 +68,8 @@ def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: in
         obj = make(b, meta.mask_token_id, True, blocked, clean_attention=meta.clean_attention)
         tic = time.perf_counter()
         out[f"b={b or 'L'}"] = heldout_bound(obj, forward, x0, obj.scored(x0), draws, "count",
-                                             rng.generator(0, "estimate"), batch) | {"seconds": time.perf_counter() - tic}
+                                             rng.generator(0, "estimate"), batch, parts=parts) | {
+                                                 "seconds": time.perf_counter() - tic}
     return out
 
 
@@ -77,21 +83,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--clean-attention", choices=("block", "causal"), default=None,
                     help="block diffusion's clean stream (default: the export's; block for a causal LM)")
+    ap.add_argument("--offsets", type=int, default=0,
+                    help="also split each bound by a token's place in blocks of this many tokens (0: no split)")
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     bad = [b for b in args.lengths if b < 0 or (b and args.length % b)]
-    if bad or args.blocks < 1 or args.draws < 1:
-        print(f"error: block lengths must divide --length {args.length} (got {bad}); --blocks and --draws >= 1",
-              file=sys.stderr)
+    if bad or args.blocks < 1 or args.draws < 1 or args.offsets < 0:
+        print(f"error: block lengths must divide --length {args.length} (got {bad}); --blocks and --draws >= 1, "
+              f"--offsets >= 0", file=sys.stderr)
         return 2
     tok, model, meta, blocked = load_scored(args.model)
     meta = replace(meta, clean_attention=args.clean_attention or meta.clean_attention)
     data = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.blocks), tok).heldout
-    result = {"model": args.model, "in_domain": bounds(model, meta, blocked, data, args.lengths, args.draws, args.batch),
-              "out_of_domain": bounds(model, meta, blocked, reference_blocks(tok, args.length, args.blocks),
-                                      args.lengths, args.draws, args.batch)}
-    for part in ("in_domain", "out_of_domain"):
-        print(part, " ".join(f"{k}: {v['ppl']:.2f}"
+    result = {"model": args.model}
+    for part, x0 in (("in_domain", data), ("out_of_domain", reference_blocks(tok, args.length, args.blocks))):
+        result[part] = bounds(model, meta, blocked, x0, args.lengths, args.draws, args.batch, args.offsets)
+        print(part, " ".join(f"{k}: {v['ppl']:.2f}" + "".join(f" [{o}: {v[f'offset{o}_ppl']:.2f}]"
+                                                              for o in range(args.offsets) if f"offset{o}_ppl" in v)
                              for k, v in result[part].items()))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1))

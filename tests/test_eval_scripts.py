@@ -134,6 +134,14 @@ def test_bench_block_length_on_a_tiny_model(tiny_model_dir, tmp_path):
         nll[clean] = result["in_domain"]["b=4"]["nll"]
     assert abs(nll["block"] - nll["causal"]) > 1e-4
     assert bench.main(["--model", str(tiny_model_dir), "--lengths", "5"]) == 2
+    out = tmp_path / "offsets.json"  # the split by place in blocks of 4 adds up to the whole bound
+    assert bench.main(["--model", str(tiny_model_dir), "--lengths", "4", "--blocks", "2", "--length", "16", "--draws",
+                       "1", "--batch", "2", "--offsets", "4", "--json", str(out)]) == 0
+    row = json.loads(out.read_text())["in_domain"]["b=4"]
+    parts = [(row[f"offset{o}_nll"], row[f"offset{o}_tokens"]) for o in range(4)]
+    assert [n for _, n in parts] == [2 * 3, 2 * 4, 2 * 4, 2 * 4]  # position 0 is never scored
+    assert abs(sum(v * n for v, n in parts) / row["tokens"] - row["nll"]) < 1e-6
+    assert len({round(v, 6) for v, _ in parts}) == 4
 
 
 def test_bench_loss_variance_on_a_tiny_model(tiny_model_dir, tmp_path):
