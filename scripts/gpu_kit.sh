@@ -26,11 +26,14 @@ for name in $PACKAGES; do
   fi
 done
 .venv/bin/python - <<'EOF'
+from transformers import AutoConfig
+
 from adapt.config import ModelConfig
-from adapt.model import load_causal_lm, load_tokenizer
+from adapt.model import load_tokenizer, resolve_source
 
 mcfg = ModelConfig()
 load_tokenizer(mcfg).save_pretrained(".gpu/smollm2-135m")
-load_causal_lm(mcfg).config.save_pretrained(".gpu/smollm2-135m")
+source, gguf = resolve_source(mcfg.name_or_path, mcfg.gguf_file)  # the config alone, read from the GGUF header
+AutoConfig.from_pretrained(source, gguf_file=gguf).save_pretrained(".gpu/smollm2-135m")
 EOF
 du -sh .gpu
