@@ -58,8 +58,8 @@ def load_scored(name: str):
 def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: int, batch: int,
            offsets: int = 0) -> dict:
     forward = ModelForward(model, "cpu")
-    place = torch.arange(x0.shape[1]) % max(offsets, 1)
-    parts = {f"offset{o}": (place == o)[None].expand(len(x0), -1) for o in range(offsets)}
+    parts = {f"offset{o}": (torch.arange(x0.shape[1]) % offsets == o)[None].expand(len(x0), -1)
+             for o in range(offsets)}
     set_causal(model, True)
     nll = causal_nll(forward, x0, blocked, batch)
     out = {"parent": summarize(nll, x0.shape[1] - 1).as_dict()}
@@ -88,9 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="")
     args = ap.parse_args(argv)
     bad = [b for b in args.lengths if b < 0 or (b and args.length % b)]
-    if bad or args.blocks < 1 or args.draws < 1 or args.offsets < 0:
-        print(f"error: block lengths must divide --length {args.length} (got {bad}); --blocks and --draws >= 1, "
-              f"--offsets >= 0", file=sys.stderr)
+    problems = ([f"block lengths must divide --length {args.length} (got {bad})"] if bad else []) + \
+        (["--blocks and --draws must be >= 1"] if args.blocks < 1 or args.draws < 1 else []) + \
+        (["--offsets must be >= 0 (0: no split)"] if args.offsets < 0 else [])
+    if problems:
+        print("error: " + "; ".join(problems), file=sys.stderr)
         return 2
     tok, model, meta, blocked = load_scored(args.model)
     meta = replace(meta, clean_attention=args.clean_attention or meta.clean_attention)
