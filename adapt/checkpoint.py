@@ -1,4 +1,5 @@
-"""The checkpoint layout, export and loading; nothing else knows where files live.
+"""The run folder's layout, resumable checkpoints, export and loading (an export's own file names and checks:
+adapt/export_files.py).
 
     <run>/config.yaml            resolved config of the latest launch
     <run>/base/                  model config (resized vocabulary), tokenizer with the mask token, diffusion.json
@@ -8,7 +9,7 @@
     <run>/final/adapter/         the peft adapter, only for LoRA runs with lora.export=adapter (base weights beside it)
 
 A checkpoint without COMPLETE was interrupted while saving and is never resumed from. Exports are
-written to a temporary folder and renamed into place.
+written to a temporary folder and renamed into place; they replace only an empty folder or an earlier export.
 """
 from __future__ import annotations
 
@@ -27,45 +28,19 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from adapt import distributed, faults
 from adapt.attention import usable_backend
 from adapt.config import Config, from_dict, to_yaml, values
+from adapt.export_files import (ADAPTER_DIR, META_FILE, RECIPE_FILE, WEIGHTS_FILE, contents_problem,  # noqa: F401
+                                destination_problem, exported_meta, read_meta, read_recipe, save_meta,
+                                weight_files, writable_problem)
 from adapt.model import DTYPES, DiffusionMeta, ModelLoadError, load_causal_lm, set_causal
 
 COMPLETE = "COMPLETE"
-META_FILE = "diffusion.json"
-RECIPE_FILE = "recipe.yaml"
-ADAPTER_DIR = "adapter"
-WEIGHTS_FILE = "model.safetensors"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be resumed or exported; the message says why and what to do."""
 
 
-# --- the export contract ------------------------------------------------------------------------
-
-def save_meta(folder: Path, meta: DiffusionMeta) -> None:
-    (Path(folder) / META_FILE).write_text(meta.to_json())
-
-
-def read_meta(folder: str | Path) -> DiffusionMeta:
-    """The diffusion metadata of an export (or a run's base/); ModelLoadError when there is none."""
-    path = Path(folder).expanduser() / META_FILE
-    if not path.is_file():
-        raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
-                             f"export one with `python -m adapt.export RUN_DIR`")
-    return DiffusionMeta.from_json(path.read_text(), str(path))
-
-
-def exported_meta(name_or_path: str | Path) -> DiffusionMeta | None:
-    """The metadata of a folder this project wrote (export or base/), or None for anything else (a causal LM)."""
-    folder = Path(name_or_path).expanduser()
-    return read_meta(folder) if (folder / META_FILE).is_file() else None
-
-
-def read_recipe(folder: str | Path) -> Config | None:
-    """The resolved training recipe an export was made with, or None when it has none."""
-    path = Path(folder) / RECIPE_FILE
-    return from_dict(yaml.safe_load(path.read_text())) if path.is_file() else None
-
+# --- the export contract (adapt/export_files.py) ----------------------------------------------------
 
 def export_problem(folder: str | Path) -> str | None:
     """Why `folder` is not a loadable export (missing, a run folder, a checkpoint, a causal LM), or None."""
@@ -86,36 +61,9 @@ def export_problem(folder: str | Path) -> str | None:
     if not (path / WEIGHTS_FILE).is_file() and not any(path.glob("model-*.safetensors")):
         return f"{path} has no {WEIGHTS_FILE}: the export is incomplete; export it again with `python -m adapt.export`"
     try:
-        return _weights_problem(path, read_meta(path))
+        return contents_problem(path, read_meta(path))
     except ModelLoadError as err:
         return str(err)
-
-
-def _weights_problem(path: Path, meta: DiffusionMeta) -> str | None:
-    """Weights that cannot be read (corrupt, truncated) or that disagree with config.json / diffusion.json;
-    reads the safetensors headers and config.json only."""
-    from safetensors import SafetensorError, safe_open
-
-    again = "export the run again with `python -m adapt.export RUN_DIR`"
-    rows = None
-    for file in sorted(path.glob("model*.safetensors")):
-        try:
-            with safe_open(str(file), "pt") as handle:
-                embed = [k for k in handle.keys() if k.endswith("embed_tokens.weight")]
-                rows = handle.get_slice(embed[0]).get_shape()[0] if embed else rows
-        except (SafetensorError, OSError) as err:
-            return f"{file} is corrupt or truncated ({err}); {again}"
-    try:
-        vocab = json.loads((path / "config.json").read_text())["vocab_size"]
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        return f"{path / 'config.json'} is missing or unreadable ({err}); {again}"
-    rows = rows or vocab
-    if rows != vocab:
-        return f"{path}: the weights have {rows} vocabulary rows but config.json says vocab_size={vocab}; {again}"
-    if not 0 <= meta.mask_token_id < rows or not 0 < meta.real_vocab_size <= rows:
-        return (f"{path / META_FILE} disagrees with the weights: mask_token_id={meta.mask_token_id} and "
-                f"real_vocab_size={meta.real_vocab_size} must lie within the {rows} vocabulary rows; {again}")
-    return None
 
 
 # --- resumable checkpoints -----------------------------------------------------------------------
@@ -307,10 +255,32 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
 
     ratio = anneal_ratio(step, saved.attention.anneal_steps)
     meta = replace(meta, anneal_ratio=ratio, bidirectional=ratio >= 1.0)
-    state = distributed.consolidated_state_dict(ckpt_root(run_dir), tag)
-    config = AutoConfig.from_pretrained(base)
     out = Path(out) if out else run_dir / "final"
-    tmp = _tmp_sibling(out)
+    tmp = _export_tmp(out, run_dir)
+    try:
+        _write_export(run_dir, tag, saved, meta, tmp, dtype)
+        faults.maybe_kill_in_export()
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: the unfinished export of a failed run of this command
+    return out
+
+
+def _export_tmp(out: Path, run_dir: Path) -> Path:
+    """The temporary folder beside `out` an export is written into, made only once `out` may be replaced and
+    its folder written: CheckpointError (before any work) otherwise."""
+    problem = destination_problem(out, [run_dir / "base", ckpt_root(run_dir)])
+    problem = problem or writable_problem(out.parent)
+    if problem:
+        raise CheckpointError(f"cannot export to {out}: {problem}")
+    return _tmp_sibling(out)
+
+
+def _write_export(run_dir: Path, tag: str, saved: Config, meta: DiffusionMeta, tmp: Path, dtype: str | None) -> None:
+    """The export of checkpoint `tag` of `run_dir`, written into `tmp`."""
+    state = distributed.consolidated_state_dict(ckpt_root(run_dir), tag)
+    base = run_dir / "base"
+    config = AutoConfig.from_pretrained(base)
     if saved.lora.enabled:  # peft keys: merge the adapter, or keep it in tmp/adapter
         from adapt.lora import export_model
 
@@ -328,9 +298,6 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     from adapt.hf_export import write_hf_extras  # custom_generate/, decoding defaults, model card
 
     write_hf_extras(tmp, meta, saved, run_dir=run_dir, adapter=ADAPTER_DIR if (tmp / ADAPTER_DIR).is_dir() else None)
-    faults.maybe_kill_in_export()
-    _swap_into_place(tmp, out)
-    return out
 
 
 def export_tag(run_dir: Path, tag: str | None, say=None) -> str:
