@@ -3,13 +3,22 @@ prints one message and exits 2 (adapt.sample and every eval script use them)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import tempfile
+import unicodedata
+from pathlib import Path
 from typing import Callable
 
 import torch
 
+SEED_LIMIT = 2**63
+"""Seeds are < 2**63: torch.Generator.manual_seed and numpy take a signed 64-bit integer."""
 
-def at_least(low: int) -> Callable[[str], int]:
-    """An int option that must be >= low."""
+
+def at_least(low: int, most: int | None = None, why: str = "") -> Callable[[str], int]:
+    """An int option that must be >= low (and <= most when given; `why` says where that bound comes from,
+    e.g. the memory a longer sequence would need)."""
     def parse_int(text: str) -> int:
         try:
             value = int(text)
@@ -17,9 +26,68 @@ def at_least(low: int) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if most is not None and value > most:
+            raise argparse.ArgumentTypeError(f"must be <= {most}{f' ({why})' if why else ''}, got {value}")
         return value
 
     return parse_int
+
+
+def seed(text: str) -> int:
+    """A random seed: an integer with 0 <= seed < 2**63 (what torch and numpy accept)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"a seed must be in [0, 2**63 - 1], got {value}")
+    return value
+
+
+def text_problem(value: str) -> str | None:
+    """Why `value` is not printable UTF-8 text, or None. On Linux, argv bytes that are not UTF-8 arrive as
+    lone surrogates (surrogateescape), which a tokenizer or a UTF-8 file cannot take; control characters
+    other than tab and newline are refused too (they garble a prompt and the files it is written to)."""
+    for i, char in enumerate(value):
+        if "\ud800" <= char <= "\udfff":
+            byte = f" (byte 0x{ord(char) - 0xDC00:02x})" if ord(char) >= 0xDC80 else ""
+            return f"is not valid UTF-8{byte} at character {i}; pass UTF-8 text"
+        if char not in "\t\n" and unicodedata.category(char) == "Cc":
+            return f"holds the control character U+{ord(char):04X} at character {i}; only tab and newline are allowed"
+    return None
+
+
+def text(value: str) -> str:
+    """A text option (a prompt, a model name): valid UTF-8, no control characters but tab and newline."""
+    problem = text_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{ascii(value)[:80]} {problem}")
+    return value
+
+
+def writable_dir(value: str) -> Path:
+    """An output folder this process can write to, checked before any work: the folder is created, a
+    temporary file is written and removed, and folders it had to create are removed again (a refused
+    command leaves nothing behind; the command creates the folder when it writes)."""
+    path = Path(value)
+    missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
+    blocker = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
+    if blocker is not None and not blocker.is_dir():
+        raise argparse.ArgumentTypeError(f"cannot write to {value}: {blocker} is a file, not a folder; "
+                                         f"choose a folder you can write to")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
+            pass
+    except OSError as err:
+        where = f" ({err.filename})" if err.filename and str(err.filename) != value else ""
+        raise argparse.ArgumentTypeError(f"cannot write to {value}: {err.strerror or err}{where}; "
+                                         f"choose a folder you can write to") from None
+    finally:
+        for folder in missing:  # deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+    return path
 
 
 def fraction(text: str) -> float:

@@ -12,18 +12,21 @@ Samples go to stdout (one block per sample); speed (NFE, seconds, tokens/s) goes
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
 
 import torch
 
-from adapt.cli_types import at_least, device, fraction, non_negative
+from adapt.cli_types import at_least, device, fraction, non_negative, seed, text
 from adapt.model import start_token
 from adapt.sampling import SAMPLER_NAMES, SampleResult, generate, sampler_options
 from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
 
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
+MAX_CANVAS = 1 << 20
+"""The longest canvas of a model whose config states no positions (rotary models extrapolate, but not forever)."""
 
 
 class SampleError(ValueError):
@@ -32,21 +35,21 @@ class SampleError(ValueError):
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m adapt.sample", description=__doc__.split("\n\n")[0])
-    p.add_argument("model", help="exported folder (checkpoints/<run>/final)")
+    p.add_argument("model", type=text, help="exported folder (checkpoints/<run>/final)")
     what = p.add_argument_group("what to generate")
-    what.add_argument("--prompt", default="", help="text before the generated span")
-    what.add_argument("--suffix", default="", help="text after the generated span")
+    what.add_argument("--prompt", type=text, default="", help="text before the generated span")
+    what.add_argument("--suffix", type=text, default="", help="text after the generated span")
     what.add_argument("--length", type=at_least(0), default=64, help="tokens to generate between prompt and suffix")
-    what.add_argument("--infill", help="text with <mask> (span of --span-length tokens) or <mask:N> markers")
+    what.add_argument("--infill", type=text, help="text with <mask> (span of --span-length tokens) or <mask:N> markers")
     what.add_argument("--span-length", type=at_least(1), default=8, help="tokens per bare <mask> marker")
-    what.add_argument("--text", help="text whose --mask-range token spans are regenerated")
+    what.add_argument("--text", type=text, help="text whose --mask-range token spans are regenerated")
     what.add_argument("--mask-range", action="append", default=[], metavar="START:END",
                       help="token span of --text to mask (0 = first token after BOS, end exclusive); repeatable")
     how = p.add_argument_group("how")
     how.add_argument("--sampler", default="analytic", choices=list(SAMPLER_NAMES))
     how.add_argument("--steps", type=at_least(1), help="sampler steps (default: one per generated token)")
     how.add_argument("--num-samples", type=at_least(1), default=1, help="samples drawn as one batch")
-    how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--seed", type=seed, default=0)
     how.add_argument("--temperature", type=non_negative)
     how.add_argument("--top-k", type=at_least(1))
     how.add_argument("--top-p", type=fraction)
@@ -109,6 +112,29 @@ def _span(text: str) -> tuple[int, int]:
     return start, end
 
 
+def check_lengths(args: argparse.Namespace, positions: int) -> None:
+    """Refuse, before a canvas is built, a generated span longer than the model's positions (both numbers named):
+    a huge --length would otherwise allocate its canvas first."""
+    spans = [("--length", args.length), ("--span-length", args.span_length)]
+    spans += [(f"<mask:{n}> in --infill", int(n)) for n in MASK_MARKER.findall(args.infill or "") if n]
+    for name, value in spans:
+        if value > positions:
+            raise SampleError(f"{name} {value} is longer than the model's {positions} positions; ask for at most "
+                              f"{positions} tokens")
+
+
+def check_canvas(row: torch.Tensor, batch: int, positions: int, vocab: int) -> None:
+    """Refuse a canvas (1, L) the model has no positions for, or `batch` of them whose logits alone exceed this
+    machine's memory (checked before the batch is built)."""
+    if row.shape[1] > positions:
+        raise SampleError(f"the canvas is {row.shape[1]} tokens (BOS, prompt, generated span, suffix) but the model "
+                          f"has {positions} positions; shorten the prompt or --length")
+    need, have = batch * row.shape[1] * vocab * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise SampleError(f"--num-samples {batch} of {row.shape[1]} tokens needs {need / 2**30:.0f} GiB for the "
+                          f"logits alone, more than this machine's {have / 2**30:.0f} GiB; draw fewer samples at once")
+
+
 def sampler_kwargs(args: argparse.Namespace, eps: float) -> dict:
     """Options given on the command line, plus the model's eps for log-linear noise."""
     given = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "noise": args.noise,
@@ -158,9 +184,14 @@ def _sample(args: argparse.Namespace) -> None:
         except ValueError as err:
             raise SampleError(str(err)) from None
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
-    x = build_input(args, tokenizer, start_token(tokenizer), meta.mask_token_id)
-    if not (x == meta.mask_token_id).any():
+    positions = getattr(model.config, "max_position_embeddings", None) or MAX_CANVAS
+    check_lengths(args, positions)
+    row = build_input(argparse.Namespace(**{**vars(args), "num_samples": 1}), tokenizer, start_token(tokenizer),
+                      meta.mask_token_id)
+    if not (row == meta.mask_token_id).any():
         raise SampleError("nothing to generate: --length is 0 and no span is masked")
+    check_canvas(row, args.num_samples, positions, model.config.vocab_size)
+    x = row.expand(args.num_samples, -1).clone()
     start = time.perf_counter()
     try:
         result = generate(Denoiser(model, meta), x, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),

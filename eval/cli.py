@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 from eval.models import EvalContext, context_from_args
-from eval.options import EvalError, add_common_args, export_check
+from eval.options import EvalError, add_common_args, export_check, writable_dir
 from eval.results import provenance, write_results
 
 
@@ -29,6 +31,10 @@ def _no_files(result: dict, ctx: EvalContext | None, args: argparse.Namespace) -
 
 def _no_check(args: argparse.Namespace) -> None:
     return None
+
+
+def _no_sequences(args: argparse.Namespace) -> dict[str, int]:
+    return {}
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,8 @@ class Script:
     """Checks (and resolves) the arguments before any model loads; raises EvalError."""
     model: bool = True
     """Takes MODEL_DIR and loads it (False: eval.mauve_score reads text samples only)."""
+    sequences: Callable[[argparse.Namespace], dict[str, int]] = _no_sequences
+    """The longest sequence the model is given, by the options that set it: {"--length": tokens}."""
 
 
 @contextlib.contextmanager
@@ -73,7 +81,42 @@ def parse(script: Script, argv: list[str] | None) -> argparse.Namespace:
     """The parsed and checked arguments; argparse reports a bad value (exit 2), `check` raises EvalError."""
     args = build_parser(script).parse_args(argv)
     script.check(args)
+    out_dir_check(args)
+    if script.model:
+        positions_check(args.model_dir, script.sequences(args))
     return args
+
+
+def out_dir_check(args: argparse.Namespace) -> None:
+    """EvalError when --out-dir, as `check` resolved it, cannot be written: found before any model loads,
+    not after the whole evaluation ran (argparse's type checks only a folder given on the command line)."""
+    if getattr(args, "out_dir", None) is None:
+        return
+    try:
+        writable_dir(str(args.out_dir))
+    except argparse.ArgumentTypeError as err:
+        raise EvalError(f"--out-dir: {err}") from None
+
+
+def max_positions(model_dir: Path) -> int | None:
+    """The export's position limit from its config.json (None when unreadable: export_check says why)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    limit = config.get("max_position_embeddings", config.get("n_positions")) if isinstance(config, dict) else None
+    return limit if isinstance(limit, int) and limit > 0 else None
+
+
+def positions_check(model_dir: Path, sequences: dict[str, int]) -> None:
+    """EvalError when an option asks for a sequence longer than the model's positions (it would fail, or
+    silently extrapolate, only after the models loaded)."""
+    limit = max_positions(model_dir) if sequences else None
+    over = {opts: n for opts, n in sequences.items() if limit is not None and n > limit}
+    if over:
+        said = "; ".join(f"a sequence of {n} tokens ({opts})" for opts, n in over.items())
+        raise EvalError(f"{said}: longer than the {limit} positions of {model_dir} (max_position_embeddings in "
+                        f"its config.json); choose shorter lengths")
 
 
 def execute(script: Script, ctx: EvalContext | None, args: argparse.Namespace) -> dict:

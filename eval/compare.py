@@ -28,7 +28,7 @@ from adapt.objectives import Attention, ModelForward
 from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
 from eval.models import EvalContext
-from eval.options import ESTIMATOR, EvalError, at_least, export_check
+from eval.options import ESTIMATOR, EvalError, count, export_check, tokens
 
 NAME = "compare"
 
@@ -36,11 +36,11 @@ NAME = "compare"
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("others", nargs="+", type=Path, metavar="MODEL",
                         help="exported folders compared with MODEL_DIR (one or more)")
-    parser.add_argument("--blocks", type=at_least(2), default=16)
-    parser.add_argument("--length", type=at_least(2), default=256)
-    parser.add_argument("--t-samples", type=at_least(1), default=8, help="draws per block, shared by all models")
+    parser.add_argument("--blocks", type=count(2), default=16)
+    parser.add_argument("--length", type=tokens(2), default=256)
+    parser.add_argument("--t-samples", type=count(1), default=8, help="draws per block, shared by all models")
     parser.add_argument("--method", default=ESTIMATOR, choices=METHODS)
-    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--batch-size", type=count(1), default=8)
 
 
 def check(args: argparse.Namespace) -> None:
@@ -119,7 +119,8 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-SCRIPT = Script(NAME, "eval.compare", __doc__, add_args, run, summary_lines, check=check)
+SCRIPT = Script(NAME, "eval.compare", __doc__, add_args, run, summary_lines, check=check,
+                sequences=lambda args: {"--length": args.length})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -23,7 +23,7 @@ from eval.cli import Script, run_script
 from eval.diversity import diversity
 from eval.heldout import heldout_blocks
 from eval.models import EvalContext, diffusion_sample, parent_sample
-from eval.options import add_samplers, at_least, fraction, non_negative
+from eval.options import add_samplers, count, fraction, non_negative, tokens
 from eval.plots import frontier_plot
 
 NAME = "generation"
@@ -31,16 +31,16 @@ NAME = "generation"
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_samplers(parser, ["ancestral", "euler", "analytic", "confidence", "threshold"])
-    parser.add_argument("--steps", nargs="+", type=at_least(1), default=[16, 64, 256])
-    parser.add_argument("--samples", type=at_least(1), default=16, help="samples per setting (and prompts)")
-    parser.add_argument("--length", type=at_least(1), default=128, help="generated tokens of unconditional samples")
-    parser.add_argument("--prompt-length", type=at_least(1), default=32, help="prompt tokens (BOS included)")
-    parser.add_argument("--gen-length", type=at_least(1), default=64, help="generated tokens of prompted samples")
+    parser.add_argument("--steps", nargs="+", type=count(1), default=[16, 64, 256])
+    parser.add_argument("--samples", type=count(1), default=16, help="samples per setting (and prompts)")
+    parser.add_argument("--length", type=tokens(1), default=128, help="generated tokens of unconditional samples")
+    parser.add_argument("--prompt-length", type=tokens(1), default=32, help="prompt tokens (BOS included)")
+    parser.add_argument("--gen-length", type=tokens(1), default=64, help="generated tokens of prompted samples")
     parser.add_argument("--modes", nargs="+", default=["unconditional", "prompted"], choices=["unconditional", "prompted"])
     parser.add_argument("--temperature", type=non_negative, default=1.0, help="diffusion samplers' temperature")
     parser.add_argument("--top-p", type=fraction, default=0.95, help="nucleus p of the parent reference")
-    parser.add_argument("--batch-size", type=at_least(1), default=8)
-    parser.add_argument("--window", type=at_least(1), default=100, help="repetition-rate window (tokens)")
+    parser.add_argument("--batch-size", type=count(1), default=8)
+    parser.add_argument("--window", type=tokens(1), default=100, help="repetition-rate window (tokens)")
 
 
 def prefixes(ctx: EvalContext, mode: str, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,7 +142,14 @@ def summary_lines(result: dict) -> list[str]:
     return lines + [f"wrote {result['plot']}"]
 
 
-SCRIPT = Script(NAME, "eval.generation", __doc__, add_args, run, summary_lines, write_files)
+def sequences(args: argparse.Namespace) -> dict[str, int]:
+    """The longest sequence of each mode: BOS + --length, or --prompt-length + --gen-length."""
+    out = {"--length": args.length + 1} if "unconditional" in args.modes else {}
+    return out | ({"--prompt-length + --gen-length": args.prompt_length + args.gen_length}
+                  if "prompted" in args.modes else {})
+
+
+SCRIPT = Script(NAME, "eval.generation", __doc__, add_args, run, summary_lines, write_files, sequences=sequences)
 
 
 def main(argv: list[str] | None = None) -> dict:

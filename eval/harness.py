@@ -24,10 +24,11 @@ first stop string.
 """
 from __future__ import annotations
 
-import inspect
+import argparse
 import logging
 import math
 import os
+import re
 import sys
 import traceback
 from pathlib import Path
@@ -42,14 +43,16 @@ from lm_eval.api.registry import register_model
 
 from adapt import objectives, rng
 from adapt.checkpoint import load_diffusion_model, read_recipe
+from adapt.cli_types import text_problem
 from adapt.denoiser import Denoiser
-from adapt.likelihood import METHODS, block_estimates
-from adapt.model import DTYPES, start_token
+from adapt.likelihood import block_estimates
+from adapt.model import start_token
 from adapt.objectives import Attention, ModelForward
-from adapt.sampling import SAMPLER_NAMES, generate
+from adapt.sampling import generate
 from eval.cli import user_errors
 from eval.models import stream_step
-from eval.options import ESTIMATOR, EvalError, export_check
+from eval.model_args import check_gen_kwargs, check_model_args
+from eval.options import ESTIMATOR, EvalError, export_check, writable_dir
 
 MODEL_NAME = "diffusion-lm"
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
@@ -64,19 +67,12 @@ def _default_max_length(model_dir: str, model) -> int:
     return min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
 
 
-def _check_options(estimator: str, sampler: str, dtype: str, mc_samples: int, mc_batch: int,
-                   max_length: int) -> None:
-    problems = [] if dtype in DTYPES else [f"dtype={dtype!r} (use one of {', '.join(DTYPES)})"]
-    if estimator not in METHODS:
-        problems.append(f"estimator={estimator!r} (use one of {', '.join(METHODS)})")
-    if sampler not in SAMPLER_NAMES:
-        problems.append(f"sampler={sampler!r} (use one of {', '.join(SAMPLER_NAMES)})")
-    if mc_samples < 1 or mc_batch < 1:
-        problems.append(f"mc_samples={mc_samples}, mc_batch={mc_batch} (both must be >= 1)")
-    if max_length == 1 or max_length < 0:
-        problems.append(f"max_length={max_length} (0 = the training block size, else >= 2)")
-    if problems:
-        raise EvalError(f"diffusion-lm model_args: {'; '.join(problems)}")
+def _positions_check(max_length: int, model) -> None:
+    """EvalError when max_length is longer than the model's positions (scores past them are meaningless)."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise EvalError(f"--model_args max_length={max_length}: longer than the model's {limit} positions "
+                        f"(max_position_embeddings); use at most {limit}, or 0 for the training block size")
 
 
 @register_model(MODEL_NAME, "adapt-diffusion")
@@ -93,9 +89,11 @@ class DiffusionLM(LM):
         under bidirectional attention) and the `mc_samples` draws of a request go `mc_batch` rows per call.
         """
         super().__init__()
-        if unused:
-            log.warning("diffusion-lm ignores model_args %s", ", ".join(sorted(unused)))
-        _check_options(estimator, sampler, dtype, int(mc_samples), int(mc_batch), int(max_length))
+        given = dict(pretrained=pretrained, device=device, dtype=dtype, mc_samples=mc_samples, estimator=estimator,
+                     mc_batch=mc_batch, max_length=max_length, sampler=sampler, steps=steps, gen_length=gen_length,
+                     temperature=temperature, seed=seed)
+        opts = check_model_args({**{k: v for k, v in given.items() if v is not None}, **unused})
+        pretrained, device = opts.get("pretrained", ""), opts.get("device", "cpu")
         if loaded is None and not pretrained:
             raise EvalError("diffusion-lm needs --model_args pretrained=PATH (an exported diffusion folder)")
         if str(device or "cpu").startswith("cuda") and not torch.cuda.is_available():
@@ -107,10 +105,12 @@ class DiffusionLM(LM):
         backend = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         self.objective = objectives.for_meta(self.meta, self.denoiser.blocked, backend, dtype)
         self.forward = ModelForward(self.model, self.denoiser.device)  # the bound's call (loglikelihood)
-        self.mc_samples, self.estimator, self.sampler = int(mc_samples), estimator, sampler
-        self.mc_batch = int(mc_batch)
-        self.max_length = int(max_length) or _default_max_length(str(pretrained or ""), self.model)
-        self.steps, self.gen_length, self.temperature, self.seed = int(steps), int(gen_length), float(temperature), int(seed)
+        self.mc_samples, self.estimator, self.sampler = opts["mc_samples"], opts["estimator"], opts["sampler"]
+        self.mc_batch = opts["mc_batch"]
+        self.max_length = opts["max_length"] or _default_max_length(str(pretrained or ""), self.model)
+        _positions_check(self.max_length, self.model)
+        self.steps, self.gen_length, self.temperature = opts["steps"], opts["gen_length"], opts["temperature"]
+        self.seed = opts["seed"]
         self.start_id = start_token(self.tokenizer)
 
     # --- tokens --------------------------------------------------------------------------------
@@ -203,14 +203,15 @@ class DiffusionLM(LM):
         return out
 
     def _generate_one(self, context: str, kwargs: dict) -> str:
+        kwargs |= check_gen_kwargs(kwargs, "generation_kwargs (--gen_kwargs or the task's)")
         until = kwargs.pop("until", None) or []
         until = [until] if isinstance(until, str) else list(until)
-        n = int(kwargs.pop("max_gen_toks", self.gen_length))
+        n = kwargs.pop("max_gen_toks", self.gen_length)
         if n > self.max_length - 1:
             log.warning("max_gen_toks %d does not fit max_length %d; generating %d tokens", n, self.max_length,
                         self.max_length - 1)
             n = self.max_length - 1
-        temperature = 0.0 if kwargs.pop("do_sample", None) is False else float(kwargs.pop("temperature", self.temperature))
+        temperature = 0.0 if kwargs.pop("do_sample", None) is False else kwargs.pop("temperature", self.temperature)
         ctx = self.tok_encode(context)
         ctx = ctx[max(0, len(ctx) - (self.max_length - 1 - n)):]
         x = torch.tensor([[self.start_id] + ctx + [self.meta.mask_token_id] * n])
@@ -225,22 +226,73 @@ class DiffusionLM(LM):
         return text
 
 
-def check_model_args(args) -> None:
-    """EvalError before lm-eval starts when `diffusion-lm` is asked for without a loadable export."""
+def check_run_args(args) -> None:
+    """EvalError before lm-eval starts, for a `run` of `diffusion-lm`: model arguments (names, types,
+    ranges), generation options, a folder that is not a loadable export, an output path that cannot be
+    written and local tasks whose data is not made yet."""
     if getattr(args, "command", None) != "run" or getattr(args, "model", None) not in (MODEL_NAME, "adapt-diffusion"):
         return
-    model_args = args.model_args if isinstance(args.model_args, dict) else {}
+    model_args = args.model_args if isinstance(args.model_args, dict) else lm_utils.simple_parse_args_string(
+        args.model_args or "")
+    check_model_args(model_args)
+    gen_kwargs = args.gen_kwargs if isinstance(args.gen_kwargs, dict) else lm_utils.simple_parse_args_string(
+        args.gen_kwargs or "")
+    check_gen_kwargs(gen_kwargs)
     pretrained = model_args.get("pretrained")
     if not pretrained:
         raise EvalError(f"--model {args.model} needs --model_args pretrained=PATH (an exported diffusion folder, "
                         f"e.g. checkpoints/<run>/final)")
     export_check(Path(str(pretrained)))
-    given = {k: model_args.get(k, v.default) for k, v in inspect.signature(DiffusionLM.__init__).parameters.items()
-             if k in ("estimator", "sampler", "dtype", "mc_samples", "mc_batch", "max_length")}
+    output_check(getattr(args, "output_path", None))
+    task_data_check(getattr(args, "tasks", None) or [], getattr(args, "metadata", None))
+
+
+def output_check(output_path: str | None) -> None:
+    """EvalError when --output_path (a folder, or a .json file in one) cannot be written: found before the
+    evaluation runs, not after."""
+    if not output_path:
+        return
+    path = Path(output_path)
     try:
-        _check_options(**{k: v if isinstance(v, str) else int(v) for k, v in given.items()})
-    except (TypeError, ValueError) as err:
-        raise EvalError(f"diffusion-lm model_args: {err}") from None
+        writable_dir(str(path.parent if path.suffix == ".json" else path))
+    except argparse.ArgumentTypeError as err:
+        raise EvalError(f"--output_path: {err}") from None
+
+
+def local_task_files() -> dict[str, str]:
+    """Local task (and the `adapt_local` tag) -> the data file its loader reads, from eval/tasks/*.yaml."""
+    files = {}
+    for yaml_file in TASKS_DIR.glob("*.yaml"):
+        found = re.search(r"^task:\s*(\S+).*?^custom_dataset:\s*!function\s+loaders\.(\w+)",
+                          yaml_file.read_text(), re.S | re.M)
+        if found:
+            files[found.group(1)] = f"{found.group(2)}.jsonl"
+    return files | {"adapt_local": " ".join(sorted(set(files.values())))}
+
+
+def task_data_check(tasks: list[str] | str, metadata: dict | None) -> None:
+    """EvalError naming the command that makes the data when a local task's data file is missing (lm-eval
+    would fail with a traceback from inside its task loading)."""
+    from eval.tasks.loaders import data_dir
+
+    tasks = tasks.split(",") if isinstance(tasks, str) else tasks
+    files = local_task_files()
+    folder = data_dir(metadata if isinstance(metadata, dict) else {})
+    missing = sorted({f for t in tasks for f in files.get(t, "").split() if not (folder / f).is_file()})
+    if missing:
+        raise EvalError(f"--tasks {','.join(tasks)}: the local task data {', '.join(missing)} is not in {folder}; "
+                        f"make it first with `python -m eval.tasks.make_data MODEL_DIR --out {folder}` (or point "
+                        f"$ADAPT_EVAL_TASK_DATA or --metadata '{{\"data_dir\": ...}}' at a folder that has it)")
+
+
+def argv_text_check(argv: list[str]) -> None:
+    """EvalError naming the option whose value is not UTF-8 text or holds control characters (lm-eval would
+    fail with a UnicodeEncodeError traceback when it writes or tokenises it)."""
+    for i, token in enumerate(argv):
+        problem = text_problem(token)
+        if problem:
+            option = next((t for t in reversed(argv[:i + 1]) if t.startswith("-")), "an argument")
+            raise EvalError(f"{option.split('=')[0]}: {ascii(token)[:80]} {problem}")
 
 
 def _refused_by_lm_eval(err: ValueError) -> bool:
@@ -259,11 +311,12 @@ def main(argv: list[str] | None = None) -> None:
         argv += ["--include_path", str(TASKS_DIR)]
     sys.argv = ["lm_eval", *argv]
     with user_errors():
+        argv_text_check(argv)
         try:
             setup_logging()
             parser = HarnessCLI()
             args = parser.parse_args()
-            check_model_args(args)
+            check_run_args(args)
             parser.execute(args)
         except ValueError as err:
             if not _refused_by_lm_eval(err):

@@ -20,20 +20,20 @@ from tqdm import tqdm
 from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
 from eval.models import EvalContext, diffusion_sample, parent_sample
-from eval.options import add_samplers, at_least, non_negative
+from eval.options import add_samplers, count, non_negative, tokens
 
 NAME = "infill"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spans", type=at_least(1), default=32, help="held-out examples")
-    parser.add_argument("--left", type=at_least(1), default=24, help="left context tokens (BOS included)")
-    parser.add_argument("--span-length", type=at_least(1), default=8, help="masked tokens to fill")
-    parser.add_argument("--right", type=at_least(0), default=24, help="right context tokens")
+    parser.add_argument("--spans", type=count(1), default=32, help="held-out examples")
+    parser.add_argument("--left", type=tokens(1), default=24, help="left context tokens (BOS included)")
+    parser.add_argument("--span-length", type=tokens(1), default=8, help="masked tokens to fill")
+    parser.add_argument("--right", type=tokens(0), default=24, help="right context tokens")
     add_samplers(parser, ["ancestral", "confidence"])
-    parser.add_argument("--steps", type=at_least(0), default=0, help="sampling steps (0 = one per span token)")
+    parser.add_argument("--steps", type=count(0), default=0, help="sampling steps (0 = one per span token)")
     parser.add_argument("--temperature", type=non_negative, default=0.0, help="0 = greedy")
-    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--batch-size", type=count(1), default=8)
 
 
 def span_metrics(fill: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
@@ -100,7 +100,8 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-SCRIPT = Script(NAME, "eval.infill", __doc__, add_args, run, summary_lines)
+SCRIPT = Script(NAME, "eval.infill", __doc__, add_args, run, summary_lines,
+                sequences=lambda args: {"--left + --span-length + --right": args.left + args.span_length + args.right})
 
 
 def main(argv: list[str] | None = None) -> dict:

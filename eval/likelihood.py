@@ -22,19 +22,19 @@ from adapt.objectives import ModelForward
 from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
 from eval.models import EvalContext
-from eval.options import ESTIMATOR, at_least
+from eval.options import ESTIMATOR, count, tokens
 
 NAME = "likelihood"
 
 
 def add_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--blocks", type=at_least(1), default=16, help="held-out blocks scored")
-    parser.add_argument("--length", type=at_least(2), default=256, help="tokens per block (BOS included)")
-    parser.add_argument("--t-samples", type=at_least(1), default=8, help="draws per block per replicate")
-    parser.add_argument("--replicates", type=at_least(2), default=2, help="independent estimates per block")
+    parser.add_argument("--blocks", type=count(1), default=16, help="held-out blocks scored")
+    parser.add_argument("--length", type=tokens(2), default=256, help="tokens per block (BOS included)")
+    parser.add_argument("--t-samples", type=count(1), default=8, help="draws per block per replicate")
+    parser.add_argument("--replicates", type=count(2), default=2, help="independent estimates per block")
     parser.add_argument("--methods", nargs="+", default=[ESTIMATOR, "stratified"], choices=METHODS,
                         help="estimators compared; the first gives the reported bound")
-    parser.add_argument("--batch-size", type=at_least(1), default=8)
+    parser.add_argument("--batch-size", type=count(1), default=8)
 
 
 def parent_bound(ctx: EvalContext, blocks: torch.Tensor, batch_size: int) -> dict:
@@ -89,7 +89,8 @@ def summary_lines(result: dict) -> list[str]:
     return lines
 
 
-SCRIPT = Script(NAME, "eval.likelihood", __doc__, add_args, run, summary_lines)
+SCRIPT = Script(NAME, "eval.likelihood", __doc__, add_args, run, summary_lines,
+                sequences=lambda args: {"--length": args.length})
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,7 @@ from adapt.likelihood import METHODS
 from eval.cli import Script, run_script
 from eval.harness import TASKS_DIR, DiffusionLM
 from eval.models import EvalContext
-from eval.options import ESTIMATOR, at_least
+from eval.options import ESTIMATOR, count
 from eval.tasks.make_data import make as make_task_data
 
 NAME = "harness"
@@ -27,10 +27,10 @@ LOCAL_TASKS = ["adapt_cloze", "adapt_choice", "adapt_documents", "adapt_cloze_ge
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tasks", nargs="+", default=LOCAL_TASKS, choices=LOCAL_TASKS, metavar="TASK",
                         help=f"local tasks, of {', '.join(LOCAL_TASKS)}")
-    parser.add_argument("--limit", type=at_least(1), default=200, help="documents per task")
-    parser.add_argument("--mc-samples", type=at_least(1), default=32, help="Monte Carlo draws per request")
+    parser.add_argument("--limit", type=count(1), default=200, help="documents per task")
+    parser.add_argument("--mc-samples", type=count(1), default=32, help="Monte Carlo draws per request")
     parser.add_argument("--estimator", default=ESTIMATOR, choices=METHODS)
-    parser.add_argument("--batch-size", type=at_least(1), default=16, help="rows per model call")
+    parser.add_argument("--batch-size", type=count(1), default=16, help="rows per model call")
 
 
 def _metrics(task_results: dict) -> dict[str, float]:

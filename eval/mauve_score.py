@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from eval.cli import Script, run_script
-from eval.options import EvalError, at_least
+from eval.options import EvalError, count, text, tokens
 
 NAME = "mauve"
 HUMAN = "heldout"
@@ -103,9 +103,10 @@ def measure(samples: Path, featurizer: str, seeds: int = 5, max_tokens: int = 10
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("samples", nargs="?", type=Path, default=None,
                         help="generation_samples.jsonl, or the folder holding it (default: in --out-dir)")
-    parser.add_argument("--featurizer", default="gpt2-large", help="local HF model (name in the HF cache, or a folder)")
-    parser.add_argument("--seeds", type=at_least(1), default=5)
-    parser.add_argument("--max-tokens", type=at_least(1), default=100)
+    parser.add_argument("--featurizer", type=text, default="gpt2-large",
+                        help="local HF model (name in the HF cache, or a folder)")
+    parser.add_argument("--seeds", type=count(1), default=5)
+    parser.add_argument("--max-tokens", type=tokens(1), default=100)
     parser.set_defaults(out_dir=None)
 
 

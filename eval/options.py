@@ -4,10 +4,33 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Callable
+
 import torch
 
 from adapt.checkpoint import export_problem
-from adapt.cli_types import at_least, device, fraction, non_negative  # noqa: F401 (the eval scripts' option types)
+from adapt.cli_types import (at_least, device, fraction, non_negative, seed, text,  # noqa: F401 (the eval
+                             writable_dir)  # scripts' option types)
+
+MAX_TOKENS = 1 << 16
+"""The most tokens a length option may ask for before the model is read (a sequence of 65,536 tokens
+already needs tens of GB for attention under full bidirectional masks); eval.cli.positions_check then
+holds the sequence to the export's max_position_embeddings."""
+
+MAX_COUNT = 100_000
+"""The most samples, blocks, documents, draws or rows an option may ask for: the scripts keep every one in
+memory (generation holds samples x length token ids), so a mistyped count fails here, not after hours."""
+
+
+def tokens(low: int = 1) -> Callable[[str], int]:
+    """A length option in tokens: an int in [low, MAX_TOKENS]."""
+    return at_least(low, MAX_TOKENS, "the eval scripts' bound on a sequence; the model's own limit is checked "
+                    "once its folder is read")
+
+
+def count(low: int = 1) -> Callable[[str], int]:
+    """A count option (samples, blocks, draws, rows per batch): an int in [low, MAX_COUNT]."""
+    return at_least(low, MAX_COUNT, "the eval scripts' bound on a count; each item is held in memory")
 
 
 class EvalError(RuntimeError):
@@ -27,15 +50,17 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> None
     if model:
         parser.add_argument("model_dir", type=Path, metavar="MODEL_DIR",
                             help="exported diffusion model folder (e.g. checkpoints/<run>/final)")
-    parser.add_argument("--out-dir", type=Path, default=Path("eval_out"), help="folder for results JSON and plots")
+    parser.add_argument("--out-dir", type=writable_dir, default="eval_out",
+                        help="folder for results JSON and plots (checked writable before any work)")
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seed", type=int, default=0, help="seed of every random stream (adapt.rng)")
-    parser.add_argument("--threads", type=at_least(0), default=0, help="torch CPU threads (0 = torch's default)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of every random stream (adapt.rng)")
+    parser.add_argument("--threads", type=at_least(0, 4096), default=0, help="torch CPU threads (0 = torch's default)")
     if model:
-        parser.add_argument("--parent", default="", help="parent causal LM (default: the one the export names)")
-        parser.add_argument("--judge", default="",
+        parser.add_argument("--parent", type=text, default="",
+                            help="parent causal LM (default: the one the export names)")
+        parser.add_argument("--judge", type=text, default="",
                             help="judge causal LM for generative perplexity (default: the parent)")
         parser.add_argument("--data-files", nargs="*", default=None, help="text/jsonl files to hold out from "
                             "(default: the training recipe's data, else the embedded corpus)")

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from eval.cli import Script, run_script
 from eval.heldout import heldout_blocks
 from eval.models import EvalContext, diffusion_sample, parent_sample
-from eval.options import add_samplers, at_least
+from eval.options import add_samplers, count, tokens
 from eval.plots import speed_plot
 
 NAME = "speed"
@@ -29,11 +29,11 @@ NAME = "speed"
 
 def add_args(parser: argparse.ArgumentParser) -> None:
     add_samplers(parser, ["ancestral", "euler", "analytic", "confidence", "threshold"])
-    parser.add_argument("--steps", nargs="+", type=at_least(0), default=[16, 64], help="0 = one step per token")
-    parser.add_argument("--lengths", nargs="+", type=at_least(1), default=[32, 64, 128], help="generated tokens")
-    parser.add_argument("--prompt-length", type=at_least(1), default=16, help="prompt tokens (BOS included)")
-    parser.add_argument("--batch-size", type=at_least(1), default=1)
-    parser.add_argument("--repeats", type=at_least(1), default=3)
+    parser.add_argument("--steps", nargs="+", type=count(0), default=[16, 64], help="0 = one step per token")
+    parser.add_argument("--lengths", nargs="+", type=tokens(1), default=[32, 64, 128], help="generated tokens")
+    parser.add_argument("--prompt-length", type=tokens(1), default=16, help="prompt tokens (BOS included)")
+    parser.add_argument("--batch-size", type=count(1), default=1)
+    parser.add_argument("--repeats", type=count(1), default=3)
 
 
 def _sync(device: torch.device) -> None:
@@ -105,7 +105,8 @@ def write_plot(result: dict, ctx: EvalContext, args: argparse.Namespace) -> dict
     return result
 
 
-SCRIPT = Script(NAME, "eval.speed", __doc__, add_args, run, lambda result: table(result["rows"]), write_plot)
+SCRIPT = Script(NAME, "eval.speed", __doc__, add_args, run, lambda result: table(result["rows"]), write_plot,
+                sequences=lambda args: {"--prompt-length + --lengths": args.prompt_length + max(args.lengths)})
 
 
 def main(argv: list[str] | None = None) -> dict:

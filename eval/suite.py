@@ -20,7 +20,7 @@ from eval import generation, infill, likelihood, local_tasks, mauve_score, speed
 from eval.cli import Script, execute, parse, run_script
 from eval.heldout import heldout_stream
 from eval.models import EvalContext
-from eval.options import add_common_args
+from eval.options import add_common_args, text
 from eval.report import build_report
 
 NAME = "suite"
@@ -59,7 +59,7 @@ PASSED_ON = {"mauve_featurizer": ("mauve", "featurizer")}
 def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget", choices=list(BUDGETS), default="quick")
     parser.add_argument("--skip", nargs="*", default=[], choices=list(STAGES), help="stages to leave out")
-    parser.add_argument("--mauve-featurizer", default="gpt2-large",
+    parser.add_argument("--mauve-featurizer", type=text, default="gpt2-large",
                         help="local HF model for MAUVE features (the mauve stage's --featurizer)")
 
 

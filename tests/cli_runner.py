@@ -25,15 +25,20 @@ os.dup2(2, 1)
 import torch, transformers, deepspeed, lm_eval, lm_eval.models, datasets  # the slow imports, once
 import adapt.checkpoint, adapt.train, adapt.sampling, adapt.errors  # noqa: F401
 
+ROOT = os.getcwd()
+
 def child(req):
+    import signal
+    signal.alarm(req.get("timeout", 0))  # a command still running then is killed by SIGALRM: a hang
     sys.argv = list(req["argv"])
     os.environ.update(req["env"])
     for fd, name in ((1, "stdout"), (2, "stderr")):
         os.dup2(os.open(req[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
     code = 0
     try:
+        os.chdir(req.get("cwd") or ROOT)
         if req["module"]:
-            sys.path[0] = os.getcwd()
+            sys.path[0] = ROOT
             runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
         else:
             sys.path[0] = os.path.dirname(os.path.abspath(req["script"]))
@@ -85,14 +90,16 @@ class CliRunner:
         if self.proc.stdout.readline().strip() != "ready":
             raise RuntimeError("the command runner did not start")
 
-    def run(self, argv: list[str], env: dict[str, str] | None = None) -> Result:
-        """Run `python -m MODULE ARGS` (argv = ["-m", MODULE, *ARGS]) or `python SCRIPT ARGS`."""
+    def run(self, argv: list[str], env: dict[str, str] | None = None, timeout: int = 0,
+            cwd: Path | None = None) -> Result:
+        """Run `python -m MODULE ARGS` (argv = ["-m", MODULE, *ARGS]) or `python SCRIPT ARGS` in `cwd` (default: the
+        repository); a command still running after `timeout` seconds (0: no limit) is killed (code -SIGALRM)."""
         self.count += 1
         out, err = (self.workdir / f"{self.count}.{name}" for name in ("out", "err"))
         module, rest = (argv[1], argv[2:]) if argv[0] == "-m" else (None, argv[1:])
         script = None if module else str(ROOT / argv[0])
         req = {"argv": [module or script, *rest], "module": module, "script": script, "env": env or {},
-               "stdout": str(out), "stderr": str(err)}
+               "stdout": str(out), "stderr": str(err), "timeout": int(timeout), "cwd": str(cwd) if cwd else None}
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         reply = json.loads(self.proc.stdout.readline())

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -116,3 +117,24 @@ def test_command_line_runs_a_local_task(exported_dir, task_data, monkeypatch, tm
     out = capsys.readouterr().out
     assert "adapt_cloze" in out and "acc" in out
     assert list((tmp_path / "res").rglob("results_*.json"))
+
+
+@pytest.mark.parametrize("kwargs,named", [({"max_gen_toks": 0}, "max_gen_toks=0"),
+                                          ({"max_gen_toks": -3}, "max_gen_toks=-3"),
+                                          ({"temperature": -1.0}, "temperature=-1.0"),
+                                          ({"until": [3]}, "until=[3]")])
+def test_a_task_generation_option_out_of_range_is_refused_by_name(lm, kwargs, named):
+    """A task's generation_kwargs reach the model only per request: refused by name, not a sampler traceback."""
+    from eval.options import EvalError
+
+    with pytest.raises(EvalError, match=re.escape(named)):
+        lm._generate_one("The cat", dict(kwargs))
+
+
+def test_max_length_beyond_the_model_positions_is_refused(lm):
+    from eval.harness import DiffusionLM
+    from eval.options import EvalError
+
+    positions = lm.model.config.max_position_embeddings
+    with pytest.raises(EvalError, match=f"max_length={positions + 1}"):
+        DiffusionLM(loaded=(lm.model, lm.tokenizer, lm.meta), max_length=positions + 1)

@@ -125,7 +125,7 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     den = _with_prefix_cache(denoiser) if prefix_cache else denoiser
     x = x.to(getattr(den, "device", x.device))
     generated = x == den.mask_id
-    steps = steps if steps is not None else max(1, int(generated.sum(1).max()))
+    steps = capped_steps(steps, generated, sampler)
     trace, nfe0 = Trace(), den.nfe
     trace.start(x)
     fn = SAMPLERS[sampler]
@@ -143,12 +143,29 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     return SampleResult(ids, nfe, trace.steps_run, trace.reveal_step if trajectory else None)
 
 
+COMMIT_SAMPLERS = ("confidence", "threshold")
+"""Samplers that commit at least one position per step: steps past the positions to fill commit nothing."""
+GRID_STEPS_PER_POSITION = 256
+"""A time-grid sampler (ancestral, SEDD) at this many steps per position to fill reveals two positions in the same
+step with probability about n / 512 for n positions: as close to its continuous-time limit as more steps would be."""
+
+
+def capped_steps(steps: int | None, generated: torch.Tensor, sampler: str) -> int:
+    """The steps to run: `steps` (None = one per position to fill), capped at what the positions to fill can use:
+    their count for a committing sampler (the same output), GRID_STEPS_PER_POSITION times it for a time-grid one.
+    The loop stays bounded by the work it has: an enormous --steps would otherwise spin through empty steps."""
+    need = max(1, int(generated.sum(1).max()))
+    if steps is None:
+        return need
+    return min(steps, need if sampler in COMMIT_SAMPLERS else need * GRID_STEPS_PER_POSITION)
+
+
 def _generate_blocks(denoiser, x, sampler, steps, generator, eos_id, trajectory, options) -> SampleResult:
     from adapt.sampling.block_cache import BlockCachedDenoiser, sample_block_cached
 
     den = BlockCachedDenoiser(denoiser.model, denoiser.meta)
     x = x.to(den.device)
-    steps = steps if steps is not None else max(1, int((x == den.mask_id).sum(1).max()))
+    steps = capped_steps(steps, x == den.mask_id, sampler)
     trace = Trace()
     ids = sample_block_cached(SAMPLERS[sampler], den, x, steps, generator, trace, eos_id, **options)
     denoiser.nfe += den.nfe

@@ -78,13 +78,14 @@ def main(argv: list[str] | None = None) -> dict[str, int]:
     from adapt.model import load_tokenizer
     from eval.cli import user_errors
     from eval.models import data_config
-    from eval.options import at_least, export_check
+    from eval.options import count, export_check, seed, writable_dir
 
     parser = argparse.ArgumentParser(prog="python -m eval.tasks.make_data", description=__doc__.split("\n")[0])
     parser.add_argument("model_dir", nargs="?", type=Path, default=None)
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--docs", type=at_least(1), default=200, help="examples per task (at most)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=writable_dir, default=str(DEFAULT_OUT),
+                        help="folder of the three files (checked writable before any work)")
+    parser.add_argument("--docs", type=count(1), default=200, help="examples per task (at most)")
+    parser.add_argument("--seed", type=seed, default=0)
     parser.add_argument("--data-files", nargs="*", default=None)
     parser.add_argument("--cache-dir", default=None)
     args = parser.parse_args(argv)
