@@ -10,20 +10,13 @@ import re
 import os
 
 import pytest
-from cli_runner import CliRunner
+from test_eval_errors import runner  # noqa: F401 (one command runner per module)
 from test_eval_fixtures import exported_dir  # noqa: F401
 
 from adapt import cli_types
 
 NOT_UTF8 = b"a\xff\xfeb".decode("utf-8", "surrogateescape")
 """What Python makes of argv bytes that are not UTF-8 (on Linux: lone surrogates)."""
-
-
-@pytest.fixture(scope="module")
-def runner(tmp_path_factory):
-    cli = CliRunner(tmp_path_factory.mktemp("cli"))
-    yield cli
-    cli.close()
 
 
 @pytest.fixture(scope="module")
