@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 
 import yaml
@@ -88,7 +89,7 @@ def validate(cfg: Config) -> list[str]:
     if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
         problems.append("antithetic t needs an even number of sequences per step "
                         "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
-    problems += _block_problems(cfg) + _noise_problems(cfg)
+    problems += _block_problems(cfg) + _noise_problems(cfg) + _run_name_problems(cfg.run.name)
     if cfg.train.eval_method == "antithetic" and cfg.train.eval_t_samples % 2:
         problems.append("`train.eval_method=antithetic` needs an even `train.eval_t_samples` (t, 1-t pairs)")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
@@ -107,6 +108,21 @@ def validate(cfg: Config) -> list[str]:
     if problem:
         problems.append(problem)
     return problems
+
+
+RUN_NAME = re.compile(r"\w[\w.+-]{0,254}")
+"""A run name: one plain folder name (a letter, digit or _ first; no separator, so never `.`, `..` or a path)."""
+
+
+def _run_name_problems(name: str) -> list[str]:
+    """A run writes only inside run.output_dir/run.name: a name that is a path (`../x`, `/abs`, `a/b`), `.`, `..`
+    or empty would put the run (its checkpoints, its LOCK, its cleanup) elsewhere, the output folder itself
+    included."""
+    if RUN_NAME.fullmatch(name):
+        return []
+    return [f"`run.name` must be one plain folder name inside run.output_dir: letters, digits and _ . + - (not "
+            f"starting with . + or -, at most 255 characters, no / or \\); got {name!r}. Put the parent folder in "
+            f"run.output_dir instead (e.g. run.output_dir=checkpoints/study run.name=trial1)"]
 
 
 def _block_problems(cfg: Config) -> list[str]:
@@ -168,6 +184,22 @@ def _exported_model_problems(cfg: Config) -> list[str]:
         problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block model was "
                         f"trained with clean_attention={meta.clean_attention}; set "
                         f"`diffusion.clean_attention={meta.clean_attention}`")
+    return problems
+
+
+def model_problems(cfg: Config, model_config) -> list[str]:
+    """What only the loaded model can refute: sequences longer than its positions (RoPE would run past the
+    lengths it was trained on without a word, learned position tables would fail deep in a forward)."""
+    positions = getattr(model_config, "max_position_embeddings", None)
+    if not isinstance(positions, int) or positions <= 0:
+        return []
+    problems = []
+    if cfg.data.block_size > positions:
+        problems.append(f"`data.block_size={cfg.data.block_size}` exceeds the {positions} positions of "
+                        f"`model.name_or_path` ({cfg.model.name_or_path}); set data.block_size <= {positions}")
+    if cfg.run.sample_length + 1 > positions:  # the sample's canvas: a start token, then sample_length tokens
+        problems.append(f"`run.sample_length={cfg.run.sample_length}` plus the start token exceeds the {positions} "
+                        f"positions of `model.name_or_path`; set run.sample_length <= {positions - 1}")
     return problems
 
 

@@ -23,6 +23,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from adapt.errors import friendly
+    from adapt.train import StoppedBeforeStart
 
     try:
         with friendly():
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print("error: interrupted again: stopped at once without saving; every complete checkpoint is intact, "
               "rerun the same command to resume from the last one", file=sys.stderr)
         return 130
+    except StoppedBeforeStart as stop:  # a signal before the first step: nothing to save, LOCK released at exit
+        print(stop, file=sys.stderr)
+        return stop.exit_code
     return 0
 
 

@@ -19,16 +19,34 @@ import torch
 
 from adapt import checkpoint, distributed, faults, likelihood, objectives, rng, runlock
 from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
-from adapt.config import Config, to_yaml
+from adapt.config import Config, ConfigError, to_yaml
 from adapt.data import Blocks, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward
+from adapt.recipe import model_problems
 
 
 class TrainingError(RuntimeError):
     """Training cannot continue; the message says why and what to try."""
+
+
+class StoppedBeforeStart(BaseException):
+    """A stop signal (Ctrl-C, SIGTERM) arrived before this launch's first optimizer step (loading, the evaluation
+    before training): there is nothing new to save, so the launch stops at once. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way up swallows it; cleanup (the run's LOCK) runs."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the first training step of this launch: "
+                         f"nothing new was trained or saved, and every complete checkpoint is intact. Rerun the same "
+                         f"command to resume from the last complete checkpoint (or to start, when there is none)")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's code for a process its signal ended (130 for Ctrl-C)."""
+        return 128 + self.signum
 
 
 @dataclass
@@ -110,6 +128,7 @@ def lr_lambda(cfg: Config):
 def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
     """Process group, model with mask token (and LoRA adapters), data from `build_data(cfg, tokenizer)`,
     the objective, the DeepSpeed engine; resumes when a checkpoint exists."""
+    _install_early_stop_handler()  # before init: a signal then still releases what this launch holds
     distributed.init(cfg.dist.timeout_s)
     lock = _lock_run_folder(cfg)
     try:
@@ -127,6 +146,9 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
                             "model.attn_implementation=sdpa on CPU (same masks, dense)")
     tokenizer = load_tokenizer(cfg.model)
     model = checkpoint.load_weights(cfg.model)  # an adapter export: its adapter merged
+    problems = model_problems(cfg, model.config)
+    if problems:
+        raise ConfigError(problems)
     exported = checkpoint.exported_meta(cfg.model.name_or_path)
     meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
                    eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length,
@@ -314,6 +336,7 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
     mask (SFT) are scored on their eligible positions; the data's named parts are reported beside.
     """
     cfg, data, obj = state.cfg, state.data, state.objective
+    faults.maybe_slow_eval()
     state.engine.eval()
     visible = None if attention == "bidirectional" else step_visibility(cfg.data.block_size, 0.0, "window")
     view = Attention(visible, 1.0 if visible is None else 0.0, "window",  # a window of width 0 is causal
@@ -330,6 +353,7 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
 @torch.no_grad()
 def parent_perplexity(state: State) -> dict:
     """Exact held-out perplexity of the parent causal LM on the same tokens (before any update)."""
+    faults.maybe_slow_eval()
     state.engine.eval()
     set_causal(state.engine.module, True)
     out = likelihood.parent_perplexity(state.forward, state.data.heldout, state.objective.blocked,
@@ -337,6 +361,16 @@ def parent_perplexity(state: State) -> dict:
     set_causal(state.engine.module, False)
     state.engine.train()
     return out
+
+
+def _install_early_stop_handler() -> None:
+    """Until `fit` takes over, Ctrl-C and SIGTERM raise StoppedBeforeStart (a second one acts as the default)."""
+    def handler(signum, frame):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise StoppedBeforeStart(signum)
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
 
 
 def _install_stop_handler(state: State) -> None:

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapt.checkpoint import resume_conflicts
-from adapt.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from adapt.config import CHOICES, RANGES, Config, ConfigError, from_dict, to_dict, to_yaml
 from adapt.config import values as _values
 from adapt.recipe import load_config
 
@@ -90,10 +90,33 @@ def test_wrong_type(tmp_path):
     ("diffusion.ar_loss_weight=-0.1", "diffusion.ar_loss_weight"),
     ("optim.layer_lr_decay=0", "optim.layer_lr_decay"), ("optim.layer_lr_decay=1.5", "optim.layer_lr_decay"),
     ("optim.embedding_lr_scale=0", "optim.embedding_lr_scale"),
+    ("train.seed=-1", "train.seed"), ("train.seed=" + str(2**63), "train.seed"),
+    ("train.grad_accum=" + str(10**6), "train.grad_accum"), ("dist.timeout_s=1e300", "dist.timeout_s"),
+    ("train.max_steps=" + str(2**64), "train.max_steps"), ("run.sample_length=-1", "run.sample_length"),
 ])
 def test_out_of_range(override, key):
     (p,) = problems_of(None, [override])
     assert f"`{key}`" in p
+
+
+def test_every_number_has_a_range():
+    """No number reaches torch unchecked: every int and float key is in RANGES or CHOICES, every int bounded above."""
+    ranges = {key: hi for key, _, hi in RANGES}
+    for key, default in _values(Config()).items():
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            assert key in ranges or key in CHOICES, key
+            assert not isinstance(default, int) or key in CHOICES or ranges[key] is not None, key
+
+
+@pytest.mark.parametrize("name", ["../escape", "/abs/run", "", ".", "..", "a/b/c", "a\\b", ".hidden", "-x", "a b"])
+def test_a_run_name_must_be_one_folder_name(name):
+    (p,) = problems_of(None, [f"run.name={name}"])
+    assert "`run.name` must be one plain folder name" in p
+
+
+def test_plain_run_names_load():
+    for name in ("debug", "llama3_8b-to.bd+v2", "2001-02-30", "résumé"):
+        assert load_config(None, [f"run.name={name}"]).run.name == name
 
 
 def test_incompatible_options():

@@ -135,6 +135,22 @@ def test_a_stop_signal_saves_and_exits_cleanly(reference, tmp_path, tiny_model_d
     same_as_reference(tmp_path / "debug", reference)
 
 
+def test_sigterm_before_the_first_step_stops_with_one_message_and_releases_the_lock(tmp_path, tiny_model_dir,
+                                                                                  corpus_file):
+    """The signal lands in the evaluation before training (held open by a fault hook): nothing to save, so the
+    launch stops at once, says so, exits 128 + SIGTERM and leaves no LOCK; the same command then starts afresh."""
+    run = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_EVAL_DELAY_S": "120"})
+    run.wait_for(lambda: "a training sequence at t=0.5" in run.stderr)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish(timeout=60) == 128 + signal.SIGTERM, run.stderr[-3000:]
+    assert "stopped by SIGTERM before the first training step" in run.stderr and "Rerun the same command" \
+        in run.stderr and "Traceback" not in run.stderr, run.stderr[-3000:]
+    assert not (tmp_path / "debug" / "LOCK").exists()
+    assert not list((tmp_path / "debug").glob("checkpoints/step_*"))
+    out = launch(tmp_path, tiny_model_dir, corpus_file, *COMMON)
+    assert "resumed from" not in out.stderr and complete(tmp_path / "debug", 6)
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, corpus_file):
     """The first Ctrl-C arrives while a step hangs (fault hook); the second aborts it instead of waiting."""
     run = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_STALL_STEPS": "3"})
