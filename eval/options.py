@@ -17,7 +17,7 @@ MAX_TOKENS = 1 << 16
 already needs tens of GB for attention under full bidirectional masks); eval.cli.positions_check then
 holds the sequence to the export's max_position_embeddings."""
 
-MAX_COUNT = 100_000
+MAX_COUNT = 10_000_000
 """The most samples, blocks, documents, draws or rows an option may ask for: the scripts keep every one in
 memory (generation holds samples x length token ids), so a mistyped count fails here, not after hours."""
 
