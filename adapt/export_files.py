@@ -70,8 +70,9 @@ def contents_problem(path: Path, meta: DiffusionMeta) -> str | None:
     that are not finite. Reads headers and config first; the finiteness pass reads each tensor once."""
     from safetensors import SafetensorError
 
+    files = tuple(weight_files(path))
     try:
-        shapes = _saved_shapes(tuple(weight_files(path)))
+        shapes = _saved_shapes(files)
     except (SafetensorError, OSError) as err:
         return f"{_first_line(err)}: corrupt or truncated; {AGAIN}"
     config, problem = _config(path)
@@ -81,7 +82,7 @@ def contents_problem(path: Path, meta: DiffusionMeta) -> str | None:
         problem = check(path, config, meta, shapes)
         if problem:
             return problem
-    return _tokenizer_problem(path, config) or _finite_problem(tuple(weight_files(path)))
+    return _tokenizer_problem(path, config) or _finite_problem(files)
 
 
 def _saved_shapes(files: tuple[Path, ...]) -> dict[str, tuple[int, ...]]:
