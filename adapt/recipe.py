@@ -15,7 +15,7 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adapt import checkpoint
+from adapt import checkpoint, objectives
 from adapt.attention import backend_problem
 from adapt.config import CHOICES, OPEN_BELOW, RANGES, Config, ConfigError, check_tree, load_yaml, values
 from adapt.model import ModelLoadError
@@ -89,7 +89,7 @@ def validate(cfg: Config) -> list[str]:
     if cfg.diffusion.t_sampling == "antithetic" and (cfg.train.micro_batch_size * cfg.train.grad_accum) % 2:
         problems.append("antithetic t needs an even number of sequences per step "
                         "(micro_batch_size * grad_accum); use t_sampling=stratified or change the batch")
-    problems += _block_problems(cfg) + _noise_problems(cfg) + _run_name_problems(cfg.run.name)
+    problems += _objective_problems(cfg) + _noise_problems(cfg) + _run_name_problems(cfg.run.name)
     if cfg.train.eval_method == "antithetic" and cfg.train.eval_t_samples % 2:
         problems.append("`train.eval_method=antithetic` needs an even `train.eval_t_samples` (t, 1-t pairs)")
     if cfg.dist.deepspeed_config and not Path(cfg.dist.deepspeed_config).is_file():
@@ -125,25 +125,13 @@ def _run_name_problems(name: str) -> list[str]:
             f"run.output_dir instead (e.g. run.output_dir=checkpoints/study run.name=trial1)"]
 
 
-def _block_problems(cfg: Config) -> list[str]:
-    """Block diffusion: the block length must divide the sequence, and it anneals only by growing."""
-    b, length = cfg.diffusion.block_length, cfg.data.block_size
-    problems = []
-    if b > 0 and length % b:
-        problems.append(f"`diffusion.block_length={b}` does not divide `data.block_size={length}`; choose a "
-                        f"divisor (e.g. {max(d for d in range(1, min(b, length) + 1) if length % d == 0)}) or "
-                        f"diffusion.block_length=0 for the whole block")
-    if b > 0 and cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
-        problems.append(f"block diffusion (`diffusion.block_length={b}`) anneals by growing the block length: set "
-                        f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from the start")
-    if b == 0 and cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
-            and cfg.attention.anneal_steps > 0:
-        problems.append("the `blocks` schedule of the whole-block target is a dense block-causal mask: use sdpa, or "
-                        "attention.anneal_schedule=window with flex_attention")
-    if b > 0 and cfg.model.attn_implementation == "flash_attention_2":
-        problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not take; "
-                        "use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
-    return problems
+def _objective_problems(cfg: Config) -> list[str]:
+    """The objective must be a registered name, and the recipe one it can train with (its own checks)."""
+    try:
+        objective = objectives.selected(cfg)
+    except objectives.UnknownObjective as err:
+        return [f"{err}; set diffusion.objective to one of them (auto: by diffusion.block_length)"]
+    return objective.recipe_problems(cfg)
 
 
 def _noise_problems(cfg: Config) -> list[str]:
@@ -174,16 +162,19 @@ def _exported_model_problems(cfg: Config) -> list[str]:
     if cfg.attention.anneal_steps > 0:
         problems.append(f"`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
                         f"set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
-    if meta.block_length != cfg.diffusion.block_length:
-        problems.append(f"`diffusion.block_length={cfg.diffusion.block_length}` but the exported model was trained "
-                        f"with block_length={meta.block_length}; set `diffusion.block_length={meta.block_length}`")
     if meta.shift != cfg.diffusion.shift:
         problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
                         f"shift={meta.shift}; set `diffusion.shift={str(meta.shift).lower()}`")
-    if meta.block_length and meta.clean_attention != cfg.diffusion.clean_attention:
-        problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block model was "
-                        f"trained with clean_attention={meta.clean_attention}; set "
-                        f"`diffusion.clean_attention={meta.clean_attention}`")
+    try:
+        trained, chosen = objectives.meta_class(meta), objectives.selected(cfg)
+    except objectives.UnknownObjective as err:
+        return problems + [str(err)]
+    if trained is not chosen:
+        problems.append(f"`diffusion.objective` selects {chosen.name} but the exported model was trained with "
+                        f"{trained.name}; set `diffusion.objective={trained.name}`"
+                        + (f" diffusion.block_length={meta.block_length}" if meta.block_length else ""))
+    else:
+        problems += trained.export_problems(cfg, meta)
     return problems
 
 

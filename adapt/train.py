@@ -24,7 +24,7 @@ from adapt.data import Blocks, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
-from adapt.objectives import Attention, ModelForward
+from adapt.objectives import Attention, ModelForward, Objective
 from adapt.recipe import model_problems
 
 
@@ -56,7 +56,7 @@ class State:
     tokenizer: object
     meta: DiffusionMeta
     data: Blocks
-    objective: object
+    objective: Objective
     """The training objective (adapt.objectives); it also gives the held-out bound."""
     log: MetricsLog
     step: int = 0
@@ -150,9 +150,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
     if problems:
         raise ConfigError(problems)
     exported = checkpoint.exported_meta(cfg.model.name_or_path)
-    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), shift=cfg.diffusion.shift,
-                   eps=cfg.diffusion.eps, block_length=cfg.diffusion.block_length,
-                   clean_attention=cfg.diffusion.clean_attention)
+    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), **objectives.selected(cfg).meta_fields(cfg))
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     if cfg.lora.enabled:
@@ -213,8 +211,8 @@ def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, t
 def step_attention(cfg: Config, step: int) -> Attention:
     """The step's attention: one annealed pattern, identical on every rank (DiffuLLaMA), or None once bidirectional."""
     r, length, schedule = anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.block_size, cfg.attention.anneal_schedule
-    if schedule == "blocks":  # the block length grows to the target (the whole block for masked diffusion)
-        block = curriculum_block(cfg.diffusion.block_length or length, length, r)
+    if schedule == "blocks":  # the block length grows to the objective's target (LLaDA 2.0's warmup)
+        block = curriculum_block(objectives.selected(cfg).anneal_target(cfg, length), length, r)
         return Attention(None if block >= length else block_causal(length, block), r, schedule, block=block)
     visible = step_visibility(length, r, schedule, rng.generator(cfg.train.seed, "attention", step))
     return Attention(visible, r, schedule)
@@ -241,7 +239,7 @@ def train_step(state: State, step: int) -> dict:
     mine = slice(distributed.rank() * m * a, (distributed.rank() + 1) * m * a)
     x0 = x0_all[mine]
     noised = noised.rows(mine)
-    joint = _JointCausal(obj, state.forward, obj.scored(x0_all, loss_mask), mine) if obj.ar_weight else None
+    joint = obj.joint_term(state.forward, obj.scored(x0_all, loss_mask), mine, distributed.all_sum)
     attention = step_attention(cfg, step)
     attention.docs = data.train_docs[idx[mine]] if cfg.attention.document_mask else None
     total, bad = 0.0, False
@@ -279,36 +277,6 @@ def train_step(state: State, step: int) -> dict:
             "tokens": m * a * world * cfg.data.block_size} | ({} if joint is None else {"ar_loss": joint.mean(bad)})
 
 
-class _JointCausal:
-    """The joint causal term of a step: alpha x the clean sequences' next-token CE over their scored positions,
-    divided by the global count of those positions (its own token mean, whatever diffusion.loss_norm is)."""
-
-    def __init__(self, objective, forward, scored_all: torch.Tensor, mine: slice):
-        self.objective, self.forward, self.scored = objective, forward, scored_all[mine]
-        self.count = max(1.0, float(scored_all.sum()))  # every rank's sequences: the global batch's count
-        self.total = 0.0
-
-    def loss_sum(self, x0: torch.Tensor, rows: slice, docs: torch.Tensor | None,
-                 logits: torch.Tensor | None = None) -> torch.Tensor:
-        """The summed causal NLL of these rows of this rank's sequences: from the step's own causal `logits`
-        when its forward gave them (a causal clean stream), else one forward of its own."""
-        if logits is not None:
-            out = self.objective.causal_nll_sum(logits, x0, self.scored[rows])
-        else:
-            out = self.objective.causal_loss_sum(self.forward, x0, self.scored[rows], docs)
-        self.total += out.item() if torch.isfinite(out) else 0.0
-        return out
-
-    def term(self, ar_sum: torch.Tensor) -> torch.Tensor:
-        """What the summed NLL adds to the micro-batch's loss."""
-        return self.objective.ar_weight * ar_sum / self.count
-
-    def mean(self, bad: bool) -> float:
-        """The step's causal NLL per scored token over every rank (NaN for a skipped step)."""
-        (total,) = distributed.all_sum([self.total])
-        return float("nan") if bad else total / self.count
-
-
 def _drop_update(engine) -> list[float]:
     """Make the coming optimizer update a no-op: learning rate 0 for this step only (the scheduler
     sets the next step's rate afresh). AdamW's decoupled weight decay is scaled by lr, so it is off too.
@@ -338,10 +306,8 @@ def evaluate(state: State, attention: str = "bidirectional") -> dict:
     cfg, data, obj = state.cfg, state.data, state.objective
     faults.maybe_slow_eval()
     state.engine.eval()
-    visible = None if attention == "bidirectional" else step_visibility(cfg.data.block_size, 0.0, "window")
-    view = Attention(visible, 1.0 if visible is None else 0.0, "window",  # a window of width 0 is causal
-                     data.heldout_docs if cfg.attention.document_mask else None,
-                     block=0 if visible is None else 1)  # block diffusion's causal view: blocks of one token
+    view = obj.eval_attention(attention != "bidirectional", cfg.data.block_size,
+                              data.heldout_docs if cfg.attention.document_mask else None)
     maskable = obj.scored(data.heldout, data.heldout_loss_mask)  # the parent's positions, shift or not
     out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,
                                    cfg.train.eval_method, rng.generator(cfg.train.seed, "eval"),

@@ -1,9 +1,11 @@
 """Training objectives: each owns how a batch is corrupted, the attention it needs, its loss sum and
-normaliser, and its held-out bound. The training loop, the evaluation scripts, the harness adapter and
-the benchmarks call an objective and never its internals.
+normaliser, its joint causal term, its held-out bound, and what recipe checks, memory estimates, model cards
+and decoders need to know about it (the `Objective` protocol of adapt.objectives.base). The training loop, the
+evaluation scripts, the harness adapter, the samplers and the benchmarks call an objective and never branch on
+which one it is.
 
-An objective is chosen by the recipe (`objective_name`); adding one means a module here and an entry
-in `OBJECTIVES`.
+An objective is chosen by name (`diffusion.objective`) and the name is recorded in an export's diffusion.json.
+Adding one means a class and an entry in `OBJECTIVES`: nothing else changes.
 """
 from __future__ import annotations
 
@@ -11,39 +13,63 @@ import torch
 
 from adapt.config import Config
 from adapt.model import DiffusionMeta
-from adapt.objectives.base import Attention, Forward, ModelForward, Noised
+from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, ModelForward, Noised, Objective
 from adapt.objectives.block import BlockDiffusion
 from adapt.objectives.mdlm import MaskedDiffusion
 
-OBJECTIVES = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
-"""name -> objective class."""
+OBJECTIVES: dict[str, type] = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
+"""name -> objective class (each implements `Objective`); `diffusion.objective` picks one."""
+AUTO = "auto"
+"""`diffusion.objective` of recipes written before objectives had names: chosen by the block length."""
 
-__all__ = ["OBJECTIVES", "Attention", "BlockDiffusion", "Forward", "MaskedDiffusion", "ModelForward", "Noised", "for_meta", "from_config", "make",
-           "objective_name"]
+__all__ = ["AUTO", "OBJECTIVES", "Attention", "BlockDiffusion", "CardNotes", "Forward", "JointCausal",
+           "MaskedDiffusion", "ModelForward", "Noised", "Objective", "for_meta", "from_config", "make", "meta_class",
+           "objective_name", "selected"]
 
 
-def objective_name(block_length: int) -> str:
-    """The objective of a block length: 0 = masked diffusion over the whole block, b > 0 = block diffusion."""
+class UnknownObjective(ValueError):
+    """An objective name that no registered class answers to; the message lists the names."""
+
+
+def objective_name(block_length: int, name: str = AUTO) -> str:
+    """The objective's name: `name` when given, else by the block length (0 = the whole sequence, b > 0 = blocks)."""
+    if name and name != AUTO:
+        return name
     return "block" if block_length > 0 else "mdlm"
 
 
-def make(block_length: int, *args, clean_attention: str = "block", **kwargs):
-    """The objective of a block length (0 = masked diffusion over the whole block), built from the objective's own
-    arguments; `clean_attention` is block diffusion's clean stream and is ignored for the whole block."""
-    extra = {"block_length": block_length, "clean_causal": clean_attention == "causal"} if block_length > 0 else {}
-    return OBJECTIVES[objective_name(block_length)](*args, **extra, **kwargs)
+def _lookup(name: str, where: str) -> type:
+    if name not in OBJECTIVES:
+        raise UnknownObjective(f"{where} names the objective {name!r}, which is not one of: "
+                               f"{', '.join(sorted(OBJECTIVES))}")
+    return OBJECTIVES[name]
+
+
+def selected(cfg: Config) -> type:
+    """The class of a recipe's objective (`diffusion.objective`, or `auto`: by `diffusion.block_length`)."""
+    return _lookup(objective_name(cfg.diffusion.block_length, cfg.diffusion.objective), "diffusion.objective")
+
+
+def meta_class(meta: DiffusionMeta | dict) -> type:
+    """The class of the objective an export was trained with (its diffusion.json; exports written before
+    objectives had names are chosen by their block length)."""
+    get = meta.get if isinstance(meta, dict) else lambda k, d=None: getattr(meta, k, d)
+    name = objective_name(get("block_length", 0) or 0, get("objective", "") or AUTO)
+    return _lookup(name, "the export's diffusion metadata")
 
 
 def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
-    """The recipe's objective (`diffusion.block_length`) for training and its evaluation."""
-    return make(cfg.diffusion.block_length, meta.mask_token_id, cfg.diffusion.shift, blocked, cfg.diffusion.eps,
-                 cfg.diffusion.t_sampling, cfg.diffusion.loss_norm, cfg.model.attn_implementation, cfg.model.dtype,
-                 ar_weight=cfg.diffusion.ar_loss_weight, position_masking=cfg.diffusion.position_masking,
-                 clean_attention=cfg.diffusion.clean_attention, t_range=(cfg.diffusion.t_min, cfg.diffusion.t_max),
-                 t_per_block=cfg.diffusion.t_per_block, complementary=cfg.diffusion.complementary_masks)
+    """The recipe's objective for training and its evaluation."""
+    return selected(cfg).from_config(cfg, meta, blocked)
 
 
 def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32"):
     """The objective an export was trained with, from its metadata (for evaluation)."""
-    return make(meta.block_length, meta.mask_token_id, meta.shift, blocked, meta.eps, "stratified", "token",
-                 backend, dtype, clean_attention=meta.clean_attention)
+    return meta_class(meta).from_meta(meta, blocked, backend, dtype)
+
+
+def make(block_length: int, *args, clean_attention: str = "block", **kwargs):
+    """An objective by block length from constructor arguments (the benchmarks' sweeps over b): masked diffusion
+    over the whole sequence at 0, block diffusion otherwise (`clean_attention` is its clean stream)."""
+    extra = {"block_length": block_length, "clean_causal": clean_attention == "causal"} if block_length > 0 else {}
+    return OBJECTIVES[objective_name(block_length)](*args, **extra, **kwargs)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Callable
+from typing import Callable, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -60,3 +60,126 @@ class ModelForward:
         self.calls += 1
         return self.model(input_ids=input_ids.to(self.device), attention_mask=attention_mask, use_cache=False,
                           **kwargs).logits
+
+
+class JointCausal:
+    """The joint causal term of one training step (Nemotron-Labs-Diffusion, I-DLM): alpha x the clean sequences'
+    next-token CE over their scored positions, divided by the global count of those positions (its own token mean,
+    whatever diffusion.loss_norm is). Built by `Objective.joint_term`; the loop adds `term` to each micro-batch's
+    loss and logs `mean`."""
+
+    def __init__(self, objective: "Objective", forward: Forward, scored_all: torch.Tensor, mine: slice,
+                 all_sum: Callable[[list[float]], list[float]]):
+        self.objective, self.forward, self.scored = objective, forward, scored_all[mine]
+        self.count = max(1.0, float(scored_all.sum()))  # every rank's sequences: the global batch's count
+        self.total, self.all_sum = 0.0, all_sum
+
+    def loss_sum(self, x0: torch.Tensor, rows: slice, docs: torch.Tensor | None,
+                 logits: torch.Tensor | None = None) -> torch.Tensor:
+        """The summed causal NLL of these rows of this rank's sequences: from the step's own causal `logits`
+        when its forward gave them (a causal clean stream), else one forward of its own."""
+        if logits is not None:
+            out = self.objective.causal_nll_sum(logits, x0, self.scored[rows])
+        else:
+            out = self.objective.causal_loss_sum(self.forward, x0, self.scored[rows], docs)
+        self.total += out.item() if torch.isfinite(out) else 0.0
+        return out
+
+    def term(self, ar_sum: torch.Tensor) -> torch.Tensor:
+        """What the summed NLL adds to the micro-batch's loss."""
+        return self.objective.ar_weight * ar_sum / self.count
+
+    def mean(self, bad: bool) -> float:
+        """The step's causal NLL per scored token over every rank (NaN for a skipped step)."""
+        (total,) = self.all_sum([self.total])
+        return float("nan") if bad else total / self.count
+
+
+@dataclass
+class CardNotes:
+    """What an export's model card says about its objective (adapt.model_card)."""
+
+    tags: tuple[str, ...] = ()
+    """Hub tags beyond the diffusion ones."""
+    attention: str = ""
+    """How the model attends and decodes, one clause; "" = the card's default for whole-sequence models."""
+    plain_forward: str = ""
+    """What a plain forward pass is (and is not); "" = the default."""
+    limits: str = ""
+    """An extra limitation line; "" = none."""
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """The contract between an objective and everything that trains, evaluates, decodes or describes with it.
+
+    Registered by name in `adapt.objectives.OBJECTIVES` and chosen by `diffusion.objective`; the name is recorded
+    in an export's diffusion.json, and evaluation rebuilds the objective from that metadata (`from_meta`).
+    Class-level members answer questions asked before a model exists (recipe checks, memory estimates, model
+    cards, the decoder); instance members run a step and the bound.
+    """
+
+    name: ClassVar[str]
+    mask_id: int
+    shift: bool
+    eps: float
+    blocked: torch.Tensor
+    ar_weight: float
+
+    # --- building -------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "Objective":
+        """The training objective of a recipe (adapt.config.Config) for a model's metadata."""
+
+    @classmethod
+    def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "Objective":
+        """The objective an export was trained with, for its bound: only what the metadata holds."""
+
+    @classmethod
+    def meta_fields(cls, cfg) -> dict:
+        """The diffusion.json fields this objective records from a recipe (its name and its own parameters)."""
+
+    @classmethod
+    def recipe_problems(cls, cfg) -> list[str]:
+        """What in a recipe this objective cannot train with, each naming the key and the fix."""
+
+    @classmethod
+    def export_problems(cls, cfg, meta) -> list[str]:
+        """What in a recipe disagrees with an export of this objective that the recipe continues from."""
+
+    @classmethod
+    def anneal_target(cls, cfg, length: int) -> int:
+        """The block length the `blocks` attention schedule grows to (the whole sequence when there are none)."""
+
+    @classmethod
+    def forward_positions(cls, cfg, length: int) -> int:
+        """Positions one training forward runs for sequences of `length` (memory estimates)."""
+
+    @classmethod
+    def always_masked(cls, cfg) -> bool:
+        """Whether every training forward passes an attention mask (a dense one under sdpa/eager)."""
+
+    @classmethod
+    def decode_block(cls, meta) -> int:
+        """The block length a decoder must use for an export (0: any, the whole sequence by default)."""
+
+    @classmethod
+    def card(cls, meta: dict) -> CardNotes:
+        """What the model card says about this objective, from an export's diffusion.json."""
+
+    # --- a training step --------------------------------------------------------------------------
+    def batch_rows(self, idx: torch.Tensor) -> torch.Tensor: ...
+    def maskable(self, x0: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def scored(self, x0: torch.Tensor, loss_mask: torch.Tensor | None = None) -> torch.Tensor: ...
+    def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised: ...
+    def normaliser(self, maskable: torch.Tensor, masked: torch.Tensor) -> float: ...
+    def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention): ...
+    def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor: ...
+    def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
+                   all_sum: Callable[[list[float]], list[float]]) -> JointCausal | None: ...
+
+    # --- the bound --------------------------------------------------------------------------------
+    def eval_attention(self, causal: bool, length: int, docs: torch.Tensor | None) -> Attention: ...
+    def bound_group(self, length: int) -> int: ...
+    def nll_sums(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor, attention: Attention,
+                 parts: tuple[torch.Tensor, ...] = (), weight: torch.Tensor | None = None) -> torch.Tensor: ...

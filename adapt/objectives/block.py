@@ -20,10 +20,12 @@ through the head (`logits_to_keep`), never the clean half's other rows.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from adapt.attention import document_visibility, to_additive
-from adapt.objectives.base import Attention, Forward, Noised
+from adapt.objectives.base import Attention, CardNotes, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion
 
 
@@ -81,6 +83,95 @@ class BlockDiffusion(MaskedDiffusion):
         super().__init__(*args, **kwargs)
         self.block_length, self.clean_causal = block_length, clean_causal
         self.read_shift = False  # `logits` reads each token's row itself (clean stream for a block's first)
+
+    @classmethod
+    def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "BlockDiffusion":
+        return cls(meta.mask_token_id, cfg.diffusion.shift, blocked, block_length=cfg.diffusion.block_length,
+                   clean_causal=cfg.diffusion.clean_attention == "causal", **cls.options(cfg))
+
+    @classmethod
+    def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "BlockDiffusion":
+        return cls(meta.mask_token_id, meta.shift, blocked, meta.eps, backend=backend, dtype=dtype,
+                   block_length=meta.block_length, clean_causal=meta.clean_attention == "causal")
+
+    @classmethod
+    def meta_fields(cls, cfg) -> dict:
+        return super().meta_fields(cfg) | {"block_length": cfg.diffusion.block_length,
+                                           "clean_attention": cfg.diffusion.clean_attention}
+
+    @classmethod
+    def recipe_problems(cls, cfg) -> list[str]:
+        """The block length must divide the sequence; the model is annealed only by growing blocks; the mask over
+        [x_t | x_0] needs a backend that takes one."""
+        b, length = cfg.diffusion.block_length, cfg.data.block_size
+        if b <= 0:
+            return [f"`diffusion.objective={cls.name}` needs blocks: set diffusion.block_length to a divisor of "
+                    f"data.block_size={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
+                    f"whole sequence"]
+        problems = []
+        if length % b:
+            problems.append(f"`diffusion.block_length={b}` does not divide `data.block_size={length}`; choose a "
+                            f"divisor (e.g. {max(d for d in range(1, min(b, length) + 1) if length % d == 0)}) or "
+                            f"diffusion.block_length=0 for the whole sequence")
+        if cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
+            problems.append(f"block diffusion (`diffusion.block_length={b}`) anneals by growing the block length: set "
+                            f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from "
+                            f"the start")
+        if cfg.model.attn_implementation == "flash_attention_2":
+            problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
+                            "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
+        return problems
+
+    @classmethod
+    def export_problems(cls, cfg, meta) -> list[str]:
+        problems = []
+        if meta.block_length != cfg.diffusion.block_length:
+            problems.append(f"`diffusion.block_length={cfg.diffusion.block_length}` but the exported model was "
+                            f"trained with block_length={meta.block_length}; set "
+                            f"`diffusion.block_length={meta.block_length}`")
+        if meta.clean_attention != cfg.diffusion.clean_attention:
+            problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block "
+                            f"model was trained with clean_attention={meta.clean_attention}; set "
+                            f"`diffusion.clean_attention={meta.clean_attention}`")
+        return problems
+
+    @classmethod
+    def anneal_target(cls, cfg, length: int) -> int:
+        return min(cfg.diffusion.block_length, length)
+
+    @classmethod
+    def forward_positions(cls, cfg, length: int) -> int:
+        return 2 * length  # [x_t | x_0]; logits for L rows only
+
+    @classmethod
+    def always_masked(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def decode_block(cls, meta) -> int:
+        return meta.block_length
+
+    @classmethod
+    def card(cls, meta: dict) -> CardNotes:
+        block = meta.get("block_length") or 0
+        causal = meta.get("clean_attention") == "causal"
+        return CardNotes(
+            tags=("block-diffusion",),
+            attention=(f"block diffusion with blocks of {block} tokens: attention is bidirectional inside a block and "
+                       f"causal across blocks, and text is generated block by block with an exact key/value cache"
+                       + ("; committed blocks are read causally, as the parent reads text" if causal else "")),
+            plain_forward=(" A plain forward pass of this block-diffusion model is not its diffusion forward: that "
+                           "needs the block-causal mask that `generate` builds."),
+            limits=(f"\n- This is a block-diffusion model (blocks of {block}): a plain forward without its "
+                    f"block-causal mask is neither its diffusion forward nor a causal LM."))
+
+    def eval_attention(self, causal: bool, length: int, docs: torch.Tensor | None) -> Attention:
+        """The causal view runs blocks of one token (the parent's computation); the bidirectional one the target."""
+        return replace(super().eval_attention(causal, length, docs), block=1 if causal else 0)
+
+    def bound_group(self, length: int) -> int:
+        """Each block draws its own masked count: its bound is that block's."""
+        return self.block_length
 
     def masking_span(self, length: int) -> int:
         """Position-dependent masking ranks a token's place in its block."""

@@ -10,13 +10,15 @@ next token is visible, so that target would be a copy task. The loop divides its
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
-from adapt.attention import build_mask, causal_visibility, uses_block_mask, window_block_mask
+from adapt.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
 from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, position_exponents,
                              prediction_logits, sample_t, token_nll)
 from adapt.model import DTYPES
-from adapt.objectives.base import Attention, Forward, Noised
+from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, Noised
 
 
 def sequence_mask(attention: Attention, length: int, batch: int, device: torch.device, backend: str,
@@ -33,6 +35,8 @@ def sequence_mask(attention: Attention, length: int, batch: int, device: torch.d
 
 
 class MaskedDiffusion:
+    """Masked diffusion over the whole sequence; implements `adapt.objectives.base.Objective`."""
+
     name = "mdlm"
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
@@ -49,6 +53,65 @@ class MaskedDiffusion:
         """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
         self.t_range, self.t_per_block, self.complementary = t_range, t_per_block, complementary
         """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
+
+    # --- building and describing (class level: no model needed) -----------------------------------
+
+    @classmethod
+    def options(cls, cfg) -> dict:
+        """The constructor's keyword arguments from a recipe's `diffusion` and `model` sections."""
+        d = cfg.diffusion
+        return dict(eps=d.eps, t_sampling=d.t_sampling, loss_norm=d.loss_norm, backend=cfg.model.attn_implementation,
+                    dtype=cfg.model.dtype, ar_weight=d.ar_loss_weight, position_masking=d.position_masking,
+                    t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks)
+
+    @classmethod
+    def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "MaskedDiffusion":
+        return cls(meta.mask_token_id, cfg.diffusion.shift, blocked, **cls.options(cfg))
+
+    @classmethod
+    def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "MaskedDiffusion":
+        return cls(meta.mask_token_id, meta.shift, blocked, meta.eps, backend=backend, dtype=dtype)
+
+    @classmethod
+    def meta_fields(cls, cfg) -> dict:
+        return {"objective": cls.name, "shift": cfg.diffusion.shift, "eps": cfg.diffusion.eps, "block_length": 0}
+
+    @classmethod
+    def recipe_problems(cls, cfg) -> list[str]:
+        problems = []
+        if cfg.diffusion.block_length:
+            problems.append(f"`diffusion.objective={cls.name}` trains over the whole sequence, but "
+                            f"`diffusion.block_length={cfg.diffusion.block_length}`; set diffusion.block_length=0, "
+                            f"or diffusion.objective=block for block diffusion")
+        if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
+                and cfg.attention.anneal_steps > 0:
+            problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
+                            "sdpa, or attention.anneal_schedule=window with flex_attention")
+        return problems
+
+    @classmethod
+    def export_problems(cls, cfg, meta) -> list[str]:
+        return []
+
+    @classmethod
+    def anneal_target(cls, cfg, length: int) -> int:
+        return length
+
+    @classmethod
+    def forward_positions(cls, cfg, length: int) -> int:
+        return length
+
+    @classmethod
+    def always_masked(cls, cfg) -> bool:
+        return False
+
+    @classmethod
+    def decode_block(cls, meta) -> int:
+        return 0
+
+    @classmethod
+    def card(cls, meta: dict) -> CardNotes:
+        return CardNotes()
 
     # --- training ---------------------------------------------------------------------------------
 
@@ -133,6 +196,12 @@ class MaskedDiffusion:
         return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked,
                                   self.exponents(x0.shape[1]))
 
+    def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
+                   all_sum: Callable[[list[float]], list[float]]) -> JointCausal | None:
+        """The step's joint causal term over the global batch's scored positions (this rank's rows `mine`), or
+        None when it is off (ar_weight 0)."""
+        return JointCausal(self, forward, scored_all, mine, all_sum) if self.ar_weight else None
+
     def causal_loss_sum(self, forward: Forward, x0: torch.Tensor, scored: torch.Tensor,
                         docs: torch.Tensor | None = None) -> torch.Tensor:
         """sum over `scored` (B, L) of -log p_theta(x0_i | x0_<i): the joint causal term's numerator, a float32
@@ -149,6 +218,17 @@ class MaskedDiffusion:
         return token_nll(logits, x0.to(dev), scored.to(dev), True, self.blocked).sum()
 
     # --- the bound --------------------------------------------------------------------------------
+
+    def eval_attention(self, causal: bool, length: int, docs: torch.Tensor | None) -> Attention:
+        """The attention of a held-out bound: bidirectional, or causal (the parent's attention, the 'before'
+        view: a window of width 0)."""
+        visible = step_visibility(length, 0.0, "window") if causal else None
+        return Attention(visible, 0.0 if causal else 1.0, "window", docs)
+
+    def bound_group(self, length: int) -> int:
+        """Positions that draw their masked count together in the bound's count estimator (0: the whole row)."""
+        return 0
+
 
     @torch.no_grad()
     def nll_sums(self, forward: Forward, x0: torch.Tensor, masked: torch.Tensor, attention: Attention,

@@ -14,6 +14,7 @@ from typing import Callable
 
 import torch
 
+from adapt import objectives
 from adapt.sampling.ancestral import ancestral_sample
 from adapt.sampling.blocks import sample_blocks, stop_after_eos
 from adapt.sampling.confidence import confidence_sample
@@ -114,7 +115,8 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     _check(denoiser, x, sampler, options)
     if sampler == SPECULATIVE:
         return _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory, options)
-    trained = getattr(getattr(denoiser, "meta", None), "block_length", 0)
+    meta = getattr(denoiser, "meta", None)
+    trained = 0 if meta is None else objectives.meta_class(meta).decode_block(meta)
     if trained and not force_block_length:
         if block_length not in (None, 0, trained):
             raise ValueError(f"this is a block-diffusion export trained with blocks of {trained} tokens: decoding "
