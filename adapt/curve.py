@@ -119,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         i = args.index("--out")
         out, args = (args[i + 1] if i + 1 < len(args) else ""), args[:i] + args[i + 2:]
     usage = "\n".join(line.strip() for line in __doc__.strip().splitlines()[2:4])
+    if args in (["-h"], ["--help"]):
+        print(f"usage:\n{usage}")
+        return 0
     if not args or any(a.startswith("-") for a in args) or out == "" or (len(args) > 1 and out is None):
         print(f"usage:\n{usage}", file=sys.stderr)
         return 2

@@ -15,8 +15,13 @@ USAGE = "usage: [deepspeed] adapt/run.py RECIPE.yaml [section.key=value ...]"
 def parse_args(argv: list[str]) -> tuple[str, list[str]]:
     # the deepspeed launcher appends --local_rank=N; the rank comes from the environment instead
     args = [a for a in argv if not a.startswith("--local_rank")]
-    if not args or args[0] in ("-h", "--help") or args[0].startswith("-"):
-        raise SystemExit(USAGE)
+    if args in (["-h"], ["--help"]):
+        print(USAGE)
+        raise SystemExit(0)
+    if not args or args[0].startswith("-"):
+        print(f"error: expected a recipe file first, then section.key=value overrides; got {args or 'nothing'}\n"
+              f"{USAGE}", file=sys.stderr)
+        raise SystemExit(2)
     return args[0], args[1:]
 
 

@@ -28,7 +28,6 @@ LINK = re.compile(r"\]\(([^)\s]+)\)")
 TEAM_WORDS = re.compile(r"\b(sessions?|helpers?|agents?|issue #|we were told)\b", re.IGNORECASE)
 
 HELP_EXIT_NOT_ZERO = {
-    "adapt/run.py": "adapt/run.py --help prints its usage but exits 1",
 }
 """Entry points whose `--help` is known to exit non-zero: expected to fail (strict), so the fix shows here."""
 
