@@ -70,7 +70,7 @@ class DiffusionConfig:
     loss_norm: str = "token"
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
-    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole block (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence (masked diffusion over data.block_size tokens). Must divide data.block_size."""
     clean_attention: str = "block"
     """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's keys and values at the start)."""
     position_masking: float = 0.0
@@ -98,19 +98,35 @@ class AttentionConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""
+    """Local .txt/.jsonl/.json/.parquet file or glob, or a hub dataset name (read with streaming)."""
+    text_field: str = "text"
+    """Column holding the text (json/parquet/hub; .txt files have one document per line)."""
+    weight: float = 1.0
+    """Share of each step's training blocks drawn from this source, relative to the others' (>= 0)."""
+    name: str = ""
+    """Label in logs, held-out parts and the store's folder name; empty = the file's stem or the dataset name."""
+    subset: str = ""
+    """Hub dataset configuration (e.g. wikitext-103-raw-v1); empty = its default."""
+
+
+@dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name; empty = embedded corpus (sft: local jsonl; empty = embedded SFT set)."""
+    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name, read as one source; empty (and no data.sources) = embedded corpus (sft: local jsonl; empty = embedded SFT set)."""
     text_field: str = "text"
-    """Column holding the text in json/parquet data."""
+    """Column holding the text in json/parquet data of data.train_files."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of sources (adapt stage), instead of data.train_files: [{path: a.jsonl, weight: 0.7}, ...]."""
     block_size: int = 256
     """Tokens per packed training sequence (sft: prompt + response + EOS padding)."""
     heldout_blocks: int = 16
-    """Blocks (sft: examples) kept out of training for the likelihood bound."""
+    """Blocks (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by weight."""
     num_proc: int = 1
     """Worker processes for tokenisation."""
     cache_dir: str = "data/cache"
-    """Where tokenised, packed blocks are cached."""
+    """Where token stores (one folder per source, `python -m adapt.prepare`) and the SFT cache are kept; share it between the nodes of a run."""
 
 
 @dataclass
@@ -351,6 +367,8 @@ def check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
         kind = hints[key]
         if dataclasses.is_dataclass(kind):
             clean[key] = check_tree(kind, value, path + ".", problems)
+        elif get_origin(kind) is list and dataclasses.is_dataclass(get_args(kind)[0]) and isinstance(value, list):
+            clean[key] = [check_tree(get_args(kind)[0], v, f"{path}[{i}].", problems) for i, v in enumerate(value)]
         elif not _type_ok(kind, value):
             problems.append(f"`{path}` must be {_type_name(kind)}, got {value!r}")
         else:
@@ -377,6 +395,8 @@ def _type_ok(kind: Any, value: Any) -> bool:
 def _type_name(kind: Any) -> str:
     if get_origin(kind) is list:
         return f"a list of {_type_name(get_args(kind)[0])}"
+    if dataclasses.is_dataclass(kind):
+        return f"mappings ({', '.join(f.name for f in dataclasses.fields(kind))})"
     return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
 
 

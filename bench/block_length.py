@@ -3,7 +3,7 @@
     python bench/block_length.py [--model EXPORT_OR_CAUSAL_LM] [--lengths 1 4 16 64 0] [--blocks 8] [--draws 2]
                                  [--clean-attention block|causal] [--offsets B]
 
-Every b scores the same blocks with the masked-count estimator (adapt.likelihood; b = 0 is the whole-block
+Every b scores the same blocks with the masked-count estimator (adapt.likelihood; b = 0 is the whole-sequence
 objective). In-domain text is the embedded corpus' held-out tail (the default recipe's); out-of-domain text is
 the Python language reference shipped with CPython (`pydoc_data.topics`), which no recipe trains on. For the
 unconverted parent b = 1 reproduces its exact perplexity (the test of the shift with blocks); a converted

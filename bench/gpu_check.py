@@ -14,7 +14,7 @@ with a time limit and the others run whatever it does; the report says what fail
 
 Checks: `flex` logits of the [x_t | x_0] block mask as a FlexAttention BlockMask against the dense mask under
 sdpa (fp32, max abs difference); `step` bench/adapt_step.py causal vs block step (FlexAttention, then the dense
-mask), and the whole-block step under flash_attention_2 where flash-attn is installed; `decode` bench/
+mask), and the whole-sequence step under flash_attention_2 where flash-attn is installed; `decode` bench/
 sampling_speed.py's block-export rows (exact cache) against the parent's cached generate at batch 1 and
 --big-batch. Writes DIR/gpu_check.md and DIR/gpu_check.json.
 """

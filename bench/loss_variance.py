@@ -84,7 +84,7 @@ def summary(values: list[float], base: list[float] | None, seconds: float) -> di
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2-135m-instruct")
-    ap.add_argument("--block-length", type=int, default=4, help="0 = the whole-block objective")
+    ap.add_argument("--block-length", type=int, default=4, help="0 = the whole-sequence objective")
     ap.add_argument("--clean-attention", choices=("block", "causal"), default="causal")
     ap.add_argument("--levers", nargs="+", help="the first is the baseline of the ratios (base by default)",
                     default=["base", "tclip", "perblock", "complementary", "perblock+complementary"])
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     b = args.block_length
     if b < 0 or (b and args.length % b) or args.draws < 2 or args.batch < 2 or args.batch % 2 or args.pool < args.batch \
             or not 0 <= args.t_min < args.t_max <= 1:
-        print(f"error: --block-length must divide --length {args.length} (0 = whole block); --draws >= 2; --batch even "
+        print(f"error: --block-length must divide --length {args.length} (0 = the whole sequence); --draws >= 2; --batch even "
               f"and <= --pool; 0 <= --t-min < --t-max <= 1", file=sys.stderr)
         return 2
     tok, model, meta, blocked = load_scored(args.model)

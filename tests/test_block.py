@@ -85,7 +85,7 @@ def test_one_token_blocks_are_the_parent_exactly():
     torch.testing.assert_close(got, exact, rtol=1e-5, atol=1e-4)
     whole = MaskedDiffusion(MASK, True, blocked)
     other = block_estimates(whole, ModelForward(model, "cpu"), x0, whole.scored(x0), 2, "count", gen(7))[:, 0]
-    assert (other - exact).abs().max() > 1e-2  # the whole-block bound of the same model is not the parent's
+    assert (other - exact).abs().max() > 1e-2  # the whole-sequence bound of the same model is not the parent's
 
 
 def test_group_counts_mask_every_block_and_weigh_it():

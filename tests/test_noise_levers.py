@@ -56,7 +56,7 @@ def test_one_t_per_block_is_stratified_over_every_block_of_the_batch():
     n = rows * (L // B)
     strata = ((per_block[..., 0].flatten().double() - 1e-3) / (1 - 1e-3) * n).floor().long()
     assert torch.equal(strata.sort().values, torch.arange(n))  # one draw in each of n strata
-    # the whole-block objective has one block: one t per row, as without the key
+    # the whole-sequence objective has one block: one t per row, as without the key
     assert objectives.MaskedDiffusion(MASK, True, BLOCKED, t_per_block=True).draw_t(rows, L, torch.Generator()).shape == (rows,)
 
 

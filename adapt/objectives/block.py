@@ -1,7 +1,7 @@
 """Block diffusion (BD3-LM, Arriola et al. 2025; the target of Fast-dLLM v2, SDAR, LLaDA 2): the block of L
 tokens is cut into L/b blocks; each block is a masked diffusion given the clean blocks before it,
     -log p(x) <= sum_k E_t [ (1/t) sum_{i in block k, masked} -log p_theta(x0_i | x_t^k, x0^{<k}) ].
-b = L is the whole-block objective (`mdlm`); b = 1 with the shift is the parent causal LM.
+b = L is the whole-sequence objective (`mdlm`); b = 1 with the shift is the parent causal LM.
 
 Training runs in one forward over [x_t | x_0] (2L positions, x_0 reusing x_t's position ids) under the
 block mask: noised block k attends noised block k and clean blocks < k; clean block k attends clean

@@ -1,4 +1,4 @@
-"""Masked diffusion over the whole block (MDLM / SEDD absorbing; DiffuLLaMA's adaptation objective).
+"""Masked diffusion over the whole sequence (MDLM / SEDD absorbing; DiffuLLaMA's adaptation objective).
 
 Every loss-eligible token of x0 is masked with probability t, t ~ U(eps, 1); the negative ELBO weights
 the cross-entropy of each masked token by 1/t (adapt.diffusion). Attention is whatever the loop's
@@ -127,7 +127,7 @@ class MaskedDiffusion:
         return ok
 
     def masking_span(self, length: int) -> int:
-        """The span position-dependent masking ranks a token's place in: the whole block of `length`."""
+        """The span position-dependent masking ranks a token's place in: the whole sequence of `length`."""
         return length
 
     def exponents(self, length: int) -> torch.Tensor | None:
