@@ -68,7 +68,7 @@ VARIANTS = {
     "full": ["lora.enabled=false", "optim.lr=2e-4"],
     "r64": ["lora.r=64", "lora.alpha=128"],
     "cosine": ["optim.min_lr_ratio=0.1"],
-    **{f"b{b}": [f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"] for b in (1, 2, 4, 8, 16, 64)},
+    **{f"b{b}": ["diffusion.objective=block", f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"] for b in (1, 2, 4, 8, 16, 64)},
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }
