@@ -1,4 +1,9 @@
-"""Read, tokenize, pack and serve training blocks; the data position is a pure function of the step.
+"""The corpus: its sources, their token stores (adapt.store), the split into training blocks and held-out
+documents, served as blocks (adapt.blocks); the data position is a pure function of the step.
+
+Sources are `data.sources` (files or a hub dataset each, with a text field and a weight), else
+`data.train_files` as one source, else the embedded corpus. Held-out text is the last whole documents of each
+source (no document is split between training and held-out), enough for its share of `data.heldout_blocks`.
 
 The embedded default corpus is the English Wikipedia extract shipped in gensim's test data
 (206 pages of a 2014 dump; CC BY-SA 3.0, Wikipedia contributors), turned once into a local
@@ -12,23 +17,24 @@ import hashlib
 import html
 import importlib.util
 import json
+import math
 import os
 import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from adapt import store
+from adapt.blocks import BlockView, Mixture, StoreBlocks, batch_indices, _PERMS  # noqa: F401 (the data API)
 from adapt.config import DataConfig
 from adapt.model import start_token
+from adapt.store import DataError
 
 WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 FORMATS = {".txt": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-class DataError(RuntimeError):
-    """The corpus cannot be used; the message says what to change."""
 
 
 # --- embedded corpus ---------------------------------------------------------------------------
@@ -112,51 +118,134 @@ def _write_wiki_jsonl(dump: Path, tmp: Path) -> None:
             elem.clear()
 
 
-# --- reading and packing -----------------------------------------------------------------------
+# --- sources -----------------------------------------------------------------------------------
 
-def resolve_files(dcfg: DataConfig) -> tuple[str, list[str]]:
-    """(datasets builder name, files) for the configured corpus; a hub name gives (name, [])."""
-    if not dcfg.train_files:
-        return "json", [str(embedded_corpus(dcfg.cache_dir))]
+@dataclass(frozen=True)
+class Source:
+    """One source of the corpus, resolved: its files (or a hub dataset), text field and weight."""
+
+    label: str
+    builder: str
+    """datasets builder (json, text, parquet) of the files, or the hub dataset's name."""
+    files: tuple[str, ...]
+    text_field: str
+    weight: float
+    where: str
+    """The recipe key that names it, for messages (data.train_files, data.sources[1])."""
+    subset: str = ""
+
+
+def source_problems(dcfg: DataConfig) -> list[str]:
+    """What is wrong with data.sources as a whole: weights that are not finite numbers >= 0 or all zero,
+    a source without a path, two sources with one name, sources together with data.train_files."""
+    problems = []
+    for i, src in enumerate(dcfg.sources):
+        if not isinstance(src.weight, (int, float)) or not math.isfinite(src.weight) or src.weight < 0:
+            problems.append(f"`data.sources[{i}].weight` must be a finite number >= 0; got {src.weight!r}")
+        if not src.path.strip():
+            problems.append(f"`data.sources[{i}].path` is empty; give a file, a glob or a hub dataset name")
+    weights = [s.weight for s in dcfg.sources]
+    if dcfg.sources and not problems and not sum(weights) > 0:
+        problems.append("every `data.sources[i].weight` is 0; give at least one source a weight > 0")
+    names = [s.name for s in dcfg.sources if s.name]
+    problems += [f"two sources are named `{n}` in data.sources; give each its own name" for n in sorted(set(names))
+                 if names.count(n) > 1]
+    if dcfg.sources and dcfg.train_files:
+        problems.append("set `data.sources` or `data.train_files`, not both (data.train_files is one source)")
+    return problems
+
+
+def resolve_files(patterns: list[str], where: str) -> tuple[str, list[str]]:
+    """(datasets builder name, files) for file patterns; a hub name gives (name, [])."""
     files: list[str] = []
-    for pattern in dcfg.train_files:
+    for pattern in patterns:
         matches = sorted(glob.glob(os.path.expanduser(pattern)))
         if not matches and (os.path.sep in pattern or Path(pattern).suffix):
-            raise DataError(f"data file `{pattern}` not found; check data.train_files")
+            raise DataError(f"data file `{pattern}` not found; check {where}")
         if not matches:
             return pattern, []  # a hub dataset name
         files += matches
     kinds = {FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in kinds:
         bad = [f for f in files if Path(f).suffix.lower() not in FORMATS]
-        raise DataError(f"unknown data format for {bad[0]}; use .txt, .jsonl/.json or .parquet files")
+        raise DataError(f"unknown data format for {bad[0]} ({where}); use .txt, .jsonl/.json or .parquet files")
     if len(kinds) > 1:
-        raise DataError("data.train_files mixes formats; use files of one format (.txt, .jsonl or .parquet)")
+        raise DataError(f"{where} mixes formats; use files of one format (.txt, .jsonl or .parquet)")
     return kinds.pop(), files
 
 
-def load_documents(dcfg: DataConfig):
-    """A `datasets.Dataset` with one `text` column."""
+def _label(text: str) -> str:
+    stem = Path(text.rstrip("/*")).stem if os.path.sep in text or Path(text).suffix else text
+    return re.sub(r"\W+", "_", stem).strip("_")[:40] or "source"
+
+
+def resolve_sources(dcfg: DataConfig) -> list[Source]:
+    """The corpus's sources with a weight > 0: data.sources, else data.train_files, else the embedded corpus."""
+    problems = source_problems(dcfg)
+    if problems:
+        raise DataError("; ".join(problems))
+    if not dcfg.sources:
+        if not dcfg.train_files:
+            return [Source("enwiki_gensim", "json", (str(embedded_corpus(dcfg.cache_dir)),), "text", 1.0,
+                           "the embedded corpus")]
+        builder, files = resolve_files(list(dcfg.train_files), "data.train_files")
+        return [Source(_label(dcfg.train_files[0]), builder, tuple(files), dcfg.text_field, 1.0, "data.train_files")]
+    out = []
+    for i, src in enumerate(dcfg.sources):
+        where = f"data.sources[{i}]"
+        builder, files = resolve_files([src.path], f"{where}.path")
+        out.append(Source(_label(src.name or src.path), builder, tuple(files), src.text_field, float(src.weight),
+                          where, src.subset))
+    labels = [s.label for s in out]
+    if len(set(labels)) < len(labels):
+        raise DataError(f"two sources share the name {max(labels, key=labels.count)!r}; set data.sources[i].name")
+    return [s for s in out if s.weight > 0]
+
+
+def _stamp(src: Source) -> dict:
+    """What identifies the source's content: each file's size/mtime/checksum, or the hub name and revision."""
+    if src.files:
+        return {"files": [store.file_stamp(f) for f in src.files], "text_field": src.text_field}
+    revision = None
+    try:
+        from huggingface_hub import HfApi
+
+        revision = HfApi().dataset_info(src.builder).sha
+    except Exception:  # offline, or no such dataset (the read then says so)
+        pass
+    return {"hub": src.builder, "subset": src.subset, "revision": revision, "text_field": src.text_field}
+
+
+def _records(src: Source):
+    """Batches of records (column -> values) of a source, streamed: local files and hub datasets alike."""
     import datasets
 
-    builder, files = resolve_files(dcfg)
     try:
-        if files:
-            ds = datasets.load_dataset(builder, data_files=files, split="train",
-                                       cache_dir=str(Path(dcfg.cache_dir) / "hf"))
+        if src.files:
+            ds = datasets.load_dataset(src.builder, data_files=list(src.files), split="train", streaming=True)
         else:
-            ds = datasets.load_dataset(builder, split="train")
+            ds = datasets.load_dataset(src.builder, src.subset or None, split="train", streaming=True)
+        field = "text" if src.builder == "text" else src.text_field
+        for batch in ds.iter(batch_size=256):
+            if field not in batch:
+                raise DataError(f"{src.where}: the data has no `{field}` column (columns: {', '.join(batch)}); "
+                                f"set {_field_key(src)}")
+            yield batch
+    except DataError:
+        raise
     except Exception as err:  # datasets raises many types for unreadable files
-        raise DataError(f"cannot read {files or builder}: {_reason(err)}; check data.train_files (UTF-8 .txt, "
-                        f".jsonl with one object per line, or .parquet; not empty)") from None
-    field = "text" if builder == "text" else dcfg.text_field
-    if field not in ds.column_names:
-        raise DataError(f"the data has no `{field}` column (columns: {', '.join(ds.column_names)}); "
-                        f"set data.text_field")
-    kind = ds.features[field]
-    if not (isinstance(kind, datasets.Value) and kind.dtype in ("string", "large_string")):
-        raise DataError(f"the `{field}` column holds {kind}, not text; set data.text_field to a text column")
-    return ds.select_columns([field]).rename_column(field, "text") if field != "text" else ds.select_columns(["text"])
+        raise DataError(f"cannot read {', '.join(src.files) or src.builder} ({src.where}): {_reason(err)}; check "
+                        f"{src.where} (UTF-8 .txt, .jsonl with one object per line, or .parquet; not empty)") from None
+
+
+def _field_key(src: Source) -> str:
+    return f"{src.where}.text_field" if src.where.startswith("data.sources") else "data.text_field"
+
+
+def iter_texts(src: Source):
+    """The source's texts in batches (lists of str; null/missing become empty documents)."""
+    field = "text" if src.builder == "text" else src.text_field
+    return store.text_batches(_records(src), field, f"{src.where}", _field_key(src))
 
 
 def _reason(err: BaseException) -> str:
@@ -167,42 +256,39 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
-def pack(ds, tokenizer, block_size: int, num_proc: int = 1):
-    """Tokenize, join documents with EOS and cut into blocks of `block_size` tokens.
+def open_store(src: Source, dcfg: DataConfig, tokenizer, say=store.to_stderr) -> store.TokenStore:
+    """The source's token store under data.cache_dir/stores, prepared first when missing (one writer per folder)."""
+    tok_hash, stamp = store.tokenizer_hash(tokenizer), _stamp(src)
+    folder = Path(dcfg.cache_dir) / "stores" / f"{src.label}-{store.short_hash([store.VERSION, src.builder, stamp, tok_hash])}"
+    identity = {"source": {"label": src.label, "where": src.where, "builder": src.builder, "stamp": stamp},
+                "tokenizer": {"hash": tok_hash, "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
+                "block_size": dcfg.block_size}
+    if not (folder / store.MANIFEST).is_file():
+        _say_why_new(folder, stamp, tok_hash, say)
+    opened = store.ensure(folder, lambda: iter_texts(src), tokenizer, identity, dcfg.num_proc, say)
+    opened.check(tok_hash, stamp)
+    return opened
 
-    Every block starts with BOS (or EOS when there is none) so that position 0, which is never
-    masked under the shift, is the same given token at training and sampling time. `doc_ids`
-    numbers the documents inside a block for per-document attention.
-    """
-    start = start_token(tokenizer)
-    eos = tokenizer.eos_token_id
-    body = block_size - 1
 
-    def tokenize(batch):
-        ids = tokenizer([t or "" for t in batch["text"]], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] if x else [] for x in ids]}  # null/empty documents add no lone EOS
+def _say_why_new(folder: Path, stamp: dict, tok_hash: str, say) -> None:
+    """Name what changed when a store of the same source exists with other contents or another tokenizer."""
+    for old in sorted(folder.parent.glob(folder.name.rsplit("-", 1)[0] + "-*/" + store.MANIFEST)):
+        m = json.loads(old.read_text())
+        paths = [f.get("path") for f in stamp.get("files", [])]
+        if [f.get("path") for f in m["source"]["stamp"].get("files", [])] != paths:
+            continue
+        why = "the tokenizer differs" if m["tokenizer"]["hash"] != tok_hash else "its files changed (size, mtime or content)"
+        say(f"{old.parent} was made from the same source but {why}: preparing a new store (the old one is kept)")
 
-    def group(batch):
-        flat, docs = [], []
-        for d, ids in enumerate(x for x in batch["ids"] if x):
-            flat += ids
-            docs += [d] * len(ids)
-        n = len(flat) // body
-        blocks = [[start] + flat[i * body:(i + 1) * body] for i in range(n)]
-        doc_ids = [[docs[i * body]] + docs[i * body:(i + 1) * body] for i in range(n)]
-        return {"input_ids": blocks, "doc_ids": [[x - d[0] for x in d] for d in doc_ids]}
 
-    tok = ds.map(tokenize, batched=True, remove_columns=ds.column_names, num_proc=num_proc,
-                 desc="tokenize")
-    return tok.map(group, batched=True, batch_size=2000, remove_columns=["ids"], desc="pack")
-
+# --- training blocks and held-out documents ----------------------------------------------------
 
 @dataclass
 class Blocks:
-    """Packed token blocks, split into train and held-out."""
+    """Training blocks (tensors, or views of token stores read when indexed) and held-out blocks (tensors)."""
 
-    train: torch.Tensor  # (N_train, L) long
-    train_docs: torch.Tensor  # (N_train, L) long
+    train: torch.Tensor | BlockView  # (N_train, L) long
+    train_docs: torch.Tensor | BlockView  # (N_train, L) long
     heldout: torch.Tensor  # (N_heldout, L) long
     heldout_docs: torch.Tensor
     train_loss_mask: torch.Tensor | None = None
@@ -210,63 +296,59 @@ class Blocks:
     heldout_loss_mask: torch.Tensor | None = None
     """(N_heldout, L) bool, the same for the held-out blocks."""
     heldout_parts: dict[str, torch.Tensor] = field(default_factory=dict)
-    """Named subsets of the held-out eligible positions whose share of the bound is reported (SFT: answer)."""
+    """Named subsets of the held-out eligible positions whose share of the bound is reported (SFT: answer;
+    a mixture: each source)."""
     summary: str = ""
     """One line about the data for the start-up log."""
+    mixture: Mixture | None = None
+    """How each step draws its blocks from the sources (None: `batch_indices` over all of `train`)."""
 
 
-def _cache_key(dcfg: DataConfig, tokenizer) -> str:
-    builder, files = resolve_files(dcfg)
-    stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files] or builder
-    vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    return hashlib.sha1(json.dumps([stamp, vocab, dcfg.block_size, dcfg.text_field]).encode()).hexdigest()[:16]
+def heldout_shares(total: int, weights: list[float]) -> list[int]:
+    """data.heldout_blocks split over sources by weight, at least one block each."""
+    return [max(1, round(total * w / sum(weights))) for w in weights]
 
 
-def build_blocks(dcfg: DataConfig, tokenizer) -> Blocks:
-    """Packed blocks, cached under `data.cache_dir` (written then renamed); held-out = the last blocks."""
-    cache = Path(dcfg.cache_dir) / f"blocks-{_cache_key(dcfg, tokenizer)}.pt"
-    if cache.is_file():
-        ids, docs = torch.load(cache, weights_only=True).values()
-    else:
-        packed = pack(load_documents(dcfg), tokenizer, dcfg.block_size, dcfg.num_proc)
-        if len(packed) == 0:
-            raise DataError(f"the corpus is smaller than one block of {dcfg.block_size} tokens; "
-                            f"add text to data.train_files or lower data.block_size")
-        ids = torch.tensor(packed["input_ids"], dtype=torch.long)
-        docs = torch.tensor(packed["doc_ids"], dtype=torch.long)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"input_ids": ids, "doc_ids": docs}, tmp)
-        os.replace(tmp, cache)
-    if len(ids) <= dcfg.heldout_blocks:
-        raise DataError(f"the corpus makes {len(ids)} blocks of {dcfg.block_size} tokens, not more than "
-                        f"data.heldout_blocks={dcfg.heldout_blocks}; add data or lower data.heldout_blocks")
-    n = len(ids) - dcfg.heldout_blocks
-    return Blocks(ids[:n], docs[:n], ids[n:], docs[n:])
+def split(tokens: store.TokenStore, src: Source, block_size: int, heldout: int) -> tuple[int, int]:
+    """(training blocks, first held-out token): the held-out text is the fewest last whole documents that
+    give `heldout` blocks; the training blocks are cut from the documents before them."""
+    body, total = block_size - 1, len(tokens)
+    if total < body:
+        raise DataError(f"{src.where}: the corpus is smaller than one block of {block_size} tokens ({total} "
+                        f"tokens); add text to it or lower data.block_size")
+    need = heldout * body
+    k = int(np.searchsorted(tokens.doc_ends, total - need, side="right"))
+    cut = int(tokens.doc_ends[k - 1]) if k else 0
+    if cut < body:
+        raise DataError(f"{src.where}: its {len(tokens.doc_ends)} documents ({total} tokens) leave no training block "
+                        f"of {block_size} tokens once whole documents for {heldout} held-out blocks are kept out "
+                        f"(data.heldout_blocks={heldout}); add data or lower data.heldout_blocks")
+    return cut // body, cut
 
 
-def batch_indices(step: int, n_blocks: int, per_rank: int, rank: int, world: int, seed: int) -> torch.Tensor:
-    """Block indices this rank trains on at `step`: a fresh permutation per epoch, no state but the step.
-
-    Resuming at step s reads exactly the blocks an uninterrupted run would have read.
-    """
-    global_batch = per_rank * world
-    first = step * global_batch + rank * per_rank
-    out = []
-    for pos in range(first, first + per_rank):
-        epoch, offset = divmod(pos, n_blocks)
-        perm = _epoch_permutation(seed, epoch, n_blocks)
-        out.append(perm[offset])
-    return torch.stack(out)
-
-
-_PERMS: dict[tuple[int, int, int], torch.Tensor] = {}
-
-
-def _epoch_permutation(seed: int, epoch: int, n: int) -> torch.Tensor:
-    key = (seed, epoch, n)
-    if key not in _PERMS:
-        if len(_PERMS) > 4:
-            _PERMS.clear()
-        _PERMS[key] = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
-    return _PERMS[key]
+def build_blocks(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Blocks:
+    """Training blocks and held-out blocks of every source, from its token store (prepared when missing)."""
+    sources = resolve_sources(dcfg)
+    start, length = start_token(tokenizer), dcfg.block_size
+    parts, held, held_docs, lines = [], [], [], []
+    for src, h in zip(sources, heldout_shares(dcfg.heldout_blocks, [s.weight for s in sources])):
+        tokens = open_store(src, dcfg, tokenizer, say)
+        n, cut = split(tokens, src, length, h)
+        parts.append(StoreBlocks(tokens, 0, n, length, start))
+        kept = StoreBlocks(tokens, cut, h, length, start)
+        held.append(kept.rows(np.arange(h)))
+        held_docs.append(kept.docs(np.arange(h)))
+        out_docs = len(tokens.doc_ends) - int(np.searchsorted(tokens.doc_ends, cut, side="right"))
+        lines.append(f"{src.label}: {len(tokens) / 1e6:.2f}M tokens, {len(tokens.doc_ends)} documents -> {n} "
+                     f"train blocks, {h} held-out blocks from its last {out_docs} documents ({tokens.folder})")
+    rows = np.cumsum([0] + [len(x) for x in held])
+    heldout = torch.cat(held)
+    parts_mask = {}
+    if len(sources) > 1:  # each source's share of the held-out bound, reported beside it
+        for src, a, b in zip(sources, rows[:-1], rows[1:]):
+            mask = torch.zeros(heldout.shape, dtype=torch.bool)
+            mask[a:b] = True
+            parts_mask[src.label] = mask
+    mixture = Mixture([p.n for p in parts], [s.weight for s in sources], [s.label for s in sources])
+    return Blocks(BlockView(parts), BlockView(parts, docs=True), heldout, torch.cat(held_docs),
+                  heldout_parts=parts_mask, summary="data: " + " | ".join(lines), mixture=mixture)

@@ -7,22 +7,47 @@ trains, exports, evaluates after and shows what the model does.
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
 
 from adapt import checkpoint, curve, distributed, sft
 from adapt.config import Config
-from adapt.data import Blocks, build_blocks
+from adapt.data import Blocks, DataError, build_blocks, source_problems
+from adapt.store import cache_lock
 from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
+
+MIXTURE_LOG_STEPS = 1000
+"""The start-up log shows each source's realised share of the rows of this many first steps (at most)."""
+
+
+def _say(text: str) -> None:
+    print(f"[adapt] {text}", file=sys.stderr, flush=True)
 
 
 def _adapt_data(cfg: Config, tokenizer) -> Blocks:
-    return build_blocks(cfg.data, tokenizer)
+    """The token stores' blocks (every rank: the first per cache folder prepares what is missing while the others
+    wait on its lock), the mixture's realised shares in the start-up summary."""
+    data = build_blocks(cfg.data, tokenizer, _say if distributed.is_main() else lambda text: None)
+    if data.mixture is not None and len(data.mixture.sizes) > 1:
+        n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
+        data.summary += "\n[adapt] " + data.mixture.describe(min(cfg.train.max_steps, MIXTURE_LOG_STEPS), n,
+                                                             cfg.train.seed)
+    return data
+
+
+def _sft_data(cfg: Config, tokenizer) -> Blocks:
+    """The SFT examples, encoded by the first rank per cache folder while the others wait (a file lock)."""
+    with cache_lock(Path(cfg.data.cache_dir) / "sft.lock", _say):
+        return sft.build_examples(cfg, tokenizer)
 
 
 def run_adapt(cfg: Config) -> dict:
     """The adapt stage end to end: evaluate, train, export, evaluate, sample. Returns the summary."""
+    problems = source_problems(cfg.data)
+    if problems:  # at once, before the model loads
+        raise DataError("; ".join(problems))
     state = setup(cfg, _adapt_data)
     summary: dict = {}
     if state.step == 0:
@@ -45,7 +70,10 @@ def run_adapt(cfg: Config) -> dict:
 
 def run_sft(cfg: Config) -> dict:
     """The sft stage end to end: evaluate, train, export, evaluate, answer one held-out prompt."""
-    state = setup(cfg, sft.build_examples)
+    if cfg.data.sources:
+        raise DataError("the sft stage reads prompt/response examples from data.train_files; data.sources (a "
+                        "weighted mixture of plain text) is for the adapt stage")
+    state = setup(cfg, _sft_data)
     summary: dict = {}
     if state.step == 0:
         show_batch(state)

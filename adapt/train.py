@@ -158,10 +158,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
 
         torch.manual_seed(cfg.train.seed)  # peft draws A from the global RNG: the same on every rank and run
         model = apply_lora(model, cfg.lora, meta)
-    if distributed.is_main():
-        data = build_data(cfg, tokenizer)  # rank 0 fills the cache first
-    distributed.barrier()
-    data = build_data(cfg, tokenizer)
+    data = build_data(cfg, tokenizer)  # one rank per cache folder prepares it (a file lock), the others wait
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
@@ -196,7 +193,7 @@ def _lock_run_folder(cfg: Config) -> runlock.RunLock | None:
     return lock
 
 
-def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, torch.Generator]:
+def global_batch(cfg: Config, step: int, n_blocks: int, mixture=None) -> tuple[torch.Tensor, torch.Generator]:
     """The whole step's block indices across ranks (m * a * world rows) and the generator of its noise.
 
     Every rank draws the same global batch (a pure function of seed and step) and keeps its own
@@ -204,7 +201,8 @@ def global_batch(cfg: Config, step: int, n_blocks: int) -> tuple[torch.Tensor, t
     ranks share it.
     """
     n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
-    idx = batch_indices(step, n_blocks, n, 0, 1, cfg.train.seed)
+    seed = cfg.train.seed
+    idx = batch_indices(step, n_blocks, n, 0, 1, seed) if mixture is None else mixture.draw(step, n, seed)
     return idx, rng.generator(cfg.train.seed, "noise", step)
 
 
@@ -228,7 +226,7 @@ def train_step(state: State, step: int) -> dict:
     faults.maybe_stall(step)
     # dropout (lora.dropout) draws from the global RNG: seed it per (step, rank) so a resume replays it
     torch.manual_seed(rng.seed_for(cfg.train.seed, "dropout", step, distributed.rank()))
-    idx, gen = global_batch(cfg, step, len(data.train))
+    idx, gen = global_batch(cfg, step, len(data.train), data.mixture)
     idx = obj.batch_rows(idx)
     x0_all = data.train[idx]
     loss_mask = None if data.train_loss_mask is None else data.train_loss_mask[idx]

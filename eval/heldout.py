@@ -1,9 +1,11 @@
 """Held-out text for every metric: the blocks `adapt.data.build_blocks` kept out of training.
 
-The held-out split is the tail of the packed token stream at the training block size. A metric
-that wants another length re-cuts that same tail (never touching training tokens): the BOS at the
-head of each block is dropped, the bodies are joined, and cut into pieces of `length - 1` tokens,
-each given the BOS again, so position 0 is the same given token as in training.
+The held-out text is the last whole documents of each source, read from the same token stores as training
+(`python -m adapt.prepare`; prepared here when missing), and its held-out blocks are the first
+`data.heldout_blocks` blocks of that text at the training block size. A metric that wants another length
+re-cuts those blocks (never touching training tokens): the BOS at the head of each block is dropped, the bodies
+are joined, and cut into pieces of `length - 1` tokens, each given the BOS again, so position 0 is the same given
+token as in training.
 """
 from __future__ import annotations
 
@@ -45,7 +47,8 @@ def heldout_blocks(dcfg: DataConfig, tokenizer, length: int, n: int | None = Non
 
 
 def heldout_documents(dcfg: DataConfig, tokenizer) -> list[str]:
-    """The held-out text as documents: the stream split at EOS and decoded (the first may be a tail)."""
+    """The held-out text as documents: the stream split at EOS and decoded (each source's first is whole, its
+    last may be cut where its held-out blocks end)."""
     stream, _ = heldout_stream(dcfg, tokenizer)
     eos = tokenizer.eos_token_id
     docs, current = [], []

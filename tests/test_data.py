@@ -1,4 +1,5 @@
-"""Corpus reading, packing and the resumable data order."""
+"""Corpus reading, blocks cut from the token store, and the resumable data order (the store's own format and
+faults: tests/test_store.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,7 @@ from hypothesis import strategies as st
 
 import adapt.data as data
 from adapt.config import DataConfig
-from adapt.data import DataError, batch_indices, build_blocks, embedded_corpus, load_documents, pack
+from adapt.data import DataError, batch_indices, build_blocks, embedded_corpus, iter_texts, resolve_sources
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Packing joins documents with an end token.",
         "Short.", "A fourth document, somewhat longer than the others, to span more than one block of tokens."]
@@ -63,27 +64,32 @@ def test_embedded_corpus_never_half_written(tmp_path, monkeypatch):
     assert embedded_corpus(tmp_path).is_file()
 
 
-# --- packing -----------------------------------------------------------------------------------
+# --- blocks ------------------------------------------------------------------------------------
 
-def test_pack_blocks_start_with_bos_and_number_documents(tok):
-    import datasets
+def _texts(cfg: DataConfig) -> list[str]:
+    (src,) = resolve_sources(cfg)
+    return [t for batch in iter_texts(src) for t in batch]
 
-    texts = DOCS + ["", None, DOCS[0]]
-    packed = pack(datasets.Dataset.from_dict({"text": texts}), tok, block_size=16)
-    ids = torch.tensor(packed["input_ids"])
-    docs = torch.tensor(packed["doc_ids"])
+
+def test_blocks_start_with_bos_and_number_documents(tmp_path, tok):
+    texts = DOCS + ["", DOCS[0]] + DOCS
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + [None]))
+    blocks = build_blocks(dcfg(tmp_path, [tmp_path / "a.jsonl"]), tok)
+    ids, docs = blocks.train[torch.arange(len(blocks.train))], blocks.train_docs[torch.arange(len(blocks.train))]
     flat = []
     for t in texts:
         if t:
             flat += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-    assert ids.shape == (len(flat) // 15, 16) and len(ids) >= 3
+    assert ids.shape[1] == 16 and len(ids) >= 3
     assert (ids[:, 0] == tok.bos_token_id).all()
-    assert ids[:, 1:].reshape(-1).tolist() == flat[:len(ids) * 15]  # nothing lost or reordered inside a batch
+    assert ids[:, 1:].reshape(-1).tolist() == flat[:len(ids) * 15]  # nothing lost or reordered
     # doc_ids: 0 at the start of every block, +1 exactly after each EOS (no lone EOS for empty/null docs)
     assert (docs[:, 0] == 0).all() and (docs[:, 1] == 0).all()
     step = docs[:, 2:] - docs[:, 1:-1]
     assert torch.equal(step, (ids[:, 1:-1] == tok.eos_token_id).long())
     assert not ((ids[:, 1:-1] == tok.eos_token_id) & (ids[:, 2:] == tok.eos_token_id)).any()
+    rows = torch.tensor([2, 0, 2])  # any order, repeats: the rows asked for
+    assert torch.equal(blocks.train[rows], ids[rows]) and torch.equal(blocks.train_docs[rows], docs[rows])
 
 
 def test_read_txt_jsonl_parquet(tmp_path):
@@ -92,13 +98,10 @@ def test_read_txt_jsonl_parquet(tmp_path):
     (tmp_path / "a.txt").write_text("\n".join(DOCS) + "\n")
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": d, "n": i}) + "\n" for i, d in enumerate(DOCS)))
     pd.DataFrame({"text": DOCS, "n": range(4)}).to_parquet(tmp_path / "a.parquet")
-    assert load_documents(dcfg(tmp_path, [tmp_path / "a.txt"]))["text"] == DOCS
-    ds = load_documents(dcfg(tmp_path, [tmp_path / "a.jsonl"], text_field="body"))
-    assert ds.column_names == ["text"] and ds["text"] == DOCS
-    ds = load_documents(dcfg(tmp_path, [tmp_path / "a.parquet"]))
-    assert ds.column_names == ["text"] and ds["text"] == DOCS
-    ds = load_documents(dcfg(tmp_path, [tmp_path / "*.txt"]))  # globs
-    assert ds["text"] == DOCS
+    assert _texts(dcfg(tmp_path, [tmp_path / "a.txt"])) == DOCS
+    assert _texts(dcfg(tmp_path, [tmp_path / "a.jsonl"], text_field="body")) == DOCS
+    assert _texts(dcfg(tmp_path, [tmp_path / "a.parquet"])) == DOCS
+    assert _texts(dcfg(tmp_path, [tmp_path / "*.txt"])) == DOCS  # globs
 
 
 def test_build_blocks_split_and_cache(tmp_path, tok, monkeypatch):
@@ -106,21 +109,24 @@ def test_build_blocks_split_and_cache(tmp_path, tok, monkeypatch):
     cfg = dcfg(tmp_path, [tmp_path / "a.txt"], heldout_blocks=2)
     blocks = build_blocks(cfg, tok)
     assert blocks.train.shape[1] == 16 and len(blocks.heldout) == 2 and len(blocks.train) >= 5
-    assert blocks.train_docs.shape == blocks.train.shape and blocks.heldout_docs.shape == blocks.heldout.shape
-    assert not list(Path(cfg.cache_dir).glob("*.tmp*"))
-    monkeypatch.setattr(data, "pack", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert blocks.heldout_docs.shape == blocks.heldout.shape
+    assert not list(Path(cfg.cache_dir).rglob("*.partial*"))
+    monkeypatch.setattr(data, "iter_texts", lambda *a, **k: pytest.fail("the store was not used"))
     again = build_blocks(cfg, tok)
-    assert torch.equal(again.train, blocks.train) and torch.equal(again.heldout, blocks.heldout)
+    every = torch.arange(len(blocks.train))
+    assert torch.equal(again.train[every], blocks.train[every]) and torch.equal(again.heldout, blocks.heldout)
 
 
 @pytest.mark.parametrize("name,content,kw,needle", [
     ("a.csv", "text\nhello\n", {}, "unknown data format"),
     ("tiny.txt", "hello\n", {}, "smaller than one block"),
     ("few.txt", "\n".join(DOCS) + "\n", {"heldout_blocks": 50}, "data.heldout_blocks"),
+    ("one.txt", " ".join(DOCS * 3) + "\n", {"heldout_blocks": 1}, "data.heldout_blocks"),  # one document: no split
     ("a.jsonl", '{"text": 1}\n', {}, "data.text_field"),
     ("b.jsonl", '{"body": "x"}\n', {}, "data.text_field"),
     ("c.jsonl", "not json\n", {}, "cannot read"),
     ("e.jsonl", "", {}, "check data.train_files"),
+    ("n.jsonl", '{"text": null}\n{"text": ""}\n', {}, "holds no text"),
     ("bad.txt", b"\xff\xfe hello\n", {}, "UnicodeDecodeError"),
 ])
 def test_corpus_problems_are_data_errors(tmp_path, tok, name, content, kw, needle):
@@ -203,4 +209,5 @@ def test_fuzz_loader_only_data_errors(tok, kind, lines, records, raw):
         except DataError as err:
             assert str(err)
         else:
-            assert blocks.train.shape[1] == 8 and (blocks.train[:, 0] == tok.bos_token_id).all()
+            rows = blocks.train[torch.arange(len(blocks.train))]
+            assert rows.shape[1] == 8 and (rows[:, 0] == tok.bos_token_id).all()
