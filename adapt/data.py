@@ -256,10 +256,16 @@ def _reason(err: BaseException) -> str:
     return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
 
 
+def store_folder(src: Source, dcfg: DataConfig, tokenizer, stamp: dict | None = None) -> Path:
+    """data.cache_dir/stores/<label>-<hash of the format version, the source's content and the tokenizer>."""
+    key = [store.VERSION, src.builder, stamp or _stamp(src), store.tokenizer_hash(tokenizer)]
+    return Path(dcfg.cache_dir) / "stores" / f"{src.label}-{store.short_hash(key)}"
+
+
 def open_store(src: Source, dcfg: DataConfig, tokenizer, say=store.to_stderr) -> store.TokenStore:
     """The source's token store under data.cache_dir/stores, prepared first when missing (one writer per folder)."""
     tok_hash, stamp = store.tokenizer_hash(tokenizer), _stamp(src)
-    folder = Path(dcfg.cache_dir) / "stores" / f"{src.label}-{store.short_hash([store.VERSION, src.builder, stamp, tok_hash])}"
+    folder = store_folder(src, dcfg, tokenizer, stamp)
     identity = {"source": {"label": src.label, "where": src.where, "builder": src.builder, "stamp": stamp},
                 "tokenizer": {"hash": tok_hash, "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
                 "block_size": dcfg.block_size}

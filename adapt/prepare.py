@@ -21,11 +21,11 @@ USAGE = "usage: python -m adapt.prepare RECIPE.yaml [section.key=value ...]"
 def tokenizer_for(cfg):
     """The tokenizer training will use, its mask token named as training will name it (the store's tokenizer
     hash leaves the mask token out, so a store made here is the one training opens)."""
-    from adapt import checkpoint
+    from adapt.export import exported_meta
     from adapt.model import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
-    meta = checkpoint.exported_meta(cfg.model.name_or_path)
+    meta = exported_meta(cfg.model.name_or_path)
     if meta is not None:
         tokenizer.mask_token = tokenizer.convert_ids_to_tokens(meta.mask_token_id)
     elif cfg.model.mask_token_id >= 0:

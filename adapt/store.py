@@ -182,6 +182,7 @@ def ensure(folder: Path, batches: Callable[[], Iterable[list]], tokenizer, ident
         tmp = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
         try:
             tmp.mkdir(parents=True)
+            say(f"preparing token store {folder} from {identity['source']['where']} ({num_proc} worker(s))")
             manifest = _write(tmp, batches(), tokenizer, num_proc, say)
             if not manifest["tokens"]:
                 where = identity["source"]["where"]
