@@ -23,13 +23,14 @@ MIXTURE_LOG_STEPS = 1000
 
 
 def _say(text: str) -> None:
-    print(f"[adapt] {text}", file=sys.stderr, flush=True)
+    rank = distributed.rank()
+    print(f"[adapt{f' rank {rank}' if rank else ''}] {text}", file=sys.stderr, flush=True)
 
 
 def _adapt_data(cfg: Config, tokenizer) -> Blocks:
     """The token stores' blocks (every rank: the first per cache folder prepares what is missing while the others
     wait on its lock), the mixture's realised shares in the start-up summary."""
-    data = build_blocks(cfg.data, tokenizer, _say if distributed.is_main() else lambda text: None)
+    data = build_blocks(cfg.data, tokenizer, _say)
     if data.mixture is not None and len(data.mixture.sizes) > 1:
         n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
         data.summary += "\n[adapt] " + data.mixture.describe(min(cfg.train.max_steps, MIXTURE_LOG_STEPS), n,
