@@ -14,10 +14,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from adapt.checkpoint import curve_file, metrics_file
 from adapt.metrics import read_records
 
-CURVE = "curve.png"
-"""The figure's file name in the run folder."""
 PHASES = ("before_", "after_")
 """Prefixes of the evaluations before and after training; the same view without one is measured during it."""
 
@@ -59,10 +58,10 @@ def draw(run_dir: str | Path, out: str | Path | None = None) -> dict:
 
     Raises CurveError when there is nothing to draw and ImportError when matplotlib is missing."""
     run_dir = Path(run_dir)
-    points, parent, xlabel = series(read_records(run_dir / "metrics.jsonl"))
+    points, parent, xlabel = series(read_records(metrics_file(run_dir)))
     if not points:
-        raise CurveError(f"no held-out evaluation in {run_dir / 'metrics.jsonl'}")
-    return _figure(points, parent, xlabel, run_dir.name, Path(out) if out is not None else run_dir / CURVE)
+        raise CurveError(f"no held-out evaluation in {metrics_file(run_dir)}")
+    return _figure(points, parent, xlabel, run_dir.name, Path(out) if out is not None else curve_file(run_dir))
 
 
 def _figure(points: dict[str, list[tuple[float, float]]], parent: float | None, xlabel: str, title: str,
@@ -93,9 +92,9 @@ def draw_runs(run_dirs: list[str | Path], out: str | Path) -> dict:
     runs = {}
     parent = None
     for run_dir in map(Path, run_dirs):
-        points, first_parent, xlabel = series(read_records(run_dir / "metrics.jsonl"))
+        points, first_parent, xlabel = series(read_records(metrics_file(run_dir)))
         if "bound" not in points:
-            raise CurveError(f"no held-out evaluation in {run_dir / 'metrics.jsonl'}")
+            raise CurveError(f"no held-out evaluation in {metrics_file(run_dir)}")
         runs[run_dir.name] = points["bound"]
         parent = first_parent if parent is None else parent
     return _figure(runs, parent, xlabel, "held-out bound against training tokens", Path(out))

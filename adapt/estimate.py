@@ -32,9 +32,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt import checkpoint, objectives  # noqa: E402
+from adapt import objectives  # noqa: E402
 from adapt.cli_types import at_least  # noqa: E402
 from adapt.config import Config  # noqa: E402
+from adapt.export import exported_meta  # noqa: E402
 from adapt.recipe import load_config  # noqa: E402
 
 GB = 1024**3
@@ -84,7 +85,7 @@ def model_shape(cfg: Config, config) -> Shape:
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    exported = checkpoint.exported_meta(cfg.model.name_or_path) is not None
+    exported = exported_meta(cfg.model.name_or_path) is not None
     if cfg.model.mask_token_id < 0 and not exported:  # assumes the mask token needs a new row
         multiple = cfg.model.pad_vocab_to_multiple_of
         config.vocab_size = math.ceil((config.vocab_size + 1) / multiple) * multiple

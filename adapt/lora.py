@@ -8,7 +8,7 @@ that row gets no gradient.
 
 Export folds the adapter into the weights (`lora.export=merged`, default: a plain HF folder) or writes
 the base weights with the peft adapter beside them in `adapter/` (`lora.export=adapter`);
-`adapt.checkpoint.load_diffusion_model` merges such an adapter at load time.
+`adapt.export.load_diffusion_model` merges such an adapter at load time.
 """
 from __future__ import annotations
 

@@ -7,6 +7,8 @@ import sys
 import time
 from pathlib import Path
 
+from adapt.checkpoint import metrics_file, tensorboard_dir
+
 
 def _duration(seconds: float) -> str:
     seconds = int(max(0, seconds))
@@ -63,12 +65,12 @@ class MetricsLog:
 
     def __init__(self, run_dir: Path, tensorboard: bool, enabled: bool):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path = metrics_file(run_dir)
         self.tb = None
         if enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            self.tb = SummaryWriter(str(tensorboard_dir(run_dir)))
         self._t0 = time.perf_counter()
         self._first = 0
         self._total = 0

@@ -15,9 +15,10 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from adapt import checkpoint, objectives
+from adapt import objectives
 from adapt.attention import backend_problem
 from adapt.config import CHOICES, OPEN_BELOW, RANGES, Config, ConfigError, check_tree, load_yaml, values
+from adapt.export import exported_meta
 from adapt.model import ModelLoadError
 
 
@@ -153,7 +154,7 @@ def _noise_problems(cfg: Config) -> list[str]:
 def _exported_model_problems(cfg: Config) -> list[str]:
     """A model exported by this project (its diffusion metadata beside config.json) is already bidirectional."""
     try:
-        meta = checkpoint.exported_meta(cfg.model.name_or_path)
+        meta = exported_meta(cfg.model.name_or_path)
     except (ModelLoadError, OSError) as err:
         return [str(err)]
     if meta is None:

@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> None:
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
     from adapt.denoiser import Denoiser
 
     if args.trajectory_out:

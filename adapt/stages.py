@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from adapt import checkpoint, curve, distributed, sft
+from adapt import curve, distributed, sft
 from adapt.config import Config
 from adapt.data import Blocks, DataError, build_blocks, source_problems
+from adapt.export import export, load_diffusion_model
 from adapt.store import cache_lock
 from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
 
@@ -101,7 +102,7 @@ def _finish(state: State, summary: dict, show) -> None:
     if distributed.is_main():
         # the final bound is in metrics.jsonl before the export, so the export's model card states it
         state.log.record(state.step, {k: v for k, v in summary.items() if k.startswith("after_")}, "eval")
-        out = checkpoint.export(state.cfg.run_dir)
+        out = export(state.cfg.run_dir)
         summary["export"] = str(out)
         summary.update(show(out))
         drawn = curve.try_draw(state.cfg.run_dir, state.log.info)  # the bounds against tokens, from metrics.jsonl
@@ -119,7 +120,7 @@ def _sample_text(folder: Path, cfg: Config) -> str:
     from adapt.model import start_token
     from adapt.sampling.canvas import prompt_canvas
 
-    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    model, tokenizer, meta = load_diffusion_model(folder, dtype=cfg.model.dtype)
     x = prompt_canvas(start_token(tokenizer), meta.mask_token_id, cfg.run.sample_length)
     out = generate(Denoiser(model, meta), x, "ancestral", steps=cfg.run.sample_steps,
                    generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -131,7 +132,7 @@ def _answer(folder: Path, cfg: Config, ids: torch.Tensor, response: torch.Tensor
     from adapt.denoiser import Denoiser
     from adapt.sampling.ancestral import ancestral_sample
 
-    model, tokenizer, meta = checkpoint.load_diffusion_model(folder, dtype=cfg.model.dtype)
+    model, tokenizer, meta = load_diffusion_model(folder, dtype=cfg.model.dtype)
     x = ids.clone()[None]
     x[0, response] = meta.mask_token_id
     out = ancestral_sample(Denoiser(model, meta), x, steps=cfg.run.sample_steps,

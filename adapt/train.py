@@ -22,6 +22,7 @@ from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_v
 from adapt.config import Config, ConfigError, to_yaml
 from adapt.data import Blocks, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
+from adapt.export import exported_meta, load_weights, save_base
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward, Objective
@@ -145,11 +146,11 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
         raise TrainingError("FlexAttention has no backward pass on CPU (torch 2.13); train with "
                             "model.attn_implementation=sdpa on CPU (same masks, dense)")
     tokenizer = load_tokenizer(cfg.model)
-    model = checkpoint.load_weights(cfg.model)  # an adapter export: its adapter merged
+    model = load_weights(cfg.model)  # an adapter export: its adapter merged
     problems = model_problems(cfg, model.config)
     if problems:
         raise ConfigError(problems)
-    exported = checkpoint.exported_meta(cfg.model.name_or_path)
+    exported = exported_meta(cfg.model.name_or_path)
     meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), **objectives.selected(cfg).meta_fields(cfg))
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
@@ -167,8 +168,8 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
     tag = checkpoint.find_resume(cfg)
     if distributed.is_main():
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
-        checkpoint.save_base(run_dir, model, tokenizer, meta)
+        checkpoint.config_file(run_dir).write_text(to_yaml(cfg))
+        save_base(run_dir, model, tokenizer, meta)
     log = MetricsLog(run_dir, cfg.run.tensorboard, distributed.is_main())
     state = State(cfg, engine, tokenizer, meta, data, objectives.from_config(cfg, meta, blocked), log)
     if tag is not None:

@@ -26,10 +26,10 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
-from adapt.checkpoint import exported_meta, load_weights  # noqa: E402
 from adapt.config import DataConfig, ModelConfig  # noqa: E402
 from adapt.data import build_blocks  # noqa: E402
 from adapt.diffusion import blocked_vocab  # noqa: E402
+from adapt.export import exported_meta, load_weights  # noqa: E402
 from adapt.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
 from adapt.model import load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
 from adapt.objectives import ModelForward, make  # noqa: E402

@@ -25,7 +25,8 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from adapt.checkpoint import exported_meta  # noqa: E402
+from adapt.checkpoint import final_dir  # noqa: E402
+from adapt.export import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0",
@@ -119,8 +120,8 @@ def run_dir(name: str, args: argparse.Namespace) -> Path:
 
 def train(name: str, args: argparse.Namespace) -> Path:
     folder = run_dir(name, args)
-    if exported_meta(folder / "final") is not None:
-        return folder / "final"
+    if exported_meta(final_dir(folder)) is not None:
+        return final_dir(folder)
     steps = args.steps
     cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "llama_to_mdlm.yaml"), *SCREEN,
            f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}", f"optim.warmup_steps={max(1, steps // 10)}",
@@ -134,13 +135,13 @@ def train(name: str, args: argparse.Namespace) -> Path:
     seconds = time.perf_counter() - tic
     (folder / "study_seconds.txt").write_text(f"{seconds:.1f}\n")
     print(f"trained {name} in {seconds:.0f} s", file=sys.stderr, flush=True)
-    return folder / "final"
+    return final_dir(folder)
 
 
 def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
     """Paired bounds of every export on in-domain and out-of-domain blocks, the parent's exact ppl beside."""
     from adapt import objectives, rng
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
     from adapt.config import DataConfig, ModelConfig
     from adapt.data import build_blocks
     from adapt.diffusion import blocked_vocab

@@ -24,9 +24,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt import checkpoint  # noqa: E402
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
+from adapt.export import exported_meta, load_weights  # noqa: E402
 from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
 from adapt.sampling import generate  # noqa: E402
 from adapt.sampling.canvas import prompt_canvas  # noqa: E402
@@ -222,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     mcfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(mcfg)
-    model = checkpoint.load_weights(mcfg).to(device).eval()
+    model = load_weights(mcfg).to(device).eval()
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)
     ar = parent_generate(model, prompt, args.length)
-    meta = checkpoint.exported_meta(args.model) or add_mask_token(model, tokenizer, mcfg)
+    meta = exported_meta(args.model) or add_mask_token(model, tokenizer, mcfg)
     set_causal(model, False)
     x = prompt_canvas(start, meta.mask_token_id, args.length, ids[:args.prompt_tokens], (), args.batch).to(device)
     fwd = bare_forward_seconds(model, x, args.repeats)

@@ -21,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from adapt import objectives
-from adapt.checkpoint import load_diffusion_model
+from adapt.export import load_diffusion_model
 from adapt.diffusion import blocked_vocab
 from adapt.likelihood import METHODS, draw_masks, summarize
 from adapt.objectives import Attention, ModelForward

@@ -42,7 +42,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from adapt import objectives, rng
-from adapt.checkpoint import load_diffusion_model, read_recipe
+from adapt.export import load_diffusion_model, read_recipe
 from adapt.cli_types import text_problem
 from adapt.denoiser import Denoiser
 from adapt.likelihood import block_estimates

@@ -18,7 +18,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from adapt import objectives, rng
-from adapt.checkpoint import load_diffusion_model, load_weights, read_recipe
+from adapt.export import load_diffusion_model, load_weights, read_recipe
 from adapt.config import DataConfig, ModelConfig
 from adapt.denoiser import Denoiser
 from adapt.diffusion import blocked_vocab

@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from adapt.checkpoint import export_problem
+from adapt.export import export_problem
 from adapt.cli_types import (at_least, device, fraction, non_negative, seed, text,  # noqa: F401 (the eval
                              writable_dir)  # scripts' option types)
 
@@ -38,7 +38,7 @@ class EvalError(RuntimeError):
 
 
 def export_check(model_dir: Path) -> None:
-    """EvalError when `model_dir` is not a loadable export (adapt.checkpoint.export_problem says why)."""
+    """EvalError when `model_dir` is not a loadable export (adapt.export.export_problem says why)."""
     problem = export_problem(model_dir)
     if problem:
         raise EvalError(problem)

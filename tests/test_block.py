@@ -197,7 +197,7 @@ def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, 
 
     from test_pipeline import launch
 
-    from adapt.checkpoint import read_meta
+    from adapt.export import read_meta
 
     common = ("train.max_steps=2", "train.save_every=0", "train.eval_t_samples=2", "data.block_size=64",
               "data.heldout_blocks=3", "diffusion.block_length=8", "run.sample_length=15")

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from adapt import checkpoint, runlock
+from adapt.export import export, export_problem
 from conftest import ROOT
 from test_pipeline import launch
 from test_reliability import COMMON, same_as_reference
@@ -57,7 +58,7 @@ def test_every_kind_of_damage_is_found_and_named(run_copy, how):
     if how != "flip":  # sizes are checked by every rank, checksums by the rank whose share holds the file
         assert checkpoint.damage(folder, (1, 2)) is not None
     with pytest.raises(checkpoint.CheckpointError, match=name):
-        checkpoint.export(run_copy, tag="step_0000006", out=run_copy / "again")
+        export(run_copy, tag="step_0000006", out=run_copy / "again")
     assert not (run_copy / "again").exists()
 
 
@@ -88,7 +89,7 @@ def test_an_export_killed_half_way_leaves_the_previous_one_intact(run_copy):
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert any(p.name.startswith(".final.tmp") for p in run_copy.iterdir())  # the export had been written...
     assert {p.name: p.read_bytes() for p in final.iterdir() if p.is_file()} == before  # ...but not moved in
-    assert checkpoint.export_problem(final) is None
+    assert export_problem(final) is None
 
 
 def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):

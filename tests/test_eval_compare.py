@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from test_eval_fixtures import exported_dir  # noqa: F401
 
 from adapt import objectives, rng
-from adapt.checkpoint import load_diffusion_model
+from adapt.export import load_diffusion_model
 from adapt.diffusion import blocked_vocab
 from adapt.likelihood import block_estimates
 from adapt.objectives import ModelForward

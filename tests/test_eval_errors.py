@@ -28,11 +28,12 @@ def runner(tmp_path_factory):
 def inputs(exported_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811
     """Named bad inputs: folders a user will try that are not exports, and an empty data file."""
     from adapt import checkpoint
+    from adapt.export import META_FILE
 
     root = tmp_path_factory.mktemp("bad_inputs")
     run = root / "run"
     (run / "base").mkdir(parents=True)
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", checkpoint.META_FILE):
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", META_FILE):
         shutil.copy(exported_dir / name, run / "base" / name)
     step = run / "checkpoints" / checkpoint.tag_for(10)
     step.mkdir(parents=True)
@@ -48,18 +49,18 @@ def damaged_exports(export: Path, root: Path) -> dict[str, str]:
     config.json disagreeing with the weights."""
     import json
 
-    from adapt import checkpoint
+    from adapt.export import META_FILE, WEIGHTS_FILE
 
     out = {}
     for name in ("truncated", "corrupt", "mask_id", "vocab"):
         shutil.copytree(export, root / name)
         out[name] = str(root / name)
-    weights = root / "truncated" / checkpoint.WEIGHTS_FILE
+    weights = root / "truncated" / WEIGHTS_FILE
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    weights = root / "corrupt" / checkpoint.WEIGHTS_FILE
+    weights = root / "corrupt" / WEIGHTS_FILE
     weights.write_bytes(b"\xff" * 64 + weights.read_bytes()[64:])
-    meta = json.loads((export / checkpoint.META_FILE).read_text())
-    (root / "mask_id" / checkpoint.META_FILE).write_text(json.dumps(meta | {"mask_token_id": 10**6}))
+    meta = json.loads((export / META_FILE).read_text())
+    (root / "mask_id" / META_FILE).write_text(json.dumps(meta | {"mask_token_id": 10**6}))
     config = json.loads((export / "config.json").read_text())
     (root / "vocab" / "config.json").write_text(json.dumps(config | {"vocab_size": config["vocab_size"] + 64}))
     return out

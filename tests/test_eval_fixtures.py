@@ -15,7 +15,7 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     recipe.yaml whose data section holds out the tail of `corpus` in 64-token blocks."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapt import checkpoint
+    from adapt.export import RECIPE_FILE, save_meta
     from adapt.config import ModelConfig
     from adapt.model import add_mask_token
 
@@ -25,9 +25,9 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     meta.parent = str(src)
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    checkpoint.save_meta(out, meta)
+    save_meta(out, meta)
     data = {"train_files": [str(corpus)], "block_size": 64, "heldout_blocks": 12, "cache_dir": str(cache)}
-    (out / checkpoint.RECIPE_FILE).write_text(yaml.safe_dump({"data": data}))
+    (out / RECIPE_FILE).write_text(yaml.safe_dump({"data": data}))
     return out
 
 

@@ -11,6 +11,7 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from adapt import checkpoint
+from adapt.export import WEIGHTS_FILE, export, export_problem, load_diffusion_model
 from adapt.model import ModelLoadError
 from test_eval_fixtures import exported_dir  # noqa: F401
 
@@ -32,7 +33,7 @@ def test_an_export_never_replaces_or_enters_what_the_run_needs(run_copy, where):
     out = {"run": run_copy, "above": run_copy.parent}.get(where, run_copy / where)
     before = _tree(run_copy)
     with pytest.raises(checkpoint.CheckpointError, match="which the run needs"):
-        checkpoint.export(run_copy, out=out)
+        export(run_copy, out=out)
     assert _tree(run_copy) == before
     assert not [p for p in run_copy.parent.rglob(".*tmp*")]
 
@@ -42,35 +43,35 @@ def test_a_folder_holding_a_users_file_is_never_replaced(run_copy, tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("my own work")
     with pytest.raises(checkpoint.CheckpointError, match="holds notes.txt"):
-        checkpoint.export(run_copy, out=out)
+        export(run_copy, out=out)
     assert _tree(out) == {"notes.txt": b"my own work"}
     (run_copy / "final" / "notes.txt").write_text("kept")  # an earlier export with a user's file in it
     with pytest.raises(checkpoint.CheckpointError, match="holds notes.txt"):
-        checkpoint.export(run_copy)
+        export(run_copy)
     assert (run_copy / "final" / "notes.txt").read_text() == "kept"
 
 
 def test_a_file_or_a_folder_that_is_not_an_export_is_refused(run_copy, tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(checkpoint.CheckpointError, match="is a file"):
-        checkpoint.export(run_copy, out=tmp_path / "file")
+        export(run_copy, out=tmp_path / "file")
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "config.json").write_text("{}")  # an export's name, but no export
     with pytest.raises(checkpoint.CheckpointError, match="not an earlier export"):
-        checkpoint.export(run_copy, out=tmp_path / "half")
+        export(run_copy, out=tmp_path / "half")
     assert (tmp_path / "half" / "config.json").read_text() == "{}"
     with pytest.raises(checkpoint.CheckpointError, match="not writable"):
-        checkpoint.export(run_copy, out=tmp_path / "file" / "below")
+        export(run_copy, out=tmp_path / "file" / "below")
 
 
 def test_an_earlier_export_or_an_empty_folder_is_replaced(run_copy, tmp_path):
     old = _tree(run_copy / "final")
-    checkpoint.export(run_copy, tag="step_0000004")
-    assert checkpoint.export_problem(run_copy / "final") is None
+    export(run_copy, tag="step_0000004")
+    assert export_problem(run_copy / "final") is None
     assert _tree(run_copy / "final") != old  # replaced by the step-4 export
     (tmp_path / "empty").mkdir()
-    assert checkpoint.export(run_copy, out=tmp_path / "empty") == tmp_path / "empty"
-    assert checkpoint.export_problem(tmp_path / "empty") is None
+    assert export(run_copy, out=tmp_path / "empty") == tmp_path / "empty"
+    assert export_problem(tmp_path / "empty") is None
     assert sorted(p.name for p in tmp_path.iterdir()) == ["debug", "empty"]  # no temporary folder left
 
 
@@ -87,11 +88,11 @@ def _broken(export: Path, dest: Path, how: str) -> Path:
     elif how == "other_shape":
         (dest / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] * 2}))
     elif how == "nan":
-        weights = load_file(dest / checkpoint.WEIGHTS_FILE)
+        weights = load_file(dest / WEIGHTS_FILE)
         name = sorted(weights)[-1]
         weights[name] = weights[name].clone()
         weights[name].view(-1)[0] = float("nan")
-        save_file(weights, dest / checkpoint.WEIGHTS_FILE, metadata={"format": "pt"})
+        save_file(weights, dest / WEIGHTS_FILE, metadata={"format": "pt"})
     return dest
 
 
@@ -102,9 +103,9 @@ BROKEN = {"no_tokenizer": "has no tokenizer", "unknown_type": "model_type='no_su
 @pytest.mark.parametrize("how", sorted(BROKEN))
 def test_a_broken_export_is_refused_before_it_loads(exported_dir, tmp_path, how):
     folder = _broken(exported_dir, tmp_path / how, how)
-    problem = checkpoint.export_problem(folder)
+    problem = export_problem(folder)
     assert problem is not None and BROKEN[how] in problem, problem
     with pytest.raises(ModelLoadError, match="export the run again"):
-        checkpoint.load_diffusion_model(folder)
-    assert checkpoint.export_problem(exported_dir) is None
+        load_diffusion_model(folder)
+    assert export_problem(exported_dir) is None
 

@@ -26,12 +26,12 @@ PROMPT = "The cat sat on the"
 
 def make_export(folder: Path, tokenizer_dir: Path, block_length: int = 0, run_dir: Path | None = None,
                 seed: int = 0) -> Path:
-    """What checkpoint.export writes, from a random tiny model: weights with the mask token, a config whose
+    """What adapt.export.export writes, from a random tiny model: weights with the mask token, a config whose
     attention is bidirectional (set_causal, as in training), tokenizer, diffusion.json, recipe, extras."""
     from transformers import AutoTokenizer
 
     from adapt.config import EMBEDDED_MODEL, Config, ModelConfig
-    from adapt.hf_export import write_hf_extras
+    from adapt.export.writer import write_hf_extras
     from adapt.model import add_mask_token, set_causal
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -125,7 +125,7 @@ print(json.dumps(out))
 def library_ids(folder: Path, prompt: list[int], new: int, sampler: str, steps: int, block_length: int | None,
                 seed: int | None = None, eos_id: int | None = None, **options) -> list[int]:
     """This library's sampler on [BOS, prompt, new masks] -> the ids after BOS."""
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
     from adapt.denoiser import Denoiser
     from adapt.sampling import generate
     from adapt.sampling.canvas import prompt_canvas
@@ -141,7 +141,7 @@ def library_ids(folder: Path, prompt: list[int], new: int, sampler: str, steps: 
 
 def median_confidence(folder: Path, prompt: list[int], new: int) -> float:
     """A tau that the threshold sampler crosses for about half the positions at its first step."""
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
     from adapt.denoiser import Denoiser
     from adapt.sampling.canvas import prompt_canvas
 
@@ -240,8 +240,8 @@ def test_card_metadata_and_body(export, tmp_path, tokenizer_dir):
 def test_generation_config_and_files(export):
     from transformers import GenerationConfig
 
-    from adapt.checkpoint import load_diffusion_model
-    from adapt.hf_export import GENERATE_SOURCE
+    from adapt.export import load_diffusion_model
+    from adapt.export.writer import GENERATE_SOURCE
 
     gc = GenerationConfig.from_pretrained(export)
     assert gc.do_sample is False and gc.max_new_tokens == 64 and gc.diffusion_sampler == "confidence"
@@ -278,7 +278,7 @@ def block_causal_logits(model, x: torch.Tensor, valid: torch.Tensor, pos: torch.
 
 @pytest.mark.parametrize("clean", ["block", "causal"])
 def test_block_cache_equals_uncached_forward(block_export, clean):
-    from adapt.hf_generate import generate as hg
+    from adapt.export.hf_generate import generate as hg
 
     model, b = remote_model(block_export).eval(), 4
     meta = hg.load_meta(model) | {"clean_attention": clean}
@@ -348,7 +348,7 @@ def test_left_padded_batch_rows_equal_each_prompt_alone(which, request):
 # --- bad requests ---------------------------------------------------------------------------------
 
 def test_bad_requests_say_what_to_change(export, tmp_path):
-    from adapt.hf_generate.generate import generate
+    from adapt.export.hf_generate.generate import generate
 
     model = remote_model(export)
     ids = torch.tensor([[504, 2644]])
@@ -367,7 +367,7 @@ def test_bad_requests_say_what_to_change(export, tmp_path):
 
 
 def test_card_figures_come_from_the_runs_evaluations(tmp_path):
-    from adapt.hf_export import run_figures
+    from adapt.export.writer import run_figures
 
     assert run_figures(tmp_path / "metrics.jsonl") == {}
     rows = [{"kind": "eval", "step": 0, "parent_ppl": 30.0, "before_ppl": 3000.0},
@@ -388,9 +388,9 @@ def test_an_adapter_export_decodes_only_with_its_adapter(tmp_path, tokenizer_dir
     from peft import get_peft_model
     from transformers import AutoTokenizer
 
-    from adapt.checkpoint import ADAPTER_DIR
+    from adapt.export import ADAPTER_DIR
     from adapt.config import LoraConfig
-    from adapt.hf_export import write_hf_extras
+    from adapt.export.writer import write_hf_extras
     from adapt.lora import peft_config
 
     export = make_export(tmp_path / "export", tokenizer_dir, block_length=block)
@@ -402,7 +402,7 @@ def test_an_adapter_export_decodes_only_with_its_adapter(tmp_path, tokenizer_dir
             if "lora_B" in name:
                 p.normal_(0, 0.5, generator=torch.Generator().manual_seed(2))
     wrapped.save_pretrained(export / ADAPTER_DIR)
-    write_hf_extras(export, meta, adapter=ADAPTER_DIR)  # as checkpoint.export does for such a run
+    write_hf_extras(export, meta, adapter=ADAPTER_DIR)  # as adapt.export.export does for such a run
     assert f'model.load_adapter("THIS_FOLDER/{ADAPTER_DIR}")' in (export / "README.md").read_text()
     tok = AutoTokenizer.from_pretrained(export)
     prompt, new = tok(PROMPT).input_ids, 8

@@ -7,7 +7,7 @@ from conftest import tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from adapt.config import LoraConfig
-from adapt.checkpoint import ADAPTER_DIR
+from adapt.export import ADAPTER_DIR
 from adapt.lora import apply_lora, export_model, merge_adapter, trainable_counts
 from adapt.model import DiffusionMeta, ModelLoadError
 from test_eval_fixtures import exported_dir  # noqa: F401
@@ -82,13 +82,13 @@ def test_wrong_target_modules_named():
 
 def test_an_adapter_export_is_loaded_with_its_adapter_by_every_command(exported_dir, tmp_path):  # noqa: F811
     """A `lora.export=adapter` export holds the base weights with the adapter beside them: a next stage, the judge,
-    the parent of a later stage and the benchmarks (checkpoint.load_weights) must start from base + adapter, as
+    the parent of a later stage and the benchmarks (export.load_weights) must start from base + adapter, as
     load_diffusion_model does, not from the base alone (the model before its adaptation)."""
     import shutil
 
     from peft import get_peft_model
 
-    from adapt.checkpoint import load_diffusion_model, load_weights
+    from adapt.export import load_diffusion_model, load_weights
     from adapt.config import ModelConfig
     from adapt.lora import peft_config
     from adapt.model import set_causal

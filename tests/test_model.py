@@ -10,8 +10,8 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapt import checkpoint
 from adapt.config import EMBEDDED_MODEL, ModelConfig
+from adapt.export import read_meta, save_meta
 from adapt.model import (ModelLoadError, add_mask_token, embedded_gguf, forward_logits, load_causal_lm,
                          load_tokenizer, resolve_source)
 
@@ -224,11 +224,11 @@ def test_diffusion_meta_round_trip_and_bad_files(tmp_path):
     from adapt.model import DiffusionMeta
 
     meta = DiffusionMeta(mask_token_id=7, real_vocab_size=50, parent="p")
-    checkpoint.save_meta(tmp_path, meta)
-    assert checkpoint.read_meta(tmp_path) == meta
+    save_meta(tmp_path, meta)
+    assert read_meta(tmp_path) == meta
     for text in ("{not json", "[1, 2]", '{"mask_token_id": 1}', '{"mask_token_id": 1, "real_vocab_size": 2, "x": 0}'):
         (tmp_path / "diffusion.json").write_text(text)
         with pytest.raises(ModelLoadError, match="re-export"):
-            checkpoint.read_meta(tmp_path)
+            read_meta(tmp_path)
     with pytest.raises(ModelLoadError, match="not an exported diffusion model"):
-        checkpoint.read_meta(tmp_path / "elsewhere")
+        read_meta(tmp_path / "elsewhere")

@@ -18,7 +18,7 @@ from cli_runner import CliRunner
 from test_eval_fixtures import exported_dir  # noqa: F401
 from test_export_safety import _broken
 
-from adapt import checkpoint
+from adapt.export import META_FILE, WEIGHTS_FILE
 
 TIMEOUT = 240
 INTS = ["0", "-1", str(2**63), "1e309", "nan", "x", ""]
@@ -86,11 +86,11 @@ def _input_folder(kind: str, which: str, box: Path, export: Path, run: Path) -> 
     elif which in ("no_meta", "config_garbage", "weights_truncated"):
         shutil.copytree(export, target)
         if which == "no_meta":
-            (target / checkpoint.META_FILE).unlink()
+            (target / META_FILE).unlink()
         elif which == "config_garbage":
             (target / "config.json").write_bytes(b"\x00{garbage")
         else:
-            weights = target / checkpoint.WEIGHTS_FILE
+            weights = target / WEIGHTS_FILE
             weights.write_bytes(weights.read_bytes()[:1000])
     else:
         _broken(export, target, which)

@@ -77,7 +77,7 @@ def test_run_writes_checkpoint_tree_and_metrics(finished_run):
 def test_export_round_trip(finished_run):
     from transformers import AutoModelForCausalLM
 
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
     from adapt.distributed import consolidated_state_dict
 
     final = finished_run / "final"

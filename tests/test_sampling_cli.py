@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt import checkpoint
+from adapt.export import save_meta
 from adapt import sample
 from conftest import ROOT
 
@@ -27,7 +27,7 @@ def exported_dir(tmp_path_factory, tiny_model_dir) -> Path:
     meta = add_mask_token(model, tok, ModelConfig(name_or_path=str(tiny_model_dir)))
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
-    checkpoint.save_meta(out, meta)
+    save_meta(out, meta)
     return out
 
 

@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapt import checkpoint
 from adapt.config import ConfigError
 from adapt.recipe import load_config
 from adapt.data import DataError
 from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions
+from adapt.export import exported_meta, read_meta, save_meta
 from adapt.model import DiffusionMeta, prepare_diffusion
 from adapt.sft import answer_positions, build_examples, encode, pad_example, split_record, wiki_sft_pairs
 
@@ -106,7 +106,7 @@ def exported(tmp: Path, model_dir: Path) -> Path:
     meta = add_mask_token(model, tok, mcfg)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    checkpoint.save_meta(tmp, meta)
+    save_meta(tmp, meta)
     return tmp
 
 
@@ -118,8 +118,8 @@ def test_sft_reuses_the_exported_mask_token(tmp_path, tiny_model_dir):
     mcfg = ModelConfig(name_or_path=str(folder), dtype="fp32")
     model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
     rows = model.get_input_embeddings().weight.shape[0]
-    meta = prepare_diffusion(model, tok, mcfg, checkpoint.exported_meta(folder))
-    saved = checkpoint.read_meta(folder)
+    meta = prepare_diffusion(model, tok, mcfg, exported_meta(folder))
+    saved = read_meta(folder)
     assert meta.mask_token_id == saved.mask_token_id and meta.real_vocab_size == saved.real_vocab_size
     assert model.get_input_embeddings().weight.shape[0] == rows  # no second mask token, no resize
     assert tok.convert_tokens_to_ids(tok.mask_token) == saved.mask_token_id

@@ -56,7 +56,7 @@ def test_two_ranks(stage, zero, lora, tmp_path, tiny_model_dir, corpus_file, sft
     assert not any("lora_" in k or "base_layer" in k for k in weights)  # a plain HF folder
     assert (run / "final" / "adapter").is_dir() == (stage == "sft" and lora)
     assert ("model.load_adapter" in (run / "final" / "README.md").read_text()) == (stage == "sft" and lora)
-    from adapt.checkpoint import load_diffusion_model
+    from adapt.export import load_diffusion_model
 
     merged, tok, meta = load_diffusion_model(run / "final")
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""The shape of the code: no import circle, files and functions short enough to read at once, only
-adapt/checkpoint.py spelling the names of an export's files, and one `main` for every eval script."""
+"""The shape of the code: no import circle, files and functions short enough to read at once, only the export
+package's contract (adapt/export/contract.py) spelling the names of an export's files, and one `main` for every
+eval script."""
 from __future__ import annotations
 
 import ast
@@ -11,7 +12,7 @@ from conftest import ROOT
 PACKAGES = ("adapt", "eval", "bench")
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
 # the decoder shipped inside every export runs without this package, so it reads diffusion.json itself
-EXPORT_NAME_OWNERS = {"adapt/export_files.py", "adapt/hf_generate/generate.py"}
+EXPORT_NAME_OWNERS = {"adapt/export/contract.py", "adapt/export/hf_generate/generate.py"}
 # file names as strings; the adapter folder only where it is joined to a path ("adapter" is also a lora.export value)
 EXPORT_NAMES = re.compile(r"""["'](diffusion\.json|recipe\.yaml)["']|/ *["']adapter["']|["']adapter/""")
 
@@ -96,7 +97,7 @@ def test_only_the_export_contract_spells_export_file_names():
                if str(path.relative_to(ROOT)) not in EXPORT_NAME_OWNERS
                for m in EXPORT_NAMES.finditer(path.read_text())]
     assert not spelled, spelled
-    assert EXPORT_NAMES.search((ROOT / "adapt" / "export_files.py").read_text())  # the pattern matches the owner
+    assert EXPORT_NAMES.search((ROOT / "adapt" / "export" / "contract.py").read_text())  # the pattern matches the owner
 
 
 def test_every_eval_script_shares_the_one_main():

@@ -12,9 +12,10 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from adapt.checkpoint import complete_tags, export  # noqa: E402
+from adapt.checkpoint import complete_tags  # noqa: E402
+from adapt.export.writer import export  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """The model card (README.md) of an export: the Hub's YAML metadata header, then what the model is, how it
-was trained, its held-out figures and how to sample it three ways (issue 16). Written by adapt.hf_export.
+was trained, its held-out figures and how to sample it three ways (issue 16). Written by adapt.export.writer.
 """
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def _notes(meta: dict) -> CardNotes:
 
 def model_card(meta: dict, recipe: dict, figures: dict, bos_added: bool | None = None,
                adapter: str | None = None) -> str:
-    """README.md text of an export; `figures` from adapt.hf_export.run_figures ({} = not measured); `adapter` the
+    """README.md text of an export; `figures` from adapt.export.writer.run_figures ({} = not measured); `adapter` the
     folder of a LoRA adapter kept apart from the weights."""
     head = yaml.safe_dump(metadata(meta, recipe), sort_keys=False).strip()
     note = (f"\n> **This export keeps its LoRA adapter apart** (`lora.export: adapter`: the base weights here, the "
@@ -186,7 +186,7 @@ python -m adapt.sample THIS_FOLDER --prompt "The history of" --length 64 --steps
 ```
 
 ```python
-from adapt.checkpoint import load_diffusion_model
+from adapt.export import load_diffusion_model
 model, tokenizer, meta = load_diffusion_model("THIS_FOLDER")  # attention set for diffusion
 ```
 

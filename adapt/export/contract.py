@@ -1,9 +1,11 @@
 """The export folder's contract: its file names, what a user can break in one, and where one may be written.
 
 An export is a self-describing HF folder (weights, config.json, tokenizer, diffusion.json, recipe.yaml, the
-model card and the decoder shipped in custom_generate/). Every command that reads one checks it here first, so
-a broken folder gets one message naming the problem instead of a traceback or garbage output; the export
-command asks here whether its destination may be replaced (only an earlier export may).
+model card and the decoder shipped in custom_generate/). This module is the only one that spells those names
+(besides the shipped decoder, which runs without this package). Every command that reads an export checks it
+first (adapt.export.loader.export_problem, through contents_problem here), so a broken folder gets one message
+naming the problem instead of a traceback or garbage output; the export command asks here whether its
+destination may be replaced (only an earlier export may).
 """
 from __future__ import annotations
 

@@ -1,26 +1,162 @@
-"""What makes an export usable in plain transformers: its own diffusion `generate`, decoding defaults
-and a model card (issue 16).
+"""Writing an export: the folder `python -m adapt.export` and the end of each training stage make from a run's
+checkpoint, and base/, the part of it written once at the start of a run (the run folder: adapt.checkpoint).
 
-    <export>/custom_generate/generate.py        the self-contained decoder (adapt/hf_generate/generate.py)
-    <export>/custom_generate/requirements.txt   torch and transformers, checked by transformers at load
-    <export>/generation_config.json             diffusion decoding defaults (greedy, sampler, steps, blocks)
-    <export>/README.md                          model card with the Hub's metadata header
+    <export>/model*.safetensors, config.json, tokenizer  the consolidated weights (any ZeRO stage), the tokenizer
+    <export>/diffusion.json, recipe.yaml                diffusion metadata, resolved recipe (adapt.export.contract)
+    <export>/adapter/                                   the peft adapter of a lora.export=adapter run
+    <export>/custom_generate/generate.py                the self-contained decoder (adapt/export/hf_generate/)
+    <export>/custom_generate/requirements.txt           torch and transformers, checked by transformers at load
+    <export>/generation_config.json                     diffusion decoding defaults (greedy, sampler, steps, blocks)
+    <export>/README.md                                  model card with the Hub's metadata header (adapt.export.card)
 
-`checkpoint.export` calls `write_hf_extras` on the finished temporary folder, before it is renamed
-into place. transformers loads custom_generate/generate.py as the model's `generate` only with
-`trust_remote_code=True`; without it `generate` is the parent's left-to-right decoding.
+The export is written to a temporary folder beside its destination and renamed into place, so a reader never
+sees half an export; it replaces only an empty folder or an earlier export. transformers loads
+custom_generate/generate.py as the model's `generate` only with `trust_remote_code=True` (issue 16); without it
+`generate` is the parent's left-to-right decoding.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import torch
 import yaml
-from transformers import AutoTokenizer, GenerationConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from adapt import distributed, faults
+from adapt.checkpoint import (CONFIG_FILE, CheckpointError, base_dir, ckpt_root, complete_tags, damage, final_dir,
+                              latest_intact, metrics_file, note, read_complete)
+from adapt.config import Config, from_dict, to_yaml
+from adapt.export.card import model_card
+from adapt.export.contract import (ADAPTER_DIR, RECIPE_FILE, destination_problem, read_meta, save_meta,
+                                   writable_problem)
 from adapt.metrics import read_records
-from adapt.model_card import model_card
+from adapt.model import DTYPES, DiffusionMeta
+
+
+def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype: str | None = None) -> Path:
+    """Consolidate a DeepSpeed checkpoint of a run (any ZeRO stage) into an HF folder; returns it."""
+    run_dir = Path(run_dir)
+    tag = export_tag(run_dir, tag)
+    saved = from_dict(yaml.safe_load((ckpt_root(run_dir) / tag / CONFIG_FILE).read_text()))
+    meta = read_meta(base_dir(run_dir))
+    step = read_complete(ckpt_root(run_dir) / tag)["step"] or int(tag[len("step_"):])
+    from adapt.attention import anneal_ratio
+
+    ratio = anneal_ratio(step, saved.attention.anneal_steps)
+    meta = replace(meta, anneal_ratio=ratio, bidirectional=ratio >= 1.0)
+    out = Path(out) if out else final_dir(run_dir)
+    tmp = _export_tmp(out, run_dir)
+    try:
+        _write_export(run_dir, tag, saved, meta, tmp, dtype)
+        faults.maybe_kill_in_export()
+        _swap_into_place(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # ours: the unfinished export of a failed run of this command
+    return out
+
+
+def _export_tmp(out: Path, run_dir: Path) -> Path:
+    """The temporary folder beside `out` an export is written into, made only once `out` may be replaced and
+    its folder written: CheckpointError (before any work) otherwise."""
+    problem = destination_problem(out, [base_dir(run_dir), ckpt_root(run_dir)])
+    problem = problem or writable_problem(out.parent)
+    if problem:
+        raise CheckpointError(f"cannot export to {out}: {problem}")
+    return _tmp_sibling(out)
+
+
+def _write_export(run_dir: Path, tag: str, saved: Config, meta: DiffusionMeta, tmp: Path, dtype: str | None) -> None:
+    """The export of checkpoint `tag` of `run_dir`, written into `tmp`."""
+    state = distributed.consolidated_state_dict(ckpt_root(run_dir), tag)
+    base = base_dir(run_dir)
+    config = AutoConfig.from_pretrained(base)
+    if saved.lora.enabled:  # peft keys: merge the adapter, or keep it in tmp/adapter
+        from adapt.lora import export_model
+
+        keep = tmp / ADAPTER_DIR if saved.lora.export == "adapter" else None
+        model = export_model(config, state, saved.lora, meta.mask_token_id, DTYPES[dtype or saved.model.dtype], keep)
+    else:
+        model = _model_from_state(config, state, tag)
+        model.to(DTYPES[dtype or saved.model.dtype])
+    model.save_pretrained(tmp, safe_serialization=True)
+    AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+    if (base / "generation_config.json").is_file():
+        GenerationConfig.from_pretrained(base).save_pretrained(tmp)
+    save_meta(tmp, meta)
+    (tmp / RECIPE_FILE).write_text(to_yaml(saved))
+    write_hf_extras(tmp, meta, saved, run_dir=run_dir, adapter=ADAPTER_DIR if (tmp / ADAPTER_DIR).is_dir() else None)
+
+
+def export_tag(run_dir: Path, tag: str | None, say=None) -> str:
+    """The checkpoint to export: `tag`, refused when it is incomplete or damaged; by default the latest
+    intact one (a damaged later one is named through `say` and skipped)."""
+    tags, say = complete_tags(run_dir), say or note
+    if not tags:
+        raise CheckpointError(f"{run_dir} has no complete checkpoint to export")
+    if tag is not None:
+        if tag not in tags:
+            raise CheckpointError(f"{tag} is not a complete checkpoint of {run_dir}; choose from {', '.join(tags)}")
+        problem = damage(ckpt_root(run_dir) / tag)
+        if problem:
+            raise CheckpointError(f"checkpoint {tag} is damaged: {problem}; export another one (--tag, of "
+                                  f"{', '.join(t for t in tags if t != tag) or 'none'})")
+        return tag
+    tag = latest_intact(tags, lambda t: damage(ckpt_root(run_dir) / t), say)
+    if tag is None:
+        raise CheckpointError(f"every checkpoint of {run_dir} is damaged (see above); nothing to export")
+    return tag
+
+
+def _model_from_state(config, state: dict[str, torch.Tensor], tag: str):
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    missing = [k for k in missing if k not in _tied_keys(model)]
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {tag} does not match the model: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model
+
+
+def _tied_keys(model) -> set[str]:
+    keys = getattr(model, "_tied_weights_keys", None) or {}
+    return set(keys if not isinstance(keys, dict) else keys.keys())
+
+
+def _tmp_sibling(path: Path) -> Path:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _swap_into_place(tmp: Path, dest: Path) -> None:
+    """Replace `dest` by the finished `tmp` so a reader never sees a half-written folder."""
+    old = dest.with_name(f".{dest.name}.old{os.getpid()}")
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_base(run_dir: Path, model, tokenizer, meta: DiffusionMeta) -> None:
+    """What an export needs besides the weights, written once at the start of a run (rank 0)."""
+    base = base_dir(run_dir)
+    tmp = _tmp_sibling(base)
+    model.config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(tmp)
+    save_meta(tmp, meta)
+    _swap_into_place(tmp, base)
+
+
+# --- what makes an export usable in plain transformers (issue 16) -----------------------------------
 
 GENERATE_SOURCE = Path(__file__).resolve().parent / "hf_generate" / "generate.py"
 GENERATE_DIR = "custom_generate"
@@ -50,7 +186,7 @@ def write_hf_extras(folder: str | Path, meta, recipe_cfg=None, summary: dict | N
     write_generate(folder)
     write_generation_config(folder, meta)
     if summary is None and run_dir is not None:
-        summary = run_figures(Path(run_dir) / "metrics.jsonl")
+        summary = run_figures(metrics_file(run_dir))
     (folder / "README.md").write_text(model_card(meta, recipe, summary or {}, _bos_adds(folder), adapter))
 
 

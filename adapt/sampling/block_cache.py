@@ -3,7 +3,7 @@ family inside the current block.
 
 Blocks are aligned from BOS (position 0) as in training; a block that holds given tokens (a prompt's partial
 last block) keeps them fixed while its masks are filled. The cache mechanics are the ones the export's own
-decoder uses (`adapt.hf_generate.generate.BlockCache`: the current block attends the cache and itself; a
+decoder uses (`adapt.export.hf_generate.generate.BlockCache`: the current block attends the cache and itself; a
 finished block enters the cache within the next block's first call, whose last clean row predicts that
 block's first token, so a commit costs no call), and the library and plain transformers decode the same way.
 Exact: equal to one forward over [clean blocks < k | block k] under the block mask (tested).
@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from adapt.hf_generate import generate as hf
+from adapt.export.hf_generate import generate as hf
 from adapt.sampling.blocks import split_steps, stop_after_eos
 from adapt.sampling.loop import Trace
 
