@@ -1,4 +1,5 @@
-"""The only module that talks to DeepSpeed: process group, engine, checkpoints, consolidation."""
+"""The only module that imports DeepSpeed: process group, collectives, the engine and its optimizer, checkpoints,
+consolidation. The training loop drives the engine this module builds (backward, step) through its methods."""
 from __future__ import annotations
 
 import json
@@ -111,6 +112,15 @@ def _merge(base: dict, extra: dict) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+def adamw(params: list[dict], offload: bool, **kw) -> torch.optim.Optimizer:
+    """AdamW over parameter groups: DeepSpeedCPUAdam when the optimizer is offloaded to the CPU, else torch's."""
+    if offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
+    return torch.optim.AdamW(params, **kw)
 
 
 def initialize(model: torch.nn.Module, optimizer, scheduler, config: dict):

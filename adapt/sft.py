@@ -197,7 +197,7 @@ def build_examples(cfg: Config, tokenizer) -> SftBlocks:
                f"(EOS padding included)")
     answer = answer_positions(ids[n:], loss_mask[n:], tokenizer.eos_token_id)
     return SftBlocks(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], {"answer": answer},
-                     summary, dropped)
+                     summary, dropped=dropped)
 
 
 # --- evaluation and the report ---------------------------------------------------------------------

@@ -74,11 +74,7 @@ def _optimizer(cfg: Config, model: torch.nn.Module):
     """AdamW (DeepSpeedCPUAdam under optimizer offload) over the trainable parameters, in `lr_groups`."""
     params = lr_groups(cfg, model)
     kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    if cfg.dist.offload_optimizer:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(params, adamw_mode=True, **kw)
-    return torch.optim.AdamW(params, **kw)
+    return distributed.adamw(params, cfg.dist.offload_optimizer, **kw)
 
 
 _LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")

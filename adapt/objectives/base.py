@@ -97,7 +97,7 @@ class JointCausal:
 
 @dataclass
 class CardNotes:
-    """What an export's model card says about its objective (adapt.model_card)."""
+    """What an export's model card says about its objective (adapt.export.card)."""
 
     tags: tuple[str, ...] = ()
     """Hub tags beyond the diffusion ones."""
