@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from adapt import curve, distributed, sft
+import yaml
+
+from adapt import checkpoint, curve, distributed, sft
 from adapt.config import Config
 from adapt.data import Blocks, DataError, build_blocks, source_problems
 from adapt.export import export, load_diffusion_model
@@ -45,9 +47,24 @@ def _sft_data(cfg: Config, tokenizer) -> Blocks:
         return sft.build_examples(cfg, tokenizer)
 
 
+def _layout_problems(cfg: Config) -> list[str]:
+    """A run whose checkpoints predate the token store (their configs have no data.sources) cannot resume from
+    it: the store cuts and orders blocks differently (no batch tail dropped, whole held-out documents)."""
+    tags = checkpoint.complete_tags(cfg.run_dir) if cfg.run.resume == "auto" else []
+    if not tags:
+        return []
+    saved = yaml.safe_load(checkpoint.config_file(checkpoint.ckpt_root(cfg.run_dir) / tags[-1]).read_text()) or {}
+    if "sources" in (saved.get("data") or {}):
+        return []
+    return [f"{cfg.run_dir} was trained on data layout 1 (blocks packed at start-up, before the token store, data "
+            f"layout 2): resuming would not replay its data order. Finish it with the version it started with "
+            f"(the commit before adapt/store.py was added), or start it anew on the store: run.resume=never or "
+            f"another run.name"]
+
+
 def run_adapt(cfg: Config) -> dict:
     """The adapt stage end to end: evaluate, train, export, evaluate, sample. Returns the summary."""
-    problems = source_problems(cfg.data)
+    problems = source_problems(cfg.data) + _layout_problems(cfg)
     if problems:  # at once, before the model loads
         raise DataError("; ".join(problems))
     state = setup(cfg, _adapt_data)

@@ -277,3 +277,25 @@ def test_bad_sources_are_named(tmp_path, tok, sources, needle):
                      cache_dir=str(tmp_path / "cache"), block_size=16, heldout_blocks=1)
     with pytest.raises(DataError, match=needle):
         build_blocks(cfg, tok)
+
+
+def test_a_run_from_before_the_store_is_refused_with_the_way_out(tmp_path):
+    import yaml
+
+    from adapt import checkpoint
+    from adapt.config import Config, RunConfig, to_dict
+    from adapt.stages import _layout_problems
+
+    cfg = Config(run=RunConfig(output_dir=str(tmp_path), name="old"))
+    tag = checkpoint.ckpt_root(cfg.run_dir) / checkpoint.tag_for(4)
+    tag.mkdir(parents=True)
+    saved = to_dict(cfg)
+    (tag / checkpoint.COMPLETE).write_text("{}")
+    checkpoint.config_file(tag).write_text(yaml.safe_dump(saved))
+    assert _layout_problems(cfg) == []  # written by this version: resumes
+    del saved["data"]["sources"]
+    checkpoint.config_file(tag).write_text(yaml.safe_dump(saved))
+    (problem,) = _layout_problems(cfg)
+    assert "data layout 1" in problem and "run.resume=never" in problem
+    cfg.run.resume = "never"
+    assert _layout_problems(cfg) == []
