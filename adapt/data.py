@@ -345,7 +345,7 @@ def build_blocks(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Blocks:
         held.append(kept.rows(np.arange(h)))
         held_docs.append(kept.docs(np.arange(h)))
         out_docs = len(tokens.doc_ends) - int(np.searchsorted(tokens.doc_ends, cut, side="right"))
-        lines.append(f"{src.label}: {len(tokens) / 1e6:.2f}M tokens, {len(tokens.doc_ends)} documents -> {n} "
+        lines.append(f"{src.label}: {len(tokens):,} tokens, {len(tokens.doc_ends):,} documents -> {n:,} "
                      f"train blocks, {h} held-out blocks from its last {out_docs} documents ({tokens.folder})")
     rows = np.cumsum([0] + [len(x) for x in held])
     heldout = torch.cat(held)

@@ -299,3 +299,17 @@ def test_a_run_from_before_the_store_is_refused_with_the_way_out(tmp_path):
     assert "data layout 1" in problem and "run.resume=never" in problem
     cfg.run.resume = "never"
     assert _layout_problems(cfg) == []
+
+
+def test_the_start_up_log_shows_the_realised_mixture(tmp_path, tok):
+    from adapt.config import Config, TrainConfig
+    from adapt.stages import _adapt_data
+
+    a, b = corpus(tmp_path / "a.jsonl", 40, "Alpha"), corpus(tmp_path / "b.jsonl", 40, "Beta")
+    cfg = Config(data=DataConfig(sources=[SourceConfig(path=str(a), weight=0.7), SourceConfig(path=str(b), weight=0.3)],
+                                 cache_dir=str(tmp_path / "cache"), block_size=16, heldout_blocks=2),
+                 train=TrainConfig(max_steps=50, micro_batch_size=4, grad_accum=1))
+    summary = _adapt_data(cfg, tok).summary
+    shares = re.findall(r"(\w) (0\.\d+) -> (0\.\d+)", summary.split("mixture")[1])
+    assert [(s, w) for s, w, _ in shares] == [("a", "0.700"), ("b", "0.300")] and "steps 0-49, 4 rows" in summary
+    assert all(abs(float(w) - float(r)) < 0.05 for _, w, r in shares)  # 2 or 3 of 4 rows from a: 0.7 on average
