@@ -85,6 +85,16 @@ class DiffusionConfig:
     """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an even number of sequences per step."""
     ar_loss_weight: float = 0.0
     """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
+    distill_weight: float = 0.0
+    """Distillation (a training term only; every bound stays the exact ELBO): adds this weight x tau^2 KL(teacher || model) summed over the `distill_positions`, per loss-normalised token like the diffusion loss; 0 = off."""
+    distill_positions: str = "frontier"
+    """Where the distillation term applies: frontier (masked positions whose block shows every earlier token and hides every later one: there the teacher's next-token distribution is the exact target) or masked (every masked position: a biased target)."""
+    distill_teacher: str = "clean"
+    """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with diffusion.clean_attention=causal; no extra forward)."""
+    distill_top_k: int = 0
+    """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
+    distill_temperature: float = 1.0
+    """Softmax temperature tau of teacher and model in the distillation term."""
 
 
 @dataclass
@@ -267,6 +277,8 @@ CHOICES: dict[str, tuple] = {
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
     "diffusion.clean_attention": ("block", "causal"),
+    "diffusion.distill_positions": ("frontier", "masked"),
+    "diffusion.distill_teacher": ("clean",),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window", "blocks"),
@@ -288,6 +300,9 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.eps", 1e-8, 0.5),
     ("diffusion.block_length", 0, SIZE_MAX),
     ("diffusion.ar_loss_weight", 0.0, None),
+    ("diffusion.distill_weight", 0.0, None),
+    ("diffusion.distill_top_k", 0, SIZE_MAX),
+    ("diffusion.distill_temperature", 0.0, 100.0),
     ("diffusion.t_min", 0.0, 1.0),
     ("diffusion.t_max", 0.0, 1.0),
     ("attention.anneal_steps", 0, STEPS_MAX),
@@ -324,7 +339,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("lora.dropout", 0.0, 0.99),
 ]
 
-OPEN_BELOW = {"optim.layer_lr_decay", "optim.embedding_lr_scale"}
+OPEN_BELOW = {"optim.layer_lr_decay", "optim.embedding_lr_scale", "diffusion.distill_temperature"}
 """Keys of RANGES whose lower bound is excluded (a rate factor of 0 would freeze what it scales)."""
 
 

@@ -172,3 +172,33 @@ def geometric_sigma_bar(t: torch.Tensor, sigma_min: float = 1e-4, sigma_max: flo
 def absorbing_score_scale(sigma_bar: torch.Tensor) -> torch.Tensor:
     """e^{-sigma_bar} / (1 - e^{-sigma_bar}): the concrete score at a masked position is this times p_theta(x0=y|x_t)."""
     return 1.0 / torch.expm1(sigma_bar)
+
+
+def frontier_positions(masked: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, L) bool: masked positions whose span (blocks of `span` from position 0) shows every earlier token and
+    hides every later one. There the exact target p(x_i | x_t) is the parent's next-token distribution
+    p(x_i | x_<i) given the clean blocks before, so a teacher's distribution is an unbiased soft target."""
+    B, L = masked.shape
+    pad = -L % span  # a last, partial span: padded with masked positions, which hide nothing
+    m = torch.cat([masked, masked.new_ones(B, pad)], 1).view(B, -1, span)
+    shown_before = torch.cumprod((~m).int(), -1).roll(1, -1)  # 1 while every earlier token of the span is shown
+    shown_before[..., 0] = 1
+    hidden_after = torch.cumprod(m.flip(-1).int(), -1).flip(-1).roll(-1, -1)  # every later token hidden
+    hidden_after[..., -1] = 1
+    return (m & shown_before.bool() & hidden_after.bool()).view(B, -1)[:, :L]
+
+
+def distill_kl(student: torch.Tensor, teacher: torch.Tensor, blocked: torch.Tensor, top_k: int = 0,
+               temperature: float = 1.0) -> torch.Tensor:
+    """(N,) float32: tau^2 KL(p_T || p_S) per row of logits (N, V), p = softmax(z / tau) over the ids not blocked
+    (Hinton et al. 2015; the tau^2 keeps the gradient's scale across temperatures). With top_k > 0 the teacher is
+    its k most likely ids, renormalised, against the student's full distribution (OPDLM's top-k forward KL); top_k
+    >= V is the full KL. The teacher carries no gradient."""
+    log_s = denoiser_log_probs(student / temperature, blocked)
+    log_t = denoiser_log_probs(teacher.detach() / temperature, blocked)
+    if 0 < top_k < log_t.shape[-1]:
+        top, ids = log_t.topk(top_k, dim=-1)
+        log_t, log_s = top - top.logsumexp(-1, keepdim=True), log_s.gather(-1, ids)
+    p_t = log_t.exp()
+    terms = torch.where(p_t > 0, p_t * (log_t - log_s), torch.zeros_like(p_t))  # 0 log 0 = 0 (blocked ids)
+    return temperature ** 2 * terms.sum(-1)

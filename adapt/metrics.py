@@ -106,12 +106,14 @@ class MetricsLog:
                "anneal_ratio": window[-1]["anneal_ratio"], "grad_norm": window[-1]["grad_norm"],
                "tokens_per_s": sum(w["tokens"] for w in window) / max(secs, 1e-9), "tokens": window[-1]["tokens"],
                "step_seconds": secs / len(window)}
-        if "ar_loss" in window[-1]:  # the joint causal term (diffusion.ar_loss_weight > 0)
-            row["ar_loss"] = sum(w["ar_loss"] for w in good) / len(good) if good else float("nan")
+        for key in ("ar_loss", "distill"):  # the joint causal term, the distillation term (when on)
+            if key in window[-1]:
+                row[key] = sum(w[key] for w in good) / len(good) if good else float("nan")
         done = step - self._first
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * (self._total - step)
         ar = f" | ar {row['ar_loss']:.4f}" if "ar_loss" in row else ""
+        ar += f" | kd {row['distill']:.4f}" if "distill" in row else ""
         self.info(f"step {step}/{self._total} | loss {row['loss']:.4f}{ar} | masked {row['masked_tokens']} | "
                   f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
                   f"ETA {_duration(eta)}")

@@ -217,7 +217,8 @@ def train_step(state: State, step: int) -> dict:
     """One optimizer step over micro_batch_size * grad_accum sequences per rank.
 
     "loss" is the diffusion loss; with the joint causal term (objective.ar_weight alpha > 0) "ar_loss" is the
-    clean sequences' causal NLL per scored token, and the step minimises loss + alpha * ar_loss."""
+    clean sequences' causal NLL per scored token, and the step minimises loss + alpha * ar_loss; with distillation
+    "distill" is its term per normalised token, added to the loss minimised (never to a bound)."""
     cfg, world, obj, data = state.cfg, distributed.world_size(), state.objective, state.data
     m, a = cfg.train.micro_batch_size, cfg.train.grad_accum
     faults.maybe_stall(step)
@@ -237,39 +238,55 @@ def train_step(state: State, step: int) -> dict:
     joint = obj.joint_term(state.forward, obj.scored(x0_all, loss_mask), mine, distributed.all_sum)
     attention = step_attention(cfg, step)
     attention.docs = data.train_docs[idx[mine]] if cfg.attention.document_mask else None
-    total, bad = 0.0, False
+    totals, seen, bad = {"loss": 0.0, "distill": 0.0}, set(), False
     for k in range(a):
         sl = slice(k * m, (k + 1) * m)
-        part = noised.rows(sl)
-        logits, causal_logits = obj.predict_joint(state.forward, x0[sl], part, attention.rows(sl))
-        loss_sum = obj.loss_sum(logits, x0[sl], part)
-        ar_sum = None if joint is None else joint.loss_sum(x0[sl], sl, attention.rows(sl).docs, causal_logits)
-        if step in faults.nan_steps():
-            loss_sum = loss_sum * float("nan")
-        finite = torch.isfinite(loss_sum) if ar_sum is None else torch.isfinite(loss_sum) & torch.isfinite(ar_sum)
+        sums = _micro_sums(state, step, x0[sl], noised.rows(sl), attention.rows(sl), joint, sl)
+        finite = torch.stack([torch.isfinite(v) for v in sums.values()]).all()
         bad = bad or distributed.all_sum([float(not finite)])[0] > 0  # every rank takes the same branch
         if bad and k == a - 1:
             saved_lrs = _drop_update(state.engine)
         # DeepSpeed divides by grad_accum and averages over ranks; undo both so the step's
         # gradient is d(sum of all token losses / global count). A non-finite loss sends no gradient.
-        loss = torch.where(finite, loss_sum, 0.0) / count
-        if ar_sum is not None:
-            loss = loss + joint.term(torch.where(finite, ar_sum, 0.0))
+        kept = {name: torch.where(finite, v, 0.0) for name, v in sums.items()}
+        loss = (kept["loss"] + kept.get("distill", 0.0)) / count
+        if "ar" in kept:
+            loss = loss + joint.term(kept["ar"])
         state.engine.backward(loss * world * a)
         state.engine.step()
-        total += loss_sum.item() if finite else 0.0
+        seen |= sums.keys()
+        for name in totals.keys() & sums.keys():
+            totals[name] += sums[name].item() if finite else 0.0
     faults.maybe_nan_weight(step, state.engine)
     if bad:
         if not state.engine.was_step_applied():  # DeepSpeed saw the overflow itself: no scheduler step ran
             for group, lr in zip(state.engine.optimizer.param_groups, saved_lrs):
                 group["lr"] = lr
         check_finite_weights(state, f"after the skipped step {step + 1}")
-    (total,) = distributed.all_sum([total])
+    total, distilled = distributed.all_sum([totals["loss"], totals["distill"]])
     norm = state.engine.get_global_grad_norm()
+    extra = ({} if joint is None else {"ar_loss": joint.mean(bad)}) | (
+        {"distill": float("nan") if bad else distilled / count} if "distill" in seen else {})
     return {"loss": float("nan") if bad else total / count, "masked_tokens": n_masked,
             "anneal_ratio": attention.ratio, "skipped": bad, "lr": state.engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None and not bad else float("nan"),
-            "tokens": m * a * world * cfg.data.block_size} | ({} if joint is None else {"ar_loss": joint.mean(bad)})
+            "tokens": m * a * world * cfg.data.block_size} | extra
+
+
+def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Attention, joint, rows: slice) -> dict:
+    """One micro-batch's forward: its loss sums by name (loss: the diffusion loss; distill: the distillation term;
+    ar: the joint causal term's NLL), the terms that are off left out."""
+    obj = state.objective
+    logits, causal_logits = obj.predict_joint(state.forward, x0, part, attention)
+    sums = {"loss": obj.loss_sum(logits, x0, part)}
+    if step in faults.nan_steps():
+        sums["loss"] = sums["loss"] * float("nan")
+    distill = obj.distill_sum(logits, causal_logits, part)
+    if distill is not None:
+        sums["distill"] = distill
+    if joint is not None:
+        sums["ar"] = joint.loss_sum(x0, rows, attention.docs, causal_logits)
+    return sums
 
 
 def _drop_update(engine) -> list[float]:

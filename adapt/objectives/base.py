@@ -95,6 +95,17 @@ class JointCausal:
         return float("nan") if bad else total / self.count
 
 
+@dataclass(frozen=True)
+class Distill:
+    """The distillation term's options (diffusion.distill_*; adapt.diffusion.distill_kl)."""
+
+    weight: float
+    positions: str = "frontier"
+    teacher: str = "clean"
+    top_k: int = 0
+    temperature: float = 1.0
+
+
 @dataclass
 class CardNotes:
     """What an export's model card says about its objective (adapt.export.card)."""
@@ -175,6 +186,7 @@ class Objective(Protocol):
     def normaliser(self, maskable: torch.Tensor, masked: torch.Tensor) -> float: ...
     def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention): ...
     def loss_sum(self, logits: torch.Tensor, x0: torch.Tensor, noised: Noised) -> torch.Tensor: ...
+    def distill_sum(self, logits: torch.Tensor, teacher: torch.Tensor | None, noised: Noised) -> torch.Tensor | None: ...
     def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
                    all_sum: Callable[[list[float]], list[float]]) -> JointCausal | None: ...
 

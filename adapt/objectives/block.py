@@ -117,6 +117,10 @@ class BlockDiffusion(MaskedDiffusion):
             problems.append(f"block diffusion (`diffusion.block_length={b}`) anneals by growing the block length: set "
                             f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from "
                             f"the start")
+        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean" \
+                and cfg.diffusion.clean_attention != "causal":
+            problems.append("`diffusion.distill_teacher=clean` needs a causal clean stream (the block clean stream sees the "
+                            "token it would teach); set diffusion.clean_attention=causal")
         if cfg.model.attn_implementation == "flash_attention_2":
             problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
                             "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
@@ -212,9 +216,9 @@ class BlockDiffusion(MaskedDiffusion):
 
     def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention):
         """With a causal clean stream the clean half of the 2L forward IS the causal forward of x0 (within
-        documents): the joint causal term reads its rows (L more rows through the head) instead of a second
-        forward."""
-        if not (self.ar_weight and self.clean_causal):
+        documents): the joint causal term and the distillation teacher read its rows (L more rows through the
+        head) instead of a second forward."""
+        if not ((self.ar_weight or self.distill) and self.clean_causal):
             return super().predict_joint(forward, x0, noised, attention)
         out = self.logits(forward, noised.xt, attention, x0, clean_rows=True)
         length = x0.shape[1]

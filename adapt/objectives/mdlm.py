@@ -15,10 +15,10 @@ from typing import Callable
 import torch
 
 from adapt.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
-from adapt.diffusion import (corrupt, diffusion_loss_sum, maskable_positions, normaliser, position_exponents,
-                             prediction_logits, sample_t, token_nll)
+from adapt.diffusion import (corrupt, diffusion_loss_sum, distill_kl, frontier_positions, maskable_positions, normaliser,
+                             position_exponents, prediction_logits, sample_t, shift_logits, token_nll)
 from adapt.model import DTYPES
-from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, Noised
+from adapt.objectives.base import Attention, CardNotes, Distill, Forward, JointCausal, Noised
 
 
 def sequence_mask(attention: Attention, length: int, batch: int, device: torch.device, backend: str,
@@ -42,7 +42,8 @@ class MaskedDiffusion:
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
                  dtype: str = "fp32", ar_weight: float = 0.0, position_masking: float = 0.0,
-                 t_range: tuple[float, float] = (0.0, 1.0), t_per_block: bool = False, complementary: bool = False):
+                 t_range: tuple[float, float] = (0.0, 1.0), t_per_block: bool = False, complementary: bool = False,
+                 distill: Distill | None = None):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
         self.read_shift = shift
@@ -53,6 +54,8 @@ class MaskedDiffusion:
         """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
         self.t_range, self.t_per_block, self.complementary = t_range, t_per_block, complementary
         """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
+        self.distill = distill
+        """The distillation term (a training term only), or None."""
 
     # --- building and describing (class level: no model needed) -----------------------------------
 
@@ -62,7 +65,9 @@ class MaskedDiffusion:
         d = cfg.diffusion
         return dict(eps=d.eps, t_sampling=d.t_sampling, loss_norm=d.loss_norm, backend=cfg.model.attn_implementation,
                     dtype=cfg.model.dtype, ar_weight=d.ar_loss_weight, position_masking=d.position_masking,
-                    t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks)
+                    t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks,
+                    distill=Distill(d.distill_weight, d.distill_positions, d.distill_teacher, d.distill_top_k,
+                                    d.distill_temperature) if d.distill_weight else None)
 
     @classmethod
     def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "MaskedDiffusion":
@@ -83,6 +88,10 @@ class MaskedDiffusion:
             problems.append(f"`diffusion.objective={cls.name}` trains over the whole sequence, but "
                             f"`diffusion.block_length={cfg.diffusion.block_length}`; set diffusion.block_length=0, "
                             f"or diffusion.objective=block for block diffusion")
+        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean" and cls.name == "mdlm":
+            problems.append("`diffusion.distill_teacher=clean` reads the clean stream of block diffusion, which masked "
+                            "diffusion over the whole sequence does not run; set diffusion.objective=block "
+                            "diffusion.block_length=4 diffusion.clean_attention=causal, or diffusion.distill_weight=0")
         if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
                 and cfg.attention.anneal_steps > 0:
             problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
@@ -195,6 +204,21 @@ class MaskedDiffusion:
         dev = logits.device
         return diffusion_loss_sum(logits, x0.to(dev), noised.masked.to(dev), noised.t, self.read_shift, self.blocked,
                                   self.exponents(x0.shape[1]))
+
+    def distill_sum(self, logits: torch.Tensor, teacher: torch.Tensor | None, noised: Noised) -> torch.Tensor | None:
+        """weight x sum over the distilled positions of tau^2 KL(p_teacher || p_theta) (adapt.diffusion.distill_kl),
+        a scalar to divide by `normaliser` like `loss_sum`; None when the term is off. `teacher` (B, L, V) are causal
+        logits of the clean sequence (row i-1 predicts token i), `logits` the step's prediction logits."""
+        if self.distill is None:
+            return None
+        d, dev = self.distill, logits.device
+        student, teacher = prediction_logits(logits, self.read_shift), shift_logits(teacher.to(dev))
+        span = self.masking_span(logits.shape[1])
+        sel = frontier_positions(noised.masked, span) if d.positions == "frontier" else noised.masked.clone()
+        sel = sel.to(dev)
+        sel[:, 0] = False  # position 0 is given (never masked; a copy, the draw's own mask stays as it is)
+        kl = distill_kl(student[sel], teacher[sel], self.blocked, d.top_k, d.temperature)
+        return d.weight * kl.sum()
 
     def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
                    all_sum: Callable[[list[float]], list[float]]) -> JointCausal | None:
