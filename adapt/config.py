@@ -46,7 +46,8 @@ class ModelConfig:
     mask_token_id: int = -1
     """Reuse this existing token id as the mask token; -1 adds `mask_token` instead."""
     mask_init: str = "mean"
-    """Input row of a new mask token: mean (of all rows: a neutral token), normal (a random row with the rows' per-dimension mean and spread) or eos (a copy of EOS)."""
+    """Input row of a new mask token: mean (of all rows: a neutral token), normal (a random row with the rows'
+    per-dimension mean and spread) or eos (a copy of EOS)."""
     pad_vocab_to_multiple_of: int = 64
     """Round the resized embedding matrix up to this multiple (1 for none); extra rows are never predicted."""
     gradient_checkpointing: bool = False
@@ -60,7 +61,8 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     objective: str = "auto"
-    """The training objective by name (adapt.objectives.OBJECTIVES): mdlm (masked diffusion over the whole sequence) or block (block diffusion, BD3-LM); auto = block when diffusion.block_length > 0, else mdlm."""
+    """The training objective by name (adapt.objectives.OBJECTIVES): mdlm (masked diffusion over the whole sequence) or
+    block (block diffusion, BD3-LM); auto = block when diffusion.block_length > 0, else mdlm."""
     eps: float = 1e-3
     """Smallest diffusion time; t ~ U(eps, 1)."""
     t_sampling: str = "stratified"
@@ -70,27 +72,42 @@ class DiffusionConfig:
     loss_norm: str = "token"
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
-    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence
+    (masked diffusion over data.block_size tokens). Must divide data.block_size."""
     clean_attention: str = "block"
-    """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's keys and values at the start)."""
+    """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean
+    token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's
+    keys and values at the start)."""
     position_masking: float = 0.0
-    """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
+    """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda
+    (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still
+    an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
     t_min: float = 0.0
-    """Training draws of t lie in [max(eps, t_min), t_max] (BD3-LM's clipped schedule, a variance lever). Other than [0, 1] the training loss covers only those times, so it is no longer the whole bound; held-out bounds always cover [eps, 1]."""
+    """Training draws of t lie in [max(eps, t_min), t_max] (BD3-LM's clipped schedule, a variance lever). Other than [0,
+    1] the training loss covers only those times, so it is no longer the whole bound; held-out bounds always cover [eps,
+    1]."""
     t_max: float = 1.0
     """Largest diffusion time of the training draws (see t_min)."""
     t_per_block: bool = False
-    """Block diffusion: one t per block (stratified over all blocks of the batch) instead of one per sequence; each block's bound is then its own single-t estimate. No effect at block_length 0 (one block)."""
+    """Block diffusion: one t per block (stratified over all blocks of the batch) instead of one per sequence; each
+    block's bound is then its own single-t estimate. No effect at block_length 0 (one block)."""
     complementary_masks: bool = False
-    """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an even number of sequences per step."""
+    """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy
+    masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an
+    even number of sequences per step."""
     ar_loss_weight: float = 0.0
-    """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
+    """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE
+    under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
     distill_weight: float = 0.0
-    """Distillation (a training term only; every bound stays the exact ELBO): adds this weight x tau^2 KL(teacher || model) summed over the `distill_positions`, per loss-normalised token like the diffusion loss; 0 = off."""
+    """Distillation (a training term only; every bound stays the exact ELBO): adds this weight x tau^2 KL(teacher ||
+    model) summed over the `distill_positions`, per loss-normalised token like the diffusion loss; 0 = off."""
     distill_positions: str = "frontier"
-    """Where the distillation term applies: frontier (masked positions whose block shows every earlier token and hides every later one: there the teacher's next-token distribution is the exact target) or masked (every masked position: a biased target)."""
+    """Where the distillation term applies: frontier (masked positions whose block shows every earlier token and hides
+    every later one: there the teacher's next-token distribution is the exact target) or masked (every masked position:
+    a biased target)."""
     distill_teacher: str = "clean"
-    """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with diffusion.clean_attention=causal; no extra forward)."""
+    """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with
+    diffusion.clean_attention=causal; no extra forward)."""
     distill_top_k: int = 0
     """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
     distill_temperature: float = 1.0
@@ -102,7 +119,9 @@ class AttentionConfig:
     anneal_steps: int = 100
     """Optimizer steps over which attention goes from causal to bidirectional; 0 = bidirectional at once."""
     anneal_schedule: str = "random"
-    """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L; blocks: block-causal attention whose block length grows 1, 2, 4, ... to the target (LLaDA 2.0's warmup; the only schedule of block diffusion)."""
+    """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L; blocks:
+    block-causal attention whose block length grows 1, 2, 4, ... to the target (LLaDA 2.0's warmup; the only schedule of
+    block diffusion)."""
     document_mask: bool = False
     """Keep packed documents from attending to each other."""
 
@@ -124,7 +143,8 @@ class SourceConfig:
 @dataclass
 class DataConfig:
     train_files: list[str] = field(default_factory=list)
-    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name, read as one source; empty (and no data.sources) = embedded corpus (sft: local jsonl; empty = embedded SFT set)."""
+    """Local text/jsonl/parquet files (globs allowed) or one hub dataset name, read as one source; empty (and no
+    data.sources) = embedded corpus (sft: local jsonl; empty = embedded SFT set)."""
     text_field: str = "text"
     """Column holding the text in json/parquet data of data.train_files."""
     sources: list[SourceConfig] = field(default_factory=list)
@@ -132,11 +152,13 @@ class DataConfig:
     block_size: int = 256
     """Tokens per packed training sequence (sft: prompt + response + EOS padding)."""
     heldout_blocks: int = 16
-    """Blocks (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by weight."""
+    """Blocks (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by
+    weight."""
     num_proc: int = 1
     """Worker processes for tokenisation."""
     cache_dir: str = "data/cache"
-    """Where token stores (one folder per source, `python -m adapt.prepare`) and the SFT cache are kept; share it between the nodes of a run."""
+    """Where token stores (one folder per source, `python -m adapt.prepare`) and the SFT cache are kept; share it
+    between the nodes of a run."""
 
 
 @dataclass
@@ -165,7 +187,8 @@ class LoraConfig:
                                                                "gate_proj", "up_proj", "down_proj"])
     """Names (suffixes) of the linear layers that get adapters; default: Llama/Qwen/Mistral projections."""
     export: str = "merged"
-    """merged: fold the adapter into the exported weights; adapter: export the base weights and the peft adapter beside them."""
+    """merged: fold the adapter into the exported weights; adapter: export the base weights and the peft adapter beside
+    them."""
 
 
 @dataclass
@@ -185,7 +208,8 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Global gradient-norm clip; 0 disables."""
     layer_lr_decay: float = 1.0
-    """Layer-wise rate decay in (0, 1]: decoder layer l of N trains at lr * decay^(N-1-l) (top layer fastest, RND1); 1 = off."""
+    """Layer-wise rate decay in (0, 1]: decoder layer l of N trains at lr * decay^(N-1-l) (top layer fastest, RND1); 1 =
+    off."""
     embedding_lr_scale: float = 1.0
     """Factor (> 0) on lr for the input embeddings and output head, the mask token's row included; 1 = off."""
 
@@ -207,9 +231,11 @@ class TrainConfig:
     eval_t_samples: int = 8
     """Monte Carlo draws per held-out block for the likelihood bound."""
     eval_before: str = "both"
-    """Held-out bounds of the unadapted model (adapt stage): both, causal (the parent's attention), bidirectional, or none; the parent's exact perplexity is always measured."""
+    """Held-out bounds of the unadapted model (adapt stage): both, causal (the parent's attention), bidirectional, or
+    none; the parent's exact perplexity is always measured."""
     eval_method: str = "count"
-    """How held-out draws are made (adapt.likelihood): count (masked-count, lowest variance), stratified, uniform or antithetic t."""
+    """How held-out draws are made (adapt.likelihood): count (masked-count, lowest variance), stratified, uniform or
+    antithetic t."""
     save_every: int = 50
     """Steps between resumable checkpoints; 0 = only at the end."""
     keep_last: int = 2
@@ -229,7 +255,8 @@ class DistConfig:
     deepspeed_config: str = ""
     """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/deepspeed/*.json)."""
     timeout_s: float = 1800.0
-    """Seconds a collective waits for the other ranks before this rank stops with a message (a rank that died on another node or hangs)."""
+    """Seconds a collective waits for the other ranks before this rank stops with a message (a rank that died on another
+    node or hangs)."""
 
 
 @dataclass

@@ -170,7 +170,8 @@ def geometric_sigma_bar(t: torch.Tensor, sigma_min: float = 1e-4, sigma_max: flo
 
 
 def absorbing_score_scale(sigma_bar: torch.Tensor) -> torch.Tensor:
-    """e^{-sigma_bar} / (1 - e^{-sigma_bar}): the concrete score at a masked position is this times p_theta(x0=y|x_t)."""
+    """e^{-sigma_bar} / (1 - e^{-sigma_bar}): the concrete score at a masked position is this times p_theta(x0=y|x_t).
+    """
     return 1.0 / torch.expm1(sigma_bar)
 
 

@@ -70,6 +70,10 @@ VARIANTS = {
     "r64": ["lora.r=64", "lora.alpha=128"],
     "cosine": ["optim.min_lr_ratio=0.1"],
     **{f"b{b}": ["diffusion.objective=block", f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"] for b in (1, 2, 4, 8, 16, 64)},
+    "kd1f": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=frontier"],
+    "kd1m": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=masked"],
+    "kd0.3m": ["diffusion.distill_weight=0.3", "diffusion.distill_positions=masked"],
+    "kd3f": ["diffusion.distill_weight=3.0", "diffusion.distill_positions=frontier"],
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }
