@@ -192,7 +192,8 @@ def report(cfg: Config, est: dict) -> str:
         lines.append(f"  {name:<36}{row['gpu'] / GB:>12.2f}{row['cpu_offload_per_node'] / GB:>25.2f}   {row['source']}")
     b, L = cfg.train.micro_batch_size, cfg.data.block_size
     lines += ["", f"activations per GPU, micro batch {b} x {L} tokens, {cfg.model.attn_implementation}:"]
-    for key, label in (("no_checkpointing", "without gradient checkpointing"), ("checkpointing", "with gradient checkpointing")):
+    for key, label in (("no_checkpointing", "without gradient checkpointing"),
+                       ("checkpointing", "with gradient checkpointing")):
         a = est["activations"][key]
         lines.append(f"  {label:<36}{sum(a.values()) / GB:>7.2f} GiB (layers {a['layers'] / GB:.2f}, logits "
                      f"{a['logits'] / GB:.2f}, mask {a['mask'] / GB:.2f})")

@@ -6,7 +6,8 @@ A value lists steps, each optionally for one rank only (`3@1`: step 3 on rank 1;
     ADAPT_FAULT_NAN_WEIGHT=3        write a NaN into one weight after (0-based) optimizer step 3
     ADAPT_FAULT_STALL_STEPS=3@1     hang (sleep) at the start of (0-based) step 3, as a stuck rank would
     ADAPT_FAULT_STEP_DELAY_S=0.5    sleep this long before every step (a slower machine: a wider window for signals)
-    ADAPT_FAULT_EVAL_DELAY_S=30     sleep this long before every held-out evaluation (a window for signals before step 1)
+    ADAPT_FAULT_EVAL_DELAY_S=30     sleep this long before every held-out evaluation (a window for signals
+                                    before step 1)
     ADAPT_FAULT_KILL_IN_SAVE=6      SIGKILL the process after the DeepSpeed shards of this step's
                                     checkpoint are written and before it is marked COMPLETE
     ADAPT_FAULT_ENOSPC_IN_SAVE=6@1  the first file this rank writes into this step's checkpoint fails with

@@ -115,7 +115,8 @@ class MetricsLog:
         ar = f" | ar {row['ar_loss']:.4f}" if "ar_loss" in row else ""
         ar += f" | kd {row['distill']:.4f}" if "distill" in row else ""
         self.info(f"step {step}/{self._total} | loss {row['loss']:.4f}{ar} | masked {row['masked_tokens']} | "
-                  f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | {row['tokens_per_s']:.0f} tok/s | "
+                  f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | "
+                  f"{row['tokens_per_s']:.0f} tok/s | "
                   f"ETA {_duration(eta)}")
         self.record(step, row, "train")
 

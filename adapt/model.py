@@ -239,8 +239,9 @@ def prepare_diffusion(model: PreTrainedModel, tokenizer, mcfg: ModelConfig,
         return DiffusionMeta(**{**asdict(meta), "parent": mcfg.name_or_path, "parent_gguf_file": mcfg.gguf_file})
     rows = model.get_input_embeddings().weight.shape[0]
     if not 0 <= meta.mask_token_id < min(rows, len(tokenizer)):
-        raise ModelLoadError(f"{mcfg.name_or_path}: its diffusion metadata names mask token {meta.mask_token_id}, outside "
-                             f"the model's {rows} embedding rows / {len(tokenizer)} tokens; re-export the model")
+        raise ModelLoadError(f"{mcfg.name_or_path}: its diffusion metadata names mask token {meta.mask_token_id}, "
+                             f"outside the model's {rows} embedding rows / {len(tokenizer)} tokens; "
+                             f"re-export the model")
     tokenizer.mask_token = tokenizer.convert_ids_to_tokens(meta.mask_token_id)
     return meta
 

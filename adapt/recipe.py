@@ -102,7 +102,8 @@ def validate(cfg: Config) -> list[str]:
         problems.append("`model.mask_init` sets a NEW mask token's row; `model.mask_token_id` reuses an existing token "
                         "as it is: use model.mask_init=mean or model.mask_token_id=-1")
     if cfg.lora.enabled and not cfg.lora.target_modules:
-        problems.append("`lora.target_modules` is empty; name the linear layers that get adapters (e.g. [q_proj, v_proj])")
+        problems.append("`lora.target_modules` is empty; name the linear layers that get adapters "
+                        "(e.g. [q_proj, v_proj])")
     problems += _exported_model_problems(cfg)
     problem = backend_problem(cfg.model.attn_implementation, cfg.attention.anneal_schedule,
                               cfg.attention.anneal_steps, cfg.attention.document_mask)
@@ -161,8 +162,8 @@ def _exported_model_problems(cfg: Config) -> list[str]:
         return []
     problems = []
     if cfg.attention.anneal_steps > 0:
-        problems.append(f"`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
-                        f"set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
+        problems.append("`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
+                        "set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
     if meta.shift != cfg.diffusion.shift:
         problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
                         f"shift={meta.shift}; set `diffusion.shift={str(meta.shift).lower()}`")

@@ -1,6 +1,7 @@
-"""Sample from an exported diffusion model and print text.
+r"""Sample from an exported diffusion model and print text.
 
-    python -m adapt.sample checkpoints/<run>/final --prompt "Once upon a time" --length 128 --steps 64 --sampler analytic
+    python -m adapt.sample checkpoints/<run>/final --prompt "Once upon a time" --length 128 --steps 64 \
+        --sampler analytic
     python -m adapt.sample FOLDER --prompt "def f(x):" --suffix "return y" --length 32             # prefix + suffix
     python -m adapt.sample FOLDER --infill "The <mask> sat on the <mask:4>." --steps 16          # spans in text
     python -m adapt.sample FOLDER --text "The cat sat on the mat." --mask-range 1:3 --steps 4    # spans by token index
@@ -84,7 +85,8 @@ def build_input(args: argparse.Namespace, tokenizer, bos_id: int, mask_id: int) 
     if args.infill is not None:
         parts = MASK_MARKER.split(args.infill)  # text, count, text, count, ..., text
         if len(parts) == 1:
-            raise SampleError(f"--infill {args.infill!r} has no <mask> or <mask:N> marker; add one where text is to be generated")
+            raise SampleError(f"--infill {args.infill!r} has no <mask> or <mask:N> marker; "
+                              f"add one where text is to be generated")
         segments: list = []
         for i, part in enumerate(parts):
             if i % 2 == 0:

@@ -147,7 +147,8 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
     if problems:
         raise ConfigError(problems)
     exported = exported_meta(cfg.model.name_or_path)
-    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported), **objectives.selected(cfg).meta_fields(cfg))
+    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported),
+                   **objectives.selected(cfg).meta_fields(cfg))
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     if cfg.lora.enabled:
@@ -205,7 +206,8 @@ def global_batch(cfg: Config, step: int, n_blocks: int, mixture=None) -> tuple[t
 
 def step_attention(cfg: Config, step: int) -> Attention:
     """The step's attention: one annealed pattern, identical on every rank (DiffuLLaMA), or None once bidirectional."""
-    r, length, schedule = anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.block_size, cfg.attention.anneal_schedule
+    r, length, schedule = (anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.block_size,
+                           cfg.attention.anneal_schedule)
     if schedule == "blocks":  # the block length grows to the objective's target (LLaDA 2.0's warmup)
         block = curriculum_block(objectives.selected(cfg).anneal_target(cfg, length), length, r)
         return Attention(None if block >= length else block_causal(length, block), r, schedule, block=block)
@@ -363,7 +365,8 @@ def _install_stop_handler(state: State) -> None:
 
 def save(state: State) -> None:
     check_finite_weights(state, f"at step {state.step}")  # never a NaN written into a checkpoint
-    client = {"step": state.step, "skipped_steps": state.skipped, "consumed_sequences": state.step * state.cfg.train.micro_batch_size
+    client = {"step": state.step, "skipped_steps": state.skipped,
+              "consumed_sequences": state.step * state.cfg.train.micro_batch_size
               * state.cfg.train.grad_accum * distributed.world_size()}
     checkpoint.save_resumable(state.engine, state.cfg.run_dir, state.step, state.cfg, client,
                               state.cfg.train.keep_last)

@@ -138,7 +138,8 @@ def _span(f: Frames, pos: int, at: int) -> str:
     text = html.escape(f.tokens[pos].replace("\n", "\u21b5")) or "&nbsp;"
     new = ' class="new"' if f.step[pos] == at else ""
     fg = "#fff" if sum(colour) < 1.6 else "#000"
-    return f'<span{new} style="background:{_css(colour)};color:{fg}" title="position {pos}, step {f.step[pos]}">{text}</span>'
+    return (f'<span{new} style="background:{_css(colour)};color:{fg}" '
+            f'title="position {pos}, step {f.step[pos]}">{text}</span>')
 
 
 def render_html(samples: list[Frames], title: str = "") -> str:

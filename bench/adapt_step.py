@@ -183,7 +183,8 @@ def _targets(args, results: dict) -> None:
               f"memory: {b['speed_ratio']:.3f}x, {b['memory_ratio']:.3f}x")
     for joint, plain, name in ((a, d, "bidirectional"), (j, b, "block")):
         if joint and plain:
-            print(f"joint causal term (alpha={AR_WEIGHT}) vs {name}: {plain['tokens_per_s'] / joint['tokens_per_s']:.3f}x "
+            print(f"joint causal term (alpha={AR_WEIGHT}) vs {name}: "
+                  f"{plain['tokens_per_s'] / joint['tokens_per_s']:.3f}x "
                   f"the time per step, {joint['peak_bytes'] / plain['peak_bytes']:.3f}x the peak memory")
 
 

@@ -95,7 +95,8 @@ def commands(args, model_dir: Path, work: Path) -> list[tuple[str, list[str]]]:
               str(size(args, "decode_steps")), "--bd-block-length", str(size(args, "decode_b")),
               "--prompt-tokens", "24" if not args.tiny else "4", "--repeats", "3" if not args.tiny else "1"]
     gpu = args.device == "cuda"
-    out = [("decode_batch1", decode + ["--batch", "1", "--only", "block export", "--json", str(work / "decode_a.json")]),
+    out = [("decode_batch1", decode + ["--batch", "1", "--only", "block export",
+                                       "--json", str(work / "decode_a.json")]),
            ("step_flex" if gpu else "step_sdpa", step + ["--attn", "flex_attention" if gpu else "sdpa",
                                                           "--only", "block", "--json", str(work / "step_a.json")]),
            ("decode_big", decode + ["--batch", str(size(args, "big_batch")), "--only", "block export",
@@ -146,8 +147,8 @@ def summary(results: dict) -> list[str]:
             batch = run["args"]["batch"]
             parent = run["parent_tokens"] * batch / run["parent_seconds"]
             lines.append(f"| {key} | parent `generate`, batch {batch} | {parent:.0f} tokens/s |")
-            lines += [f"| {key} | {r['label']} | {r['tok_s']:.0f} tokens/s = {r['tok_s'] / parent:.2f}x, NFE {r['nfe']}, "
-                      f"{r['seconds'] / r['nfe'] * 1000:.1f} ms per call"
+            lines += [f"| {key} | {r['label']} | {r['tok_s']:.0f} tokens/s = {r['tok_s'] / parent:.2f}x, "
+                      f"NFE {r['nfe']}, {r['seconds'] / r['nfe'] * 1000:.1f} ms per call"
                       + (" (tokens per call depend on the weights: not a figure here)" if "speculative" in r["label"]
                          else "") + " |" for r in run["samplers"]]
     return lines

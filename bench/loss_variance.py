@@ -104,10 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     b = args.block_length
-    if b < 0 or (b and args.length % b) or args.draws < 2 or args.batch < 2 or args.batch % 2 or args.pool < args.batch \
-            or not 0 <= args.t_min < args.t_max <= 1:
-        print(f"error: --block-length must divide --length {args.length} (0 = the whole sequence); --draws >= 2; --batch even "
-              f"and <= --pool; 0 <= --t-min < --t-max <= 1", file=sys.stderr)
+    if b < 0 or (b and args.length % b) or args.draws < 2 or args.batch < 2 or args.batch % 2 \
+            or args.pool < args.batch or not 0 <= args.t_min < args.t_max <= 1:
+        print(f"error: --block-length must divide --length {args.length} (0 = the whole sequence); --draws >= 2; "
+              f"--batch even and <= --pool; 0 <= --t-min < --t-max <= 1", file=sys.stderr)
         return 2
     tok, model, meta, blocked = load_scored(args.model)
     set_causal(model, False)
@@ -119,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
         base = raw[args.levers[0]] if name != args.levers[0] else None
         result["levers"][name] = summary(raw[name], base, time.perf_counter() - tic)
     for name, row in result["levers"].items():
-        ratio = (f"  var/base {row['var_ratio']:.3f} (95% {row['var_ratio_ci95'][0]:.3f}-{row['var_ratio_ci95'][1]:.3f})"
+        ratio = (f"  var/base {row['var_ratio']:.3f} "
+                 f"(95% {row['var_ratio_ci95'][0]:.3f}-{row['var_ratio_ci95'][1]:.3f})"
                  if "var_ratio" in row else "")
         print(f"{name:24s} mean {row['mean']:.4f}  var {row['var']:.5f}{ratio}  {row['seconds']:.0f} s")
     if args.json:

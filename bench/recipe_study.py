@@ -69,7 +69,8 @@ VARIANTS = {
     "full": ["lora.enabled=false", "optim.lr=2e-4"],
     "r64": ["lora.r=64", "lora.alpha=128"],
     "cosine": ["optim.min_lr_ratio=0.1"],
-    **{f"b{b}": ["diffusion.objective=block", f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"] for b in (1, 2, 4, 8, 16, 64)},
+    **{f"b{b}": ["diffusion.objective=block", f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"]
+       for b in (1, 2, 4, 8, 16, 64)},
     "kd1f": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=frontier"],
     "kd1m": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=masked"],
     "kd0.3m": ["diffusion.distill_weight=0.3", "diffusion.distill_positions=masked"],
@@ -128,7 +129,8 @@ def train(name: str, args: argparse.Namespace) -> Path:
         return final_dir(folder)
     steps = args.steps
     cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "llama_to_mdlm.yaml"), *SCREEN,
-           f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}", f"optim.warmup_steps={max(1, steps // 10)}",
+           f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}",
+           f"optim.warmup_steps={max(1, steps // 10)}",
            f"data.block_size={args.block_size}", f"run.name={folder.name}", f"train.seed={args.seed}",
            *args.common, *overrides(name, args.lr, steps)]
     tic = time.perf_counter()
@@ -156,7 +158,8 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
     from eval.compare import bounds_on, paired
 
     tok = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
-    domains = {"in_domain": build_blocks(DataConfig(block_size=args.block_size, heldout_blocks=args.blocks), tok).heldout,
+    domains = {"in_domain": build_blocks(DataConfig(block_size=args.block_size, heldout_blocks=args.blocks),
+                                         tok).heldout,
                "out_of_domain": reference_blocks(tok, args.block_size, args.blocks)}
     result: dict = {name: {} for name in ["parent", *exports]}
     draws = {}
@@ -194,7 +197,8 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
 
 
 def table(result: dict, first: str) -> str:
-    lines = ["| variant | in-domain bound | x parent | vs first (95% CI) | out-of-domain bound | x parent | vs first (95% CI) |",
+    lines = ["| variant | in-domain bound | x parent | vs first (95% CI) "
+             "| out-of-domain bound | x parent | vs first (95% CI) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     parent = result["parent"]
     for name, row in result.items():
@@ -207,7 +211,8 @@ def table(result: dict, first: str) -> str:
                   f"{r[f'vs_{first}_ppl_ratio_high']:.3f})") if name != first else "1"
             cells += [f"{r['ppl']:.1f}", f"{r['ppl'] / parent[domain]['ppl']:.2f}", vs]
         lines.append("| " + " | ".join(cells) + " |")
-    lines.append(f"| parent (exact) | {parent['in_domain']['ppl']:.2f} | 1 | | {parent['out_of_domain']['ppl']:.2f} | 1 | |")
+    lines.append(f"| parent (exact) | {parent['in_domain']['ppl']:.2f} | 1 | "
+                 f"| {parent['out_of_domain']['ppl']:.2f} | 1 | |")
     return "\n".join(lines)
 
 

@@ -7,7 +7,8 @@
 Reports, per sampler: tokens/s and model calls (NFE) next to the parent's `generate` with KV
 cache (greedy, same prompt, same number of new tokens); seconds per model call; the sampler's
 overhead = wall time / time spent inside the model's forward during the same run (target <= 1.05x;
-measured in-run because a shared CPU's speed drifts between runs); tokens committed per call. Then the prefix KV cache's quality cost: the cached denoiser against the exact one on the
+measured in-run because a shared CPU's speed drifts between runs); tokens committed per call. Then the
+prefix KV cache's quality cost: the cached denoiser against the exact one on the
 same partially masked inputs (KL, top-1 agreement, NLL of the true tokens).
 An unadapted model is fine for speed; its samples are not meant to be read.
 """
@@ -167,7 +168,8 @@ def report(args, device_name: str, ar: tuple[float, int], fwd: float, rows: list
     lines = [f"model {args.model}, {device_name}, {args.dtype}, batch {shape[0]}, prompt {prompt_len} tokens "
              f"(BOS included), {args.length} new tokens, steps {args.steps}, "
              f"bare forward of ({shape[0]}, {shape[1]}) = {fwd * 1000:.1f} ms", "",
-             "| sampler | NFE | seconds | tokens/s | vs parent AR | ms per call | wall / in-forward | tokens per call |",
+             "| sampler | NFE | seconds | tokens/s | vs parent AR | ms per call | wall / in-forward "
+             "| tokens per call |",
              "|---|---|---|---|---|---|---|---|",
              f"| parent AR `generate` (KV cache, greedy) | {ar_tokens} | {ar_seconds:.2f} | {ar_tok_s:.1f} "
              f"| 1.00x | {ar_seconds / ar_tokens * 1000:.0f} | - | 1.00 |"]
@@ -178,8 +180,11 @@ def report(args, device_name: str, ar: tuple[float, int], fwd: float, rows: list
     over = [r["label"] for r in rows if r["overhead"] > OVERHEAD_TARGET]
     lines += ["", f"Sampler overhead target wall / in-forward <= {OVERHEAD_TARGET}x: "
               + (f"missed by {', '.join(over)}" if over else "met by every sampler")]
-    lines += ["", "Prefix KV cache vs exact denoiser at masked continuation positions (4 random masks per fraction):", "",
-              "| masked fraction | masked tokens | KL(exact ‖ cached) nats | top-1 agreement | NLL exact | NLL cached |",
+    lines += ["",
+              "Prefix KV cache vs exact denoiser at masked continuation positions (4 random masks per fraction):",
+              "",
+              "| masked fraction | masked tokens | KL(exact ‖ cached) nats | top-1 agreement "
+              "| NLL exact | NLL cached |",
               "|---|---|---|---|---|---|"]
     for q in quality:
         lines.append(f"| {q['ratio']:.2f} | {q['masked']} | {q['kl']:.4f} | {q['agree']:.3f} | "

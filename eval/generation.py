@@ -36,7 +36,8 @@ def add_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--length", type=tokens(1), default=128, help="generated tokens of unconditional samples")
     parser.add_argument("--prompt-length", type=tokens(1), default=32, help="prompt tokens (BOS included)")
     parser.add_argument("--gen-length", type=tokens(1), default=64, help="generated tokens of prompted samples")
-    parser.add_argument("--modes", nargs="+", default=["unconditional", "prompted"], choices=["unconditional", "prompted"])
+    parser.add_argument("--modes", nargs="+", default=["unconditional", "prompted"],
+                        choices=["unconditional", "prompted"])
     parser.add_argument("--temperature", type=non_negative, default=1.0, help="diffusion samplers' temperature")
     parser.add_argument("--top-p", type=fraction, default=0.95, help="nucleus p of the parent reference")
     parser.add_argument("--batch-size", type=count(1), default=8)
@@ -103,7 +104,8 @@ def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
         for sampler in args.samplers:
             for steps in args.steps:
                 cont, cost = run_sampler(ctx, prefix, real.shape[1], sampler, steps, args, mode)
-                runs.append({"mode": mode, "sampler": sampler, "steps": steps, **cost, **score(ctx, prefix, cont, args)})
+                runs.append({"mode": mode, "sampler": sampler, "steps": steps, **cost,
+                             **score(ctx, prefix, cont, args)})
                 bar.set_postfix(sampler=sampler, steps=steps, ppl=f"{runs[-1]['gen_ppl']['ppl']:.1f}")
                 bar.update(1)
         refs += references(ctx, mode, prefix, real, args)

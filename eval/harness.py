@@ -216,8 +216,9 @@ class DiffusionLM(LM):
         ctx = ctx[max(0, len(ctx) - (self.max_length - 1 - n)):]
         x = torch.tensor([[self.start_id] + ctx + [self.meta.mask_token_id] * n])
         eos = self.tokenizer.eos_token_id
-        ids = generate(self.denoiser, x, sampler=self.sampler, steps=self.steps or n, generator=self._generator(context),
-                       eos_id=eos, temperature=temperature).ids[0, 1 + len(ctx):].tolist()
+        ids = generate(self.denoiser, x, sampler=self.sampler, steps=self.steps or n,
+                       generator=self._generator(context), eos_id=eos,
+                       temperature=temperature).ids[0, 1 + len(ctx):].tolist()
         ids = ids[:ids.index(eos)] if eos in ids else ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         for stop in until:

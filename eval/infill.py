@@ -81,7 +81,8 @@ def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
     truth = blocks[:, args.left:args.left + args.span_length]
     rows = [{"method": "truth", **span_metrics(truth, truth), **judge_scores(ctx, blocks, truth, args)}]
     for sampler in tqdm(args.samplers + ["parent"], desc="infill", unit="method"):
-        fill, cost = parent_fill(ctx, blocks, args) if sampler == "parent" else diffusion_fill(ctx, blocks, sampler, args)
+        fill, cost = (parent_fill(ctx, blocks, args) if sampler == "parent"
+                      else diffusion_fill(ctx, blocks, sampler, args))
         rows.append({"method": sampler if sampler != "parent" else "parent (left context only)", **cost,
                      **span_metrics(fill, truth), **judge_scores(ctx, blocks, fill, args),
                      "examples": [{"left": ctx.tokenizer.decode(blocks[j, 1:args.left]),

@@ -64,8 +64,8 @@ def read_groups(samples: Path) -> dict[str, list[str]]:
 def featurize(model, tokenizer, texts: list[str], max_tokens: int) -> np.ndarray:
     """(N, D) float32: the last layer's hidden state at the last token of each text (one text per call)."""
     feats = []
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
+    for sample in texts:
+        ids = tokenizer(sample, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
         out = model(input_ids=ids.to(model.device), output_hidden_states=True, use_cache=False)
         feats.append(out.hidden_states[-1][0, -1].float().cpu().numpy())
     return np.stack(feats)

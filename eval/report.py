@@ -55,7 +55,8 @@ def generation_section(r: dict, out_dir: Path) -> list[str]:
              "tokens (001 table 4: unique unigram fraction, unigram entropy in nats, repetition rate = fraction of "
              "tokens found among the previous 100).", ""]
     for mode in dict.fromkeys(x["mode"] for x in r["runs"] + r["references"]):
-        lines += [f"**{mode}**", "", "| sampler / source | NFE | gen. perplexity | unique unigrams | entropy | rep. rate |",
+        lines += [f"**{mode}**", "",
+                  "| sampler / source | NFE | gen. perplexity | unique unigrams | entropy | rep. rate |",
                   "|---|---:|---:|---:|---:|---:|"]
         for row in (x for x in r["runs"] if x["mode"] == mode):
             lines.append(_gen_row(row, f"{row['sampler']} ({row['steps']} steps)", _f(row["nfe_per_batch"], 0)))
@@ -71,7 +72,8 @@ def infill_section(r: dict) -> list[str]:
     lines = ["## Infilling held-out spans", "",
              f"{r['examples']} spans of {r['span_length']} tokens between {r['left']} tokens (BOS included) on the "
              f"left and {r['right']} on the right. The parent sees only the left side.", "",
-             "| method | exact match | token accuracy | fill ppl (judge, given left) | right-context ppl (given left + fill) |",
+             "| method | exact match | token accuracy | fill ppl (judge, given left) "
+             "| right-context ppl (given left + fill) |",
              "|---|---:|---:|---:|---:|"]
     for row in r["rows"]:
         right = row.get("right_ppl", {}).get("ppl")

@@ -69,8 +69,9 @@ def measure_length(ctx: EvalContext, prompt: torch.Tensor, length: int, args: ar
     for sampler in args.samplers:
         for steps in args.steps:
             n = steps or length
-            times, (_, nfe) = timed(lambda: diffusion_sample(ctx, x, sampler, n, ctx.generator("sample", NAME, sampler, n)),
-                                    args.repeats, ctx.device)
+            times, (_, nfe) = timed(
+                lambda: diffusion_sample(ctx, x, sampler, n, ctx.generator("sample", NAME, sampler, n)),
+                args.repeats, ctx.device)
             rows.append(_row(f"{sampler} ({steps or 'L'} steps)", length, len(prompt), times, float(nfe),
                              sampler=sampler, steps=n))
     return rows

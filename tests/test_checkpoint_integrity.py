@@ -133,7 +133,8 @@ def test_a_lock_is_stale_by_dead_pid_here_and_by_old_heartbeat_anywhere(tmp_path
     dead.wait()
     assert runlock.stale({"host": here, "pid": dead.pid, "heartbeat": now}, now)
     assert not runlock.stale({"host": here, "pid": os.getpid(), "heartbeat": now}, now)
-    assert not runlock.stale({"host": other, "pid": dead.pid, "heartbeat": now - 10}, now)  # a pid elsewhere says nothing
+    # a pid elsewhere says nothing
+    assert not runlock.stale({"host": other, "pid": dead.pid, "heartbeat": now - 10}, now)
     assert runlock.stale({"host": other, "pid": 1, "heartbeat": now - runlock.STALE_AFTER_S - 1}, now)
     run_dir = tmp_path / "run"
     run_dir.mkdir()

@@ -95,7 +95,8 @@ def test_local_tasks_end_to_end(lm, task_data, monkeypatch):
 
     monkeypatch.setenv("ADAPT_EVAL_TASK_DATA", str(task_data))
     tasks = ["adapt_cloze", "adapt_choice", "adapt_documents", "adapt_cloze_gen"]
-    out = simple_evaluate(model=lm, tasks=tasks, limit=3, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+    out = simple_evaluate(model=lm, tasks=tasks, limit=3,
+                          task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
                           log_samples=False, bootstrap_iters=0)
     res = out["results"]
     assert 0.0 <= res["adapt_choice"]["acc,none"] <= 1.0

@@ -41,7 +41,8 @@ def test_count_estimator_is_exact_for_one_position():
     maskable = torch.zeros_like(x0, dtype=torch.bool)
     maskable[:, 5] = True
     forward = AlignedForward(TableDenoiser(table, MASK))
-    est = block_estimates(objective_for(V, MASK), forward, x0, maskable, 4, "count", torch.Generator().manual_seed(1))[:, 0]
+    est = block_estimates(objective_for(V, MASK), forward, x0, maskable, 4, "count",
+                          torch.Generator().manual_seed(1))[:, 0]
     assert torch.allclose(est, -table[5, x0[:, 5]].double(), atol=1e-5)
 
 

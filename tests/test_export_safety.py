@@ -84,7 +84,8 @@ def _broken(export: Path, dest: Path, how: str) -> Path:
     elif how == "unknown_type":
         (dest / "config.json").write_text(json.dumps(config | {"model_type": "no_such_model"}))
     elif how == "other_type":
-        (dest / "config.json").write_text(json.dumps(config | {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+        (dest / "config.json").write_text(json.dumps(config | {"model_type": "gpt2",
+                                                               "architectures": ["GPT2LMHeadModel"]}))
     elif how == "other_shape":
         (dest / "config.json").write_text(json.dumps(config | {"intermediate_size": config["intermediate_size"] * 2}))
     elif how == "nan":
@@ -101,7 +102,7 @@ BROKEN = {"no_tokenizer": "has no tokenizer", "unknown_type": "model_type='no_su
 
 
 @pytest.mark.parametrize("how", sorted(BROKEN))
-def test_a_broken_export_is_refused_before_it_loads(exported_dir, tmp_path, how):
+def test_a_broken_export_is_refused_before_it_loads(exported_dir, tmp_path, how):  # noqa: F811
     folder = _broken(exported_dir, tmp_path / how, how)
     problem = export_problem(folder)
     assert problem is not None and BROKEN[how] in problem, problem

@@ -8,7 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
 import torch
 from conftest import ROOT, tiny_llama
 from torch.nn.attention.flex_attention import create_mask

@@ -57,7 +57,8 @@ def test_one_t_per_block_is_stratified_over_every_block_of_the_batch():
     strata = ((per_block[..., 0].flatten().double() - 1e-3) / (1 - 1e-3) * n).floor().long()
     assert torch.equal(strata.sort().values, torch.arange(n))  # one draw in each of n strata
     # the whole-sequence objective has one block: one t per row, as without the key
-    assert objectives.MaskedDiffusion(MASK, True, BLOCKED, t_per_block=True).draw_t(rows, L, torch.Generator()).shape == (rows,)
+    whole = objectives.MaskedDiffusion(MASK, True, BLOCKED, t_per_block=True)
+    assert whole.draw_t(rows, L, torch.Generator()).shape == (rows,)
 
 
 def test_complementary_pairs_split_every_maskable_token():

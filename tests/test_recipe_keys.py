@@ -131,8 +131,8 @@ def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
 
 def test_the_block_recipe_is_the_default_job_with_blocks():
     """recipes/llama_to_bd.yaml trains the default job's data, tokens and optimiser with blocks of 4 and a causal
-    clean stream and clipped training times (the study's `b4+cleancausal+noanneal+tclip` variant), so its bound compares with the default's at
-    equal training tokens; nothing else may differ."""
+    clean stream and clipped training times (the study's `b4+cleancausal+noanneal+tclip` variant), so its bound
+    compares with the default's at equal training tokens; nothing else may differ."""
     from bench import recipe_study
 
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml",

@@ -13,7 +13,7 @@ from adapt.recipe import load_config
 from adapt.data import DataError
 from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions
 from adapt.export import exported_meta, read_meta, save_meta
-from adapt.model import DiffusionMeta, prepare_diffusion
+from adapt.model import prepare_diffusion
 from adapt.sft import answer_positions, build_examples, encode, pad_example, split_record, wiki_sft_pairs
 
 EOS, MASK = 2, 99

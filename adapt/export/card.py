@@ -124,8 +124,9 @@ def _training(meta: dict, recipe: dict) -> str:
                   f"{steps * micro * accum * block:,} tokens per data-parallel rank (times the number of ranks)")
     what, _ = training_data(recipe)
     rows = [("stage", recipe.get("stage", "adapt")), ("token budget", budget),
-            ("peak learning rate", optim.get("lr")), ("attention anneal", f"{recipe.get('attention', {}).get('anneal_steps')} steps, "
-                                                      f"{recipe.get('attention', {}).get('anneal_schedule')}"),
+            ("peak learning rate", optim.get("lr")),
+            ("attention anneal", f"{recipe.get('attention', {}).get('anneal_steps')} steps, "
+                                 f"{recipe.get('attention', {}).get('anneal_schedule')}"),
             ("t sampling / loss normalisation", f"{recipe.get('diffusion', {}).get('t_sampling')} / "
                                                 f"{recipe.get('diffusion', {}).get('loss_norm')}"),
             ("weights", recipe.get("model", {}).get("dtype"))]
@@ -141,8 +142,8 @@ def _figures(figures: dict) -> str:
                 "export was written. Measure the bound with `python -m eval.likelihood THIS_FOLDER`.\n")
     tokens = f" ({figures['tokens']} held-out tokens)" if figures.get("tokens") else ""
     table = "\n".join(f"| {label} | {step} | {text} |" for label, step, text in rows)
-    return (f"## Held-out figures\n\nFrom the training run's metrics{tokens}: perplexity; the diffusion figures are the "
-            f"negative ELBO as perplexity, an upper bound, with its 95% interval.\n\n"
+    return (f"## Held-out figures\n\nFrom the training run's metrics{tokens}: perplexity; the diffusion figures "
+            f"are the negative ELBO as perplexity, an upper bound, with its 95% interval.\n\n"
             f"| | step | perplexity |\n| --- | --- | --- |\n{table}\n")
 
 

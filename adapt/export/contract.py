@@ -140,7 +140,8 @@ def _architecture_problem(path: Path, config, meta, shapes: dict) -> str | None:
 def _vocabulary_problem(path: Path, config, meta: DiffusionMeta, shapes: dict) -> str | None:
     rows = next((s[0] for k, s in shapes.items() if k.endswith("embed_tokens.weight")), config.vocab_size)
     if rows != config.vocab_size:
-        return f"{path}: the weights have {rows} vocabulary rows but config.json says vocab_size={config.vocab_size}; {AGAIN}"
+        return (f"{path}: the weights have {rows} vocabulary rows but config.json says "
+                f"vocab_size={config.vocab_size}; {AGAIN}")
     if not 0 <= meta.mask_token_id < rows or not 0 < meta.real_vocab_size <= rows:
         return (f"{path / META_FILE} disagrees with the weights: mask_token_id={meta.mask_token_id} and "
                 f"real_vocab_size={meta.real_vocab_size} must lie within the {rows} vocabulary rows; {AGAIN}")

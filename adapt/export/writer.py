@@ -243,7 +243,8 @@ def run_figures(metrics: Path) -> dict:
     return {"rows": rows, "tokens": next((r[k] for r in picked for k in r if k.endswith("tokens")), None)}
 
 
-_LABELS = {"parent_": "parent causal LM, exact perplexity", "before_causal_": "diffusion bound before training, causal attention",
+_LABELS = {"parent_": "parent causal LM, exact perplexity",
+           "before_causal_": "diffusion bound before training, causal attention",
            "before_": "diffusion bound before training, bidirectional", "after_": "diffusion bound after training",
            "": "diffusion bound during training"}
 

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 
 from adapt.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
-from adapt.diffusion import (corrupt, diffusion_loss_sum, distill_kl, frontier_positions, maskable_positions, normaliser,
-                             position_exponents, prediction_logits, sample_t, shift_logits, token_nll)
+from adapt.diffusion import (corrupt, diffusion_loss_sum, distill_kl, frontier_positions, maskable_positions,
+                             normaliser, position_exponents, prediction_logits, sample_t, shift_logits, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, CardNotes, Distill, Forward, JointCausal, Noised
 

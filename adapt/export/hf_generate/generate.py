@@ -421,7 +421,8 @@ def generate(*args, model=None, input_ids=None, attention_mask=None, generation_
     ids = torch.atleast_2d(torch.as_tensor(input_ids if input_ids is not None else [[bos]]))
     mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
     input_ids, attention_mask = (t.view(-1, t.shape[-1]).cpu().repeat_interleave(n_seq, 0) for t in (ids, mask))
-    new = o["max_new_tokens"] if o.get("max_new_tokens") is not None else (o.get("max_length") or 0) - input_ids.shape[1]
+    new = (o["max_new_tokens"] if o.get("max_new_tokens") is not None
+           else (o.get("max_length") or 0) - input_ids.shape[1])
     if new < 1:
         raise DecodeError(f"nothing to generate: set max_new_tokens >= 1 (got {new} new tokens)")
     rows, cols, added = _prompts(input_ids, attention_mask, bos)
