@@ -1,15 +1,20 @@
-"""The shape of the code: no import circle, files and functions short enough to read at once, only the export
-package's contract (adapt/export/contract.py) spelling the names of an export's files, and one `main` for every
-eval script."""
+"""The shape of the code: no import circle, files and functions short enough to read at once, lines ruff accepts
+(pyproject.toml's [tool.ruff]), only the export package's contract (adapt/export/contract.py) spelling the names of
+an export's files, and one `main` for every eval script."""
 from __future__ import annotations
 
 import ast
+import importlib.util
 import re
+import subprocess
+import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 PACKAGES = ("adapt", "eval", "bench")
+# ruff checks each line's width; these caps stay so that a file, and a function, is short enough to read at once
 MAX_FILE_LINES, MAX_FUNCTION_LINES = 450, 60
 # the decoder shipped inside every export runs without this package, so it reads diffusion.json itself
 EXPORT_NAME_OWNERS = {"adapt/export/contract.py", "adapt/export/hf_generate/generate.py"}
@@ -91,6 +96,15 @@ def test_files_and_functions_are_short():
                     long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {n} lines")
     assert not long_files, long_files
     assert not long_functions, long_functions
+
+
+def test_ruff_is_clean():
+    """`ruff check` (pyproject.toml's [tool.ruff]: 120 columns, pyflakes and pycodestyle) passes on all the code."""
+    if importlib.util.find_spec("ruff") is None:
+        pytest.fail("ruff is not installed (it is one of the test dependencies); run scripts/setup.sh")
+    out = subprocess.run([sys.executable, "-m", "ruff", "check", "adapt", "eval", "bench", "tests"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, f"ruff check failed:\n{out.stdout}{out.stderr}"
 
 
 def test_only_the_export_contract_spells_export_file_names():
