@@ -24,9 +24,8 @@ Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidi
 block causal inside if clean_attention is "causal"). The current block attends a KV cache of clean blocks
 and itself; the prompt's complete blocks and each finished block enter the cache in the next block's first
 call (clean rows first, which never see that block), whose last clean row predicts its first token: exactly
-an uncached forward under the block mask, one call per block step. Every forward gets an explicit 4D mask
-(sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)` passes
-ids positionally.
+an uncached forward under the block mask, one call per block step. Every forward gets an explicit 4D mask (sdpa or
+eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)` passes ids positionally.
 """
 from __future__ import annotations
 
