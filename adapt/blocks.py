@@ -89,7 +89,8 @@ class Mixture:
         """One log line: each source's weight and its realised share of the first `steps` steps' rows."""
         shares = self.realised(steps, n, seed)
         parts = [f"{lab} {w:.3f} -> {r:.3f}" for lab, w, r in zip(self.labels, self.weights, shares)]
-        return f"mixture (weight -> realised share of the rows of steps 0-{steps - 1}, {n} rows each): " + ", ".join(parts)
+        head = f"mixture (weight -> realised share of the rows of steps 0-{steps - 1}, {n} rows each): "
+        return head + ", ".join(parts)
 
 
 class StoreBlocks:

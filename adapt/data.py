@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import bz2
 import glob
-import hashlib
 import html
 import importlib.util
 import json
@@ -283,7 +282,8 @@ def _say_why_new(folder: Path, stamp: dict, tok_hash: str, say) -> None:
         paths = [f.get("path") for f in stamp.get("files", [])]
         if [f.get("path") for f in m["source"]["stamp"].get("files", [])] != paths:
             continue
-        why = "the tokenizer differs" if m["tokenizer"]["hash"] != tok_hash else "its files changed (size, mtime or content)"
+        why = ("the tokenizer differs" if m["tokenizer"]["hash"] != tok_hash
+               else "its files changed (size, mtime or content)")
         say(f"{old.parent} was made from the same source but {why}: preparing a new store (the old one is kept)")
 
 

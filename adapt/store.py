@@ -111,7 +111,8 @@ class TokenStore:
         """Refuse a store whose tokenizer or source is not the one asked for (a copied or edited folder)."""
         problems = []
         if self.manifest["tokenizer"]["hash"] != tok_hash:
-            problems.append(f"it was made with tokenizer {self.manifest['tokenizer']['hash']}, this run's is {tok_hash}")
+            made = self.manifest["tokenizer"]["hash"]
+            problems.append(f"it was made with tokenizer {made}, this run's is {tok_hash}")
         if self.manifest["source"]["stamp"] != stamp:
             problems.append("its source files differ from the ones it was made from")
         if problems:
@@ -162,7 +163,8 @@ def cache_lock(path: Path, say: Callable[[str], None] = to_stderr) -> _Waiting:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise DataError(f"cannot create {path.parent} ({err.strerror}); set data.cache_dir to a writable folder") from None
+        raise DataError(f"cannot create {path.parent} ({err.strerror}); set data.cache_dir to a writable "
+                        f"folder") from None
     return _Waiting(path, say)
 
 

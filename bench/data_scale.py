@@ -72,7 +72,8 @@ def measure(cmd: list[str], env: dict | None = None) -> dict:
     import psutil
 
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *cmd], cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-c", WRAPPER, *cmd], cwd=ROOT, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     tree_peak, out = 0, []
     import threading
@@ -118,8 +119,8 @@ def train(corpus: Path, cache: Path, runs: Path, name: str, steps: int) -> dict:
     if r["rc"]:
         raise SystemExit(f"training failed:\n{r['output'][-3000:]}")
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    first = min(row["time"] for row in rows if row["kind"] == "train")
     launched = time.time() - (time.perf_counter() - r["start"])  # the launch on the wall clock
+    first = min(row["time"] for row in rows if row["kind"] == "train" and row["time"] > launched)
     blocks = next((line for line in r["output"].splitlines() if "train blocks" in line), "")
     return {"store_tokens": corpus.name, "wall_s": r["wall_s"], "peak_rss_gib": r["peak_rss_gib"],
             "tree_peak_rss_gib": r["tree_peak_rss_gib"], "launch_to_first_step_s": round(first - launched, 1),
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(args.repeats):
             for k in ("tiny", "big"):
                 row = {"corpus": k, "repeat": rep,
-                       **train(corpora[k], work / f"cache_{k}_np1", work / "runs", f"train_{k}", args.steps)}
+                       **train(corpora[k], work / f"cache_{k}_np1", work / "runs", f"train_{k}_{rep}", args.steps)}
                 report["train"].append(row)
                 print(f"train: {row}", flush=True)
     if args.baseline_commit:

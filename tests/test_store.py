@@ -61,7 +61,8 @@ def test_store_holds_the_stream_narrow_ids_and_a_manifest(tmp_path, tok):
     assert m["dtype"] == "uint16" and tokens.tolist() == flat and m["tokens"] == len(flat) and m["documents"] == 40
     ends = np.fromfile(folder / store.DOC_ENDS, dtype=np.int64)
     assert ends[-1] == len(flat) and (tokens[ends - 1] == tok.eos_token_id).all()
-    assert m["tokenizer"]["hash"] == store.tokenizer_hash(tok) and m["source"]["stamp"]["files"][0]["bytes"] == path.stat().st_size
+    assert m["tokenizer"]["hash"] == store.tokenizer_hash(tok)
+    assert m["source"]["stamp"]["files"][0]["bytes"] == path.stat().st_size
     assert store.TokenStore(folder).verify() == []
     assert not list(folder.parent.glob("*.partial-*"))
     assert isinstance(blocks.train.parts[0].store.tokens, np.memmap)  # read in place, not loaded

@@ -26,8 +26,8 @@ def test_two_ranks_prepare_once_train_and_resume_bit_identically(tmp_path, tiny_
     assert "world 2" in said and list(losses(tmp_path / "full" / "debug")) == [1, 2, 3, 4]
 
     part = tmp_path / "part"
-    launch(part, tiny_model_dir, corpus_file, *RUN, "train.max_steps=2", f"data.cache_dir={tmp_path / 'full' / 'cache'}",
-           ranks=2)
+    launch(part, tiny_model_dir, corpus_file, *RUN, "train.max_steps=2",
+           f"data.cache_dir={tmp_path / 'full' / 'cache'}", ranks=2)
     again = launch(part, tiny_model_dir, corpus_file, *RUN, "train.max_steps=4",
                    f"data.cache_dir={tmp_path / 'full' / 'cache'}", ranks=2)
     assert "resumed from" in again.stderr + again.stdout and "preparing token store" not in again.stderr
