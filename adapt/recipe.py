@@ -17,7 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapt import objectives
 from adapt.attention import backend_problem
-from adapt.config import CHOICES, OPEN_BELOW, RANGES, Config, ConfigError, check_tree, load_yaml, values
+from adapt.config import Config, ConfigError, check_tree, load_yaml, values
+from adapt.limits import CHOICES, OPEN_BELOW, RANGES
 from adapt.export import exported_meta
 from adapt.model import ModelLoadError
 

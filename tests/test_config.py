@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from adapt.checkpoint import resume_conflicts
-from adapt.config import CHOICES, RANGES, Config, ConfigError, from_dict, to_dict, to_yaml
+from adapt.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from adapt.limits import CHOICES, RANGES
 from adapt.config import values as _values
 from adapt.recipe import load_config
 
