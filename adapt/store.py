@@ -188,8 +188,10 @@ def ensure(folder: Path, batches: Callable[[], Iterable[list]], tokenizer, ident
             manifest = _write(tmp, batches(), tokenizer, num_proc, say)
             if not manifest["tokens"]:
                 where = identity["source"]["where"]
-                raise DataError(f"{where} holds no text (no document with a token); check {where}: its files "
-                                f"and text field")
+                files = [f.get("path") for f in identity["source"]["stamp"].get("files", [])]
+                named = f" ({', '.join(map(str, files))})" if files else ""
+                raise DataError(f"{where}{named} holds no text (no document with a token); check {where}: its "
+                                f"files and text field")
             manifest.update(identity)
             _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
             os.rename(tmp, folder)
