@@ -190,7 +190,7 @@ def ensure(folder: Path, batches: Callable[[], Iterable[list]], tokenizer, ident
                 where = identity["source"]["where"]
                 files = [f.get("path") for f in identity["source"]["stamp"].get("files", [])]
                 named = f" ({', '.join(map(str, files))})" if files else ""
-                raise DataError(f"{where}{named} holds no text (no document with a token); check {where}: its "
+                raise DataError(f"{where} holds no text (no document with a token); check {where}{named}: its "
                                 f"files and text field")
             manifest.update(identity)
             _fsync_write(tmp / MANIFEST, json.dumps(manifest, indent=1))
