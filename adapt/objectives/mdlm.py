@@ -88,7 +88,7 @@ class MaskedDiffusion:
             problems.append(f"`diffusion.objective={cls.name}` trains over the whole sequence, but "
                             f"`diffusion.block_length={cfg.diffusion.block_length}`; set diffusion.block_length=0, "
                             f"or diffusion.objective=block for block diffusion")
-        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean" and cls.name == "mdlm":
+        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean":
             problems.append("`diffusion.distill_teacher=clean` reads the clean stream of block diffusion, which masked "
                             "diffusion over the whole sequence does not run; set diffusion.objective=block "
                             "diffusion.block_length=4 diffusion.clean_attention=causal, or diffusion.distill_weight=0")
