@@ -70,7 +70,7 @@ class DiffusionConfig:
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
     block_length: int = 0
     """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence
-    (masked diffusion over data.block_size tokens). Must divide data.block_size."""
+    (masked diffusion over data.seq_length tokens). Must divide data.seq_length."""
     clean_attention: str = "block"
     """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean
     token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's
@@ -146,10 +146,10 @@ class DataConfig:
     """Column holding the text in json/parquet data of data.train_files."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture of sources (adapt stage), instead of data.train_files: [{path: a.jsonl, weight: 0.7}, ...]."""
-    block_size: int = 256
+    seq_length: int = 256
     """Tokens per packed training sequence (sft: prompt + response + EOS padding)."""
-    heldout_blocks: int = 16
-    """Blocks (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by
+    heldout_sequences: int = 16
+    """Sequences (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by
     weight."""
     num_proc: int = 1
     """Worker processes for tokenisation."""
@@ -384,9 +384,35 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
+RENAMED = {("data", "block_size"): "seq_length", ("data", "heldout_blocks"): "heldout_sequences"}
+"""Keys renamed since recipes, runs and exports were first written: (section, old name) -> new name."""
+
+
+def renamed(tree: Any, problems: list[str], say=None) -> Any:
+    """`tree` with each old key of RENAMED under its new name; `say` (when given) gets one line per old key used."""
+    if not isinstance(tree, dict):
+        return tree
+    tree = dict(tree)
+    for (section, old), new in RENAMED.items():
+        node = tree.get(section)
+        if not isinstance(node, dict) or old not in node:
+            continue
+        both = new in node
+        tree[section] = {k: v for k, v in node.items() if k != old} if both else {
+            (new if k == old else k): v for k, v in node.items()}
+        if both:
+            problems.append(f"`{section}.{old}` and `{section}.{new}` are both set; keep only `{section}.{new}` "
+                            f"(the new name of `{section}.{old}`)")
+        elif say:
+            say(f"note: `{section}.{old}` is now `{section}.{new}`; read as the new key (rename it to silence this)")
+    return tree
+
+
 def from_dict(tree: dict) -> Config:
-    """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths."""
+    """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths; old key names are read
+    under their new ones (RENAMED) without a note, as the user did not write them."""
     problems: list[str] = []
+    tree = renamed(tree, problems)
     check_tree(Config, tree, "", problems)
     if problems:  # e.g. a checkpoint written by another version of the schema
         raise ConfigError(problems)

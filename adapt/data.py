@@ -1,9 +1,10 @@
-"""The corpus: its sources, their token stores (adapt.store), the split into training blocks and held-out
-documents, served as blocks (adapt.blocks); the data position is a pure function of the step.
+"""The corpus: its sources, their token stores (adapt.store), the split into training sequences and
+held-out documents, served as sequences of data.seq_length tokens (adapt.sequences);
+the data position is a pure function of the step.
 
 Sources are `data.sources` (files or a hub dataset each, with a text field and a weight), else
 `data.train_files` as one source, else the embedded corpus. Held-out text is the last whole documents of each
-source (no document is split between training and held-out), enough for its share of `data.heldout_blocks`.
+source (no document is split between training and held-out), enough for its share of `data.heldout_sequences`.
 
 The embedded default corpus is the English Wikipedia extract shipped in gensim's test data
 (206 pages of a 2014 dump; CC BY-SA 3.0, Wikipedia contributors), turned once into a local
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from adapt import store
-from adapt.blocks import BlockView, Mixture, StoreBlocks, batch_indices, _PERMS  # noqa: F401 (the data API)
+from adapt.sequences import SequenceView, Mixture, StoreSequences, batch_indices, _PERMS  # noqa: F401 (the data API)
 from adapt.config import DataConfig
 from adapt.model import start_token
 from adapt.store import DataError
@@ -267,7 +268,7 @@ def open_store(src: Source, dcfg: DataConfig, tokenizer, say=store.to_stderr) ->
     folder = store_folder(src, dcfg, tokenizer, stamp)
     identity = {"source": {"label": src.label, "where": src.where, "builder": src.builder, "stamp": stamp},
                 "tokenizer": {"hash": tok_hash, "size": len(tokenizer), "eos_token_id": tokenizer.eos_token_id},
-                "block_size": dcfg.block_size}
+                "seq_length": dcfg.seq_length}
     if not (folder / store.MANIFEST).is_file():
         _say_why_new(folder, stamp, tok_hash, say)
     opened = store.ensure(folder, lambda: iter_texts(src), tokenizer, identity, dcfg.num_proc, say)
@@ -287,14 +288,15 @@ def _say_why_new(folder: Path, stamp: dict, tok_hash: str, say) -> None:
         say(f"{old.parent} was made from the same source but {why}: preparing a new store (the old one is kept)")
 
 
-# --- training blocks and held-out documents ----------------------------------------------------
+# --- training sequences and held-out documents ------------------------------------------------
 
 @dataclass
-class Blocks:
-    """Training blocks (tensors, or views of token stores read when indexed) and held-out blocks (tensors)."""
+class Sequences:
+    """Training sequences (tensors, or views of token stores read when indexed) and held-out sequences (tensors);
+    a "block" in the data path is one such sequence of data.seq_length tokens, not a diffusion block."""
 
-    train: torch.Tensor | BlockView  # (N_train, L) long
-    train_docs: torch.Tensor | BlockView  # (N_train, L) long
+    train: torch.Tensor | SequenceView  # (N_train, L) long
+    train_docs: torch.Tensor | SequenceView  # (N_train, L) long
     heldout: torch.Tensor  # (N_heldout, L) long
     heldout_docs: torch.Tensor
     train_loss_mask: torch.Tensor | None = None
@@ -311,37 +313,37 @@ class Blocks:
 
 
 def heldout_shares(total: int, weights: list[float]) -> list[int]:
-    """data.heldout_blocks split over sources by weight, at least one block each."""
+    """data.heldout_sequences split over sources by weight, at least one block each."""
     return [max(1, round(total * w / sum(weights))) for w in weights]
 
 
-def split(tokens: store.TokenStore, src: Source, block_size: int, heldout: int) -> tuple[int, int]:
+def split(tokens: store.TokenStore, src: Source, length: int, heldout: int) -> tuple[int, int]:
     """(training blocks, first held-out token): the held-out text is the fewest last whole documents that
     give `heldout` blocks; the training blocks are cut from the documents before them."""
-    body, total = block_size - 1, len(tokens)
+    body, total = length - 1, len(tokens)
     if total < body:
-        raise DataError(f"{src.where}: the corpus is smaller than one block of {block_size} tokens ({total} "
-                        f"tokens); add text to it or lower data.block_size")
+        raise DataError(f"{src.where}: the corpus is smaller than one block of {length} tokens ({total} "
+                        f"tokens); add text to it or lower data.seq_length")
     need = heldout * body
     k = int(np.searchsorted(tokens.doc_ends, total - need, side="right"))
     cut = int(tokens.doc_ends[k - 1]) if k else 0
     if cut < body:
         raise DataError(f"{src.where}: its {len(tokens.doc_ends)} documents ({total} tokens) leave no training block "
-                        f"of {block_size} tokens once whole documents for {heldout} held-out blocks are kept out "
-                        f"(data.heldout_blocks={heldout}); add data or lower data.heldout_blocks")
+                        f"of {length} tokens once whole documents for {heldout} held-out blocks are kept out "
+                        f"(data.heldout_sequences={heldout}); add data or lower data.heldout_sequences")
     return cut // body, cut
 
 
-def build_blocks(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Blocks:
+def build_sequences(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Sequences:
     """Training blocks and held-out blocks of every source, from its token store (prepared when missing)."""
     sources = resolve_sources(dcfg)
-    start, length = start_token(tokenizer), dcfg.block_size
+    start, length = start_token(tokenizer), dcfg.seq_length
     parts, held, held_docs, lines = [], [], [], []
-    for src, h in zip(sources, heldout_shares(dcfg.heldout_blocks, [s.weight for s in sources])):
+    for src, h in zip(sources, heldout_shares(dcfg.heldout_sequences, [s.weight for s in sources])):
         tokens = open_store(src, dcfg, tokenizer, say)
         n, cut = split(tokens, src, length, h)
-        parts.append(StoreBlocks(tokens, 0, n, length, start))
-        kept = StoreBlocks(tokens, cut, h, length, start)
+        parts.append(StoreSequences(tokens, 0, n, length, start))
+        kept = StoreSequences(tokens, cut, h, length, start)
         held.append(kept.rows(np.arange(h)))
         held_docs.append(kept.docs(np.arange(h)))
         out_docs = len(tokens.doc_ends) - int(np.searchsorted(tokens.doc_ends, cut, side="right"))
@@ -356,5 +358,5 @@ def build_blocks(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Blocks:
             mask[a:b] = True
             parts_mask[src.label] = mask
     mixture = Mixture([p.n for p in parts], [s.weight for s in sources], [s.label for s in sources])
-    return Blocks(BlockView(parts), BlockView(parts, docs=True), heldout, torch.cat(held_docs),
+    return Sequences(SequenceView(parts), SequenceView(parts, docs=True), heldout, torch.cat(held_docs),
                   heldout_parts=parts_mask, summary="data: " + " | ".join(lines), mixture=mixture)

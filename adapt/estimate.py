@@ -129,7 +129,7 @@ def model_states(shape: Shape, dtype: str, stage: int, world: int, offload_opt: 
 def activations(shape: Shape, cfg: Config, checkpointing: bool) -> dict[str, float]:
     """Activation bytes per GPU for one micro batch (see the module docstring)."""
     p = 2 if cfg.model.dtype == "bf16" else 4
-    b, s = cfg.train.micro_batch_size, cfg.data.block_size
+    b, s = cfg.train.micro_batch_size, cfg.data.seq_length
     logit_rows = s  # block diffusion runs [x_t | x_0] (2L positions) but computes logits for L rows only
     objective = objectives.selected(cfg)
     s = objective.forward_positions(cfg, s)
@@ -190,7 +190,7 @@ def report(cfg: Config, est: dict) -> str:
         name = f"ZeRO-{row['stage']}" + (" + offload optimizer" if row["offload_optimizer"] else "") + (
             " + params" if row["offload_param"] else "")
         lines.append(f"  {name:<36}{row['gpu'] / GB:>12.2f}{row['cpu_offload_per_node'] / GB:>25.2f}   {row['source']}")
-    b, L = cfg.train.micro_batch_size, cfg.data.block_size
+    b, L = cfg.train.micro_batch_size, cfg.data.seq_length
     lines += ["", f"activations per GPU, micro batch {b} x {L} tokens, {cfg.model.attn_implementation}:"]
     for key, label in (("no_checkpointing", "without gradient checkpointing"),
                        ("checkpointing", "with gradient checkpointing")):

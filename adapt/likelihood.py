@@ -44,7 +44,7 @@ class BoundEstimate:
     tokens: int
     """Loss-eligible tokens scored."""
     blocks: int
-    """Blocks scored."""
+    """Sequences scored."""
 
     @property
     def ppl(self) -> float:

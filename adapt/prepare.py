@@ -37,14 +37,14 @@ def tokenizer_for(cfg):
 
 def prepare(cfg) -> dict:
     """Prepare (or check) every source's store; returns what the summary prints."""
-    from adapt.data import DataError, build_blocks
+    from adapt.data import DataError, build_sequences
 
     if cfg.stage != "adapt":
         raise DataError(f"the {cfg.stage} stage encodes its examples when it starts (a small file, cached under "
                         f"data.cache_dir); adapt.prepare prepares the adapt stage's corpus")
     tokenizer = tokenizer_for(cfg)
     t0 = time.perf_counter()
-    data = build_blocks(cfg.data, tokenizer)
+    data = build_sequences(cfg.data, tokenizer)
     seconds = time.perf_counter() - t0
     stores = [part.store for part in data.train.parts]
     for st in stores:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 import yaml
@@ -17,7 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapt import objectives
 from adapt.attention import backend_problem
-from adapt.config import Config, ConfigError, check_tree, load_yaml, values
+from adapt.config import Config, ConfigError, check_tree, load_yaml, renamed, values
 from adapt.limits import CHOICES, OPEN_BELOW, RANGES
 from adapt.export import exported_meta
 from adapt.model import ModelLoadError
@@ -188,21 +189,25 @@ def model_problems(cfg: Config, model_config) -> list[str]:
     if not isinstance(positions, int) or positions <= 0:
         return []
     problems = []
-    if cfg.data.block_size > positions:
-        problems.append(f"`data.block_size={cfg.data.block_size}` exceeds the {positions} positions of "
-                        f"`model.name_or_path` ({cfg.model.name_or_path}); set data.block_size <= {positions}")
+    if cfg.data.seq_length > positions:
+        problems.append(f"`data.seq_length={cfg.data.seq_length}` exceeds the {positions} positions of "
+                        f"`model.name_or_path` ({cfg.model.name_or_path}); set data.seq_length <= {positions}")
     if cfg.run.sample_length + 1 > positions:  # the sample's canvas: a start token, then sample_length tokens
         problems.append(f"`run.sample_length={cfg.run.sample_length}` plus the start token exceeds the {positions} "
                         f"positions of `model.name_or_path`; set run.sample_length <= {positions - 1}")
     return problems
 
 
+def _note(line: str) -> None:
+    print(line, file=sys.stderr)
+
+
 def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
     """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
     problems: list[str] = []
     tree = _read_recipe(recipe, problems) if recipe is not None else {}
-    tree = check_tree(Config, tree, "", problems)
-    cli = check_tree(Config, _parse_overrides(list(overrides), problems), "", problems)
+    tree = check_tree(Config, renamed(tree, problems, _note), "", problems)
+    cli = check_tree(Config, renamed(_parse_overrides(list(overrides), problems), problems, _note), "", problems)
     try:
         merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
         cfg: Config = OmegaConf.to_object(merged)

@@ -1,6 +1,6 @@
 """Supervised fine-tuning of a diffusion LM on prompt/response pairs (LLaDA's SFT recipe).
 
-Each example becomes one sequence of `data.block_size` tokens:
+Each example becomes one sequence of `data.seq_length` tokens:
 
     [prompt (chat template when the tokenizer has one)] [response] [EOS] [EOS ...]
      given, never masked, no loss                        noised and scored with the masked-diffusion loss
@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from adapt.config import Config, SftConfig
-from adapt.data import Blocks, DataError, embedded_corpus
+from adapt.data import Sequences, DataError, embedded_corpus
 from adapt.model import start_token
 
 
 @dataclass
-class SftBlocks(Blocks):
+class SftSequences(Sequences):
     """Padded examples; the loss masks mark response positions (True) and prompt positions (False)."""
 
     dropped: int = 0
@@ -159,12 +159,12 @@ def pad_example(prompt_ids: list[int], response_ids: list[int], length: int,
     return ids, loss_mask
 
 
-def build_examples(cfg: Config, tokenizer) -> SftBlocks:
-    """Encoded, padded SFT examples, cached under data.cache_dir; held-out = the last data.heldout_blocks."""
+def build_examples(cfg: Config, tokenizer) -> SftSequences:
+    """Encoded, padded SFT examples, cached under data.cache_dir; held-out = the last data.heldout_sequences."""
     files = sft_files(cfg)
     stamp = [(f, os.path.getsize(f), os.path.getmtime(f)) for f in files]
     vocab = hashlib.sha1(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    key = hashlib.sha1(json.dumps([stamp, vocab, cfg.data.block_size, vars(cfg.sft)]).encode()).hexdigest()[:16]
+    key = hashlib.sha1(json.dumps([stamp, vocab, cfg.data.seq_length, vars(cfg.sft)]).encode()).hexdigest()[:16]
     cache = Path(cfg.data.cache_dir) / f"sft-{key}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
@@ -172,13 +172,13 @@ def build_examples(cfg: Config, tokenizer) -> SftBlocks:
         rows, dropped = [], 0
         for record in read_records(files):
             prompt, response = split_record(record, cfg.sft)
-            row = pad_example(*encode(tokenizer, prompt, response, cfg.sft.chat_template), cfg.data.block_size,
+            row = pad_example(*encode(tokenizer, prompt, response, cfg.sft.chat_template), cfg.data.seq_length,
                               tokenizer.eos_token_id)
             dropped += row is None
             rows += [row] if row is not None else []
         if not rows:
-            raise DataError(f"no SFT example fits in data.block_size={cfg.data.block_size} tokens "
-                            f"(prompt + response + EOS); raise data.block_size")
+            raise DataError(f"no SFT example fits in data.seq_length={cfg.data.seq_length} tokens "
+                            f"(prompt + response + EOS); raise data.seq_length")
         saved = {"ids": torch.stack([r[0] for r in rows]), "loss_mask": torch.stack([r[1] for r in rows]),
                  "dropped": torch.tensor(dropped)}
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -186,17 +186,17 @@ def build_examples(cfg: Config, tokenizer) -> SftBlocks:
         torch.save(saved, tmp)
         os.replace(tmp, cache)
     ids, loss_mask = saved["ids"], saved["loss_mask"]
-    if len(ids) <= cfg.data.heldout_blocks:
-        raise DataError(f"{len(ids)} SFT examples fit, not more than data.heldout_blocks={cfg.data.heldout_blocks}; "
-                        f"add examples or lower data.heldout_blocks")
-    n = len(ids) - cfg.data.heldout_blocks
+    if len(ids) <= cfg.data.heldout_sequences:
+        raise DataError(f"{len(ids)} SFT examples fit, not more than data.heldout_sequences="
+                        f"{cfg.data.heldout_sequences}; add examples or lower data.heldout_sequences")
+    n = len(ids) - cfg.data.heldout_sequences
     docs = torch.zeros_like(ids)
     dropped = int(saved["dropped"])
-    summary = (f"sft: {n} train / {len(ids) - n} held-out examples of {cfg.data.block_size} tokens, {dropped} "
+    summary = (f"sft: {n} train / {len(ids) - n} held-out examples of {cfg.data.seq_length} tokens, {dropped} "
                f"dropped (too long); response tokens per example {loss_mask[:n].sum(1).float().mean():.1f} "
                f"(EOS padding included)")
     answer = answer_positions(ids[n:], loss_mask[n:], tokenizer.eos_token_id)
-    return SftBlocks(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], {"answer": answer},
+    return SftSequences(ids[:n], docs[:n], ids[n:], docs[n:], loss_mask[:n], loss_mask[n:], {"answer": answer},
                      summary, dropped=dropped)
 
 

@@ -16,7 +16,7 @@ import yaml
 
 from adapt import checkpoint, curve, distributed, sft
 from adapt.config import Config
-from adapt.data import Blocks, DataError, build_blocks, source_problems
+from adapt.data import Sequences, DataError, build_sequences, source_problems
 from adapt.export import export, load_diffusion_model
 from adapt.store import cache_lock
 from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
@@ -30,10 +30,10 @@ def _say(text: str) -> None:
     print(f"[adapt{f' rank {rank}' if rank else ''}] {text}", file=sys.stderr, flush=True)
 
 
-def _adapt_data(cfg: Config, tokenizer) -> Blocks:
+def _adapt_data(cfg: Config, tokenizer) -> Sequences:
     """The token stores' blocks (every rank: the first per cache folder prepares what is missing while the others
     wait on its lock), the mixture's realised shares in the start-up summary."""
-    data = build_blocks(cfg.data, tokenizer, _say)
+    data = build_sequences(cfg.data, tokenizer, _say)
     if data.mixture is not None and len(data.mixture.sizes) > 1:
         n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
         data.summary += "\n[adapt] " + data.mixture.describe(min(cfg.train.max_steps, MIXTURE_LOG_STEPS), n,
@@ -41,7 +41,7 @@ def _adapt_data(cfg: Config, tokenizer) -> Blocks:
     return data
 
 
-def _sft_data(cfg: Config, tokenizer) -> Blocks:
+def _sft_data(cfg: Config, tokenizer) -> Sequences:
     """The SFT examples, encoded by the first rank per cache folder while the others wait (a file lock)."""
     with cache_lock(Path(cfg.data.cache_dir) / "sft.lock", _say):
         return sft.build_examples(cfg, tokenizer)

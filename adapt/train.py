@@ -1,6 +1,6 @@
 """The training loop: setup -> fit -> train_step -> evaluate, for any stage and any objective.
 
-The loop takes its data (`adapt.data.Blocks`, with loss masks for SFT) and its objective
+The loop takes its data (`adapt.data.Sequences`, with loss masks for SFT) and its objective
 (`adapt.objectives`) and knows neither stage; `adapt.stages` builds the data and runs the stages.
 Every random draw of a step (data order, t, the masked positions, the attention pattern) comes from a
 named stream of `adapt.rng` seeded by (seed, step[, rank]), so resuming at step s replays exactly what an
@@ -20,7 +20,7 @@ import torch
 from adapt import checkpoint, distributed, faults, likelihood, objectives, rng, runlock
 from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
 from adapt.config import Config, ConfigError, to_yaml
-from adapt.data import Blocks, batch_indices
+from adapt.data import Sequences, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt
 from adapt.export import exported_meta, load_weights, save_base
 from adapt.metrics import MetricsLog
@@ -56,7 +56,7 @@ class State:
     engine: object
     tokenizer: object
     meta: DiffusionMeta
-    data: Blocks
+    data: Sequences
     objective: Objective
     """The training objective (adapt.objectives); it also gives the held-out bound."""
     log: MetricsLog
@@ -122,7 +122,7 @@ def lr_lambda(cfg: Config):
     return f
 
 
-def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
+def setup(cfg: Config, build_data: Callable[[Config, object], Sequences]) -> State:
     """Process group, model with mask token (and LoRA adapters), data from `build_data(cfg, tokenizer)`,
     the objective, the DeepSpeed engine; resumes when a checkpoint exists."""
     _install_early_stop_handler()  # before init: a signal then still releases what this launch holds
@@ -136,7 +136,7 @@ def setup(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
         raise
 
 
-def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) -> State:
+def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences]) -> State:
     world = distributed.world_size()
     if cfg.model.attn_implementation == "flex_attention" and distributed.device().type == "cpu":
         raise TrainingError("FlexAttention has no backward pass on CPU (torch 2.13); train with "
@@ -175,7 +175,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Blocks]) ->
         state.skipped = int(client.get("skipped_steps", 0))
         log.info(f"resumed from {checkpoint.ckpt_root(run_dir) / tag} at step {state.step}")
     log.info(f"world {world} | {len(data.train)} train blocks, {len(data.heldout)} held-out, "
-             f"{cfg.data.block_size} tokens each | mask token id {meta.mask_token_id}")
+             f"{cfg.data.seq_length} tokens each | mask token id {meta.mask_token_id}")
     if data.summary:
         log.info(data.summary)
     return state
@@ -206,7 +206,7 @@ def global_batch(cfg: Config, step: int, n_blocks: int, mixture=None) -> tuple[t
 
 def step_attention(cfg: Config, step: int) -> Attention:
     """The step's attention: one annealed pattern, identical on every rank (DiffuLLaMA), or None once bidirectional."""
-    r, length, schedule = (anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.block_size,
+    r, length, schedule = (anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.seq_length,
                            cfg.attention.anneal_schedule)
     if schedule == "blocks":  # the block length grows to the objective's target (LLaDA 2.0's warmup)
         block = curriculum_block(objectives.selected(cfg).anneal_target(cfg, length), length, r)
@@ -272,7 +272,7 @@ def train_step(state: State, step: int) -> dict:
     return {"loss": float("nan") if bad else total / count, "masked_tokens": n_masked,
             "anneal_ratio": attention.ratio, "skipped": bad, "lr": state.engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None and not bad else float("nan"),
-            "tokens": m * a * world * cfg.data.block_size} | extra
+            "tokens": m * a * world * cfg.data.seq_length} | extra
 
 
 def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Attention, joint, rows: slice) -> dict:
@@ -314,13 +314,13 @@ def check_finite_weights(state: State, when: str) -> None:
 def evaluate(state: State, attention: str = "bidirectional") -> dict:
     """The objective's held-out bound (fixed draws, so runs compare pairwise), split over ranks.
 
-    attention: bidirectional, or causal (the parent's attention; the 'before' view). Blocks with a loss
+    attention: bidirectional, or causal (the parent's attention; the 'before' view). Sequences with a loss
     mask (SFT) are scored on their eligible positions; the data's named parts are reported beside.
     """
     cfg, data, obj = state.cfg, state.data, state.objective
     faults.maybe_slow_eval()
     state.engine.eval()
-    view = obj.eval_attention(attention != "bidirectional", cfg.data.block_size,
+    view = obj.eval_attention(attention != "bidirectional", cfg.data.seq_length,
                               data.heldout_docs if cfg.attention.document_mask else None)
     maskable = obj.scored(data.heldout, data.heldout_loss_mask)  # the parent's positions, shift or not
     out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,

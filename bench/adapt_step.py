@@ -68,7 +68,7 @@ def _state(args):
     from adapt import distributed
     from adapt.recipe import load_config
     from adapt import objectives
-    from adapt.data import Blocks
+    from adapt.data import Sequences
     from adapt.diffusion import blocked_vocab
     from adapt.metrics import MetricsLog
     from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
@@ -80,7 +80,7 @@ def _state(args):
     if args.variant in ("ar", "blockar"):
         block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
-                             f"model.attn_implementation={args.attn}", f"data.block_size={args.length}",
+                             f"model.attn_implementation={args.attn}", f"data.seq_length={args.length}",
                              f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",
                              "optim.warmup_steps=0", "optim.grad_clip=1.0", *block,
                              f"model.gradient_checkpointing={str(args.grad_ckpt).lower()}"])
@@ -93,7 +93,7 @@ def _state(args):
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, meta.real_vocab_size - 1, (64, args.length), generator=gen)
-    blocks = Blocks(ids, torch.zeros_like(ids), ids[:1], ids[:1])
+    blocks = Sequences(ids, torch.zeros_like(ids), ids[:1], ids[:1])
     rows = model.get_output_embeddings().weight.shape[0]
     blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
     return State(cfg, engine, tok, meta, blocks, objectives.from_config(cfg, meta, blocked),

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
 from adapt.config import DataConfig, ModelConfig  # noqa: E402
-from adapt.data import build_blocks  # noqa: E402
+from adapt.data import build_sequences  # noqa: E402
 from adapt.diffusion import blocked_vocab  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
 from adapt.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tok, model, meta, blocked = load_scored(args.model)
     meta = replace(meta, clean_attention=args.clean_attention or meta.clean_attention)
-    data = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.blocks), tok).heldout
+    data = build_sequences(DataConfig(seq_length=args.length, heldout_sequences=args.blocks), tok).heldout
     result = {"model": args.model}
     for part, x0 in (("in_domain", data), ("out_of_domain", reference_blocks(tok, args.length, args.blocks))):
         result[part] = bounds(model, meta, blocked, x0, args.lengths, args.draws, args.batch, args.offsets)

@@ -14,7 +14,7 @@ its titles and shuffles every article's paragraphs with its own seed) up to the 
      prepared tiny and big stores, --repeats times in turn: peak RSS, and seconds from launch to the first step's
      record in metrics.jsonl.
   3. With --baseline-commit: the default recipe's first data set-up (embedded corpus, block 256, empty cache)
-     with that commit's adapt/data.py (build_blocks) against this one's, time and peak RSS.
+     with that commit's adapt/data.py (build_sequences) against this one's, time and peak RSS.
 Every command runs in its own process; the figures are one run each (quote the machine: `lscpu`).
 """
 from __future__ import annotations
@@ -137,7 +137,7 @@ mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.
 tok = load_tokenizer(ModelConfig())
 mod.embedded_corpus({cache!r})  # the JSONL made from the gensim dump: the same for both
 t0 = time.perf_counter()
-blocks = mod.build_blocks(DataConfig(block_size=256, heldout_blocks=16, cache_dir={cache!r}), tok)
+blocks = mod.build_sequences(DataConfig(seq_length=256, heldout_sequences=16, cache_dir={cache!r}), tok)
 print(json.dumps({{"seconds": round(time.perf_counter() - t0, 1), "train_blocks": len(blocks.train),
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}}))
 """

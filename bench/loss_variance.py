@@ -28,7 +28,7 @@ import torch  # noqa: E402
 
 from adapt import rng  # noqa: E402
 from adapt.config import DataConfig  # noqa: E402
-from adapt.data import build_blocks  # noqa: E402
+from adapt.data import build_sequences  # noqa: E402
 from adapt.model import set_causal  # noqa: E402
 from adapt.objectives import Attention, ModelForward, make  # noqa: E402
 from bench.block_length import load_scored  # noqa: E402
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tok, model, meta, blocked = load_scored(args.model)
     set_causal(model, False)
-    pool = build_blocks(DataConfig(block_size=args.length, heldout_blocks=args.pool), tok).heldout
+    pool = build_sequences(DataConfig(seq_length=args.length, heldout_sequences=args.pool), tok).heldout
     result, raw = {"args": vars(args), "levers": {}}, {}
     for name, opts in options.items():
         tic = time.perf_counter()

@@ -1,6 +1,6 @@
 """Screen recipe choices at equal training tokens: short runs, then paired held-out bounds in-domain and out of domain.
 
-    python bench/recipe_study.py --variants base lr2e-4 lr5e-4 [--steps 30] [--block-size 128] [--json out.json]
+    python bench/recipe_study.py --variants base lr2e-4 lr5e-4 [--steps 30] [--seq-length 128] [--json out.json]
 
 Each variant is the default recipe plus the screen's common overrides (SCREEN: short blocks, no periodic
 saves, cheap in-run evaluations) plus its own overrides (VARIANTS), trained by `python adapt/run.py` into
@@ -117,8 +117,8 @@ def _scaled(prefix: str, steps: int) -> dict[str, int]:
 def run_dir(name: str, args: argparse.Namespace) -> Path:
     """checkpoints/study_<name>[_lr<lr>][_<steps>x<block>][_s<seed>]: one folder per variant, learning rate, size
     (when not the screen's 30 steps of 128 tokens) and seed."""
-    size = (args.steps, args.block_size) != (30, 128)
-    tag = (f"_lr{args.lr}" if args.lr else "") + (f"_{args.steps}x{args.block_size}" if size else "") + (
+    size = (args.steps, args.seq_length) != (30, 128)
+    tag = (f"_lr{args.lr}" if args.lr else "") + (f"_{args.steps}x{args.seq_length}" if size else "") + (
         f"_s{args.seed}" if args.seed else "")
     return ROOT / "checkpoints" / f"study_{name}{tag}"
 
@@ -131,7 +131,7 @@ def train(name: str, args: argparse.Namespace) -> Path:
     cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(ROOT / "recipes" / "llama_to_mdlm.yaml"), *SCREEN,
            f"train.max_steps={steps}", f"attention.anneal_steps={steps // 2}",
            f"optim.warmup_steps={max(1, steps // 10)}",
-           f"data.block_size={args.block_size}", f"run.name={folder.name}", f"train.seed={args.seed}",
+           f"data.seq_length={args.seq_length}", f"run.name={folder.name}", f"train.seed={args.seed}",
            *args.common, *overrides(name, args.lr, steps)]
     tic = time.perf_counter()
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True,
@@ -149,7 +149,7 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
     from adapt import objectives, rng
     from adapt.export import load_diffusion_model
     from adapt.config import DataConfig, ModelConfig
-    from adapt.data import build_blocks
+    from adapt.data import build_sequences
     from adapt.diffusion import blocked_vocab
     from adapt.likelihood import causal_nll, draw_masks, summarize
     from adapt.model import load_causal_lm, load_tokenizer, set_causal
@@ -158,9 +158,9 @@ def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
     from eval.compare import bounds_on, paired
 
     tok = load_tokenizer(ModelConfig(name_or_path="embedded:smollm2-135m-instruct"))
-    domains = {"in_domain": build_blocks(DataConfig(block_size=args.block_size, heldout_blocks=args.blocks),
+    domains = {"in_domain": build_sequences(DataConfig(seq_length=args.seq_length, heldout_sequences=args.blocks),
                                          tok).heldout,
-               "out_of_domain": reference_blocks(tok, args.block_size, args.blocks)}
+               "out_of_domain": reference_blocks(tok, args.seq_length, args.blocks)}
     result: dict = {name: {} for name in ["parent", *exports]}
     draws = {}
     for name, path in exports.items():
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", nargs="+", default=["base"])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--seq-length", type=int, default=128)
     ap.add_argument("--lr", default="", help="learning rate for every variant (a variant's own lr wins)")
     ap.add_argument("--seed", type=int, default=0, help="the runs' seed (data order, draws); 0 is the recipe's")
     ap.add_argument("--common", nargs="*", default=[], help="overrides for every variant (before a variant's own)")

@@ -26,7 +26,7 @@ from adapt.diffusion import blocked_vocab
 from adapt.likelihood import METHODS, draw_masks, summarize
 from adapt.objectives import Attention, ModelForward
 from eval.cli import Script, run_script
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import EvalContext
 from eval.options import ESTIMATOR, EvalError, count, export_check, tokens
 
@@ -88,7 +88,7 @@ def other_bounds(ctx: EvalContext, model_dir: Path, x0: torch.Tensor, masked: to
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.length, args.blocks)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, args.length, args.blocks)
     objective, forward = ctx.bound_model()
     scored = objective.scored(blocks)
     tokens = scored.sum(1)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from eval.cli import Script, run_script
 from eval.diversity import diversity
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import EvalContext, diffusion_sample, parent_sample
 from eval.options import add_samplers, count, fraction, non_negative, tokens
 from eval.plots import frontier_plot
@@ -47,9 +47,9 @@ def add_args(parser: argparse.ArgumentParser) -> None:
 def prefixes(ctx: EvalContext, mode: str, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
     """(prefix (N, P), real continuation (N, G)) of held-out blocks; P = 1 (BOS) when unconditional."""
     if mode == "unconditional":
-        blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.length + 1, args.samples)
+        blocks = heldout_sequences(ctx.data, ctx.tokenizer, args.length + 1, args.samples)
         return blocks[:, :1], blocks[:, 1:]
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.prompt_length + args.gen_length, args.samples)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, args.prompt_length + args.gen_length, args.samples)
     return blocks[:, :args.prompt_length], blocks[:, args.prompt_length:]
 
 

@@ -63,7 +63,7 @@ def _default_max_length(model_dir: str, model) -> int:
     """The training block size when the export carries its recipe, else the position limit (<= 2048)."""
     recipe = read_recipe(model_dir) if model_dir else None
     if recipe is not None:
-        return recipe.data.block_size
+        return recipe.data.seq_length
     return min(int(getattr(model.config, "max_position_embeddings", 2048) or 2048), 2048)
 
 

@@ -1,8 +1,8 @@
-"""Held-out text for every metric: the blocks `adapt.data.build_blocks` kept out of training.
+"""Held-out text for every metric: the blocks `adapt.data.build_sequences` kept out of training.
 
 The held-out text is the last whole documents of each source, read from the same token stores as training
 (`python -m adapt.prepare`; prepared here when missing), and its held-out blocks are the first
-`data.heldout_blocks` blocks of that text at the training block size. A metric that wants another length
+`data.heldout_sequences` blocks of that text at the training block size. A metric that wants another length
 re-cuts those blocks (never touching training tokens): the BOS at the head of each block is dropped, the bodies
 are joined, and cut into pieces of `length - 1` tokens, each given the BOS again, so position 0 is the same given
 token as in training.
@@ -14,7 +14,7 @@ import re
 import torch
 
 from adapt.config import DataConfig
-from adapt.data import DataError, build_blocks
+from adapt.data import DataError, build_sequences
 from eval.options import EvalError
 
 
@@ -25,14 +25,14 @@ class HeldoutError(EvalError):
 def heldout_stream(dcfg: DataConfig, tokenizer) -> tuple[torch.Tensor, int]:
     """(held-out token stream (T,) long without the per-block BOS, the start token id)."""
     try:
-        held = build_blocks(dcfg, tokenizer).heldout  # (N, block_size)
+        held = build_sequences(dcfg, tokenizer).heldout  # (N, seq_length)
     except DataError as err:
         source = ", ".join(map(str, dcfg.train_files)) or "the embedded corpus"
         raise HeldoutError(f"no held-out text from {source}: {err}") from None
     return held[:, 1:].reshape(-1), int(held[0, 0])
 
 
-def heldout_blocks(dcfg: DataConfig, tokenizer, length: int, n: int | None = None) -> torch.Tensor:
+def heldout_sequences(dcfg: DataConfig, tokenizer, length: int, n: int | None = None) -> torch.Tensor:
     """(n, length) long held-out blocks, each starting with the start token (all of them when n is None)."""
     if length < 2:
         raise HeldoutError(f"block length must be >= 2 (BOS + one token), got {length}")
@@ -41,7 +41,7 @@ def heldout_blocks(dcfg: DataConfig, tokenizer, length: int, n: int | None = Non
     n = available if n is None else n
     if n > available or n < 1:
         raise HeldoutError(f"the held-out text makes {available} blocks of {length} tokens, {n} asked for; "
-                           f"ask for fewer or shorter blocks, or raise data.heldout_blocks in the recipe")
+                           f"ask for fewer or shorter blocks, or raise data.heldout_sequences in the recipe")
     body = stream[: n * (length - 1)].view(n, length - 1)
     return torch.cat([torch.full((n, 1), start, dtype=torch.long), body], dim=1)
 

@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from eval.cli import Script, run_script
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import EvalContext, diffusion_sample, parent_sample
 from eval.options import add_samplers, count, non_negative, tokens
 
@@ -77,7 +77,7 @@ def parent_fill(ctx: EvalContext, blocks: torch.Tensor, args: argparse.Namespace
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.left + args.span_length + args.right, args.spans)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, args.left + args.span_length + args.right, args.spans)
     truth = blocks[:, args.left:args.left + args.span_length]
     rows = [{"method": "truth", **span_metrics(truth, truth), **judge_scores(ctx, blocks, truth, args)}]
     for sampler in tqdm(args.samplers + ["parent"], desc="infill", unit="method"):

@@ -20,7 +20,7 @@ import torch
 from adapt.likelihood import METHODS, causal_nll, estimator_variance, replicate_estimates, summarize
 from adapt.objectives import ModelForward
 from eval.cli import Script, run_script
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import EvalContext
 from eval.options import ESTIMATOR, count, tokens
 
@@ -64,7 +64,7 @@ def compare_methods(ctx: EvalContext, blocks: torch.Tensor, args: argparse.Names
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, args.length, args.blocks)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, args.length, args.blocks)
     methods = compare_methods(ctx, blocks, args)
     first = args.methods[0]
     main = methods[first]

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from eval.cli import Script, run_script
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import EvalContext, diffusion_sample, parent_sample
 from eval.options import add_samplers, count, tokens
 from eval.plots import speed_plot
@@ -78,7 +78,7 @@ def measure_length(ctx: EvalContext, prompt: torch.Tensor, length: int, args: ar
 
 
 def run(ctx: EvalContext, args: argparse.Namespace) -> dict:
-    prompt = heldout_blocks(ctx.data, ctx.tokenizer, args.prompt_length, args.batch_size)
+    prompt = heldout_sequences(ctx.data, ctx.tokenizer, args.prompt_length, args.batch_size)
     # warm-up: first calls pay for kernel selection and allocation
     parent_sample(ctx.parent(), prompt, 2, ctx.seed_for("sample", NAME, "parent"))
     warm = torch.cat([prompt, torch.full((len(prompt), 2), ctx.meta.mask_token_id, dtype=torch.long)], 1)

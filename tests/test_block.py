@@ -199,8 +199,8 @@ def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, 
 
     from adapt.export import read_meta
 
-    common = ("train.max_steps=2", "train.save_every=0", "train.eval_t_samples=2", "data.block_size=64",
-              "data.heldout_blocks=3", "diffusion.block_length=8", "run.sample_length=15")
+    common = ("train.max_steps=2", "train.save_every=0", "train.eval_t_samples=2", "data.seq_length=64",
+              "data.heldout_sequences=3", "diffusion.block_length=8", "run.sample_length=15")
     launch(tmp_path / "a", tiny_model_dir, corpus_file, *common, "attention.anneal_schedule=blocks",
            "attention.anneal_steps=1")
     export = tmp_path / "a" / "debug" / "final"

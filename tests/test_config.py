@@ -83,7 +83,7 @@ def test_wrong_type(tmp_path):
 
 
 @pytest.mark.parametrize("override,key", [
-    ("optim.lr=2.0", "optim.lr"), ("data.block_size=4", "data.block_size"),
+    ("optim.lr=2.0", "optim.lr"), ("data.seq_length=4", "data.seq_length"),
     ("train.max_steps=0", "train.max_steps"), ("dist.zero_stage=4", "dist.zero_stage"),
     ("model.dtype=fp16", "model.dtype"), ("diffusion.eps=.nan", "diffusion.eps"),
     ("optim.lr=.nan", "optim.lr"), ("optim.grad_clip=.inf", "optim.grad_clip"),
@@ -137,7 +137,7 @@ def test_all_problems_in_one_error(tmp_path):
     for needle in ("optim.lrr", "train.max_steps", "modell", "run.nmae", "noequals"):
         assert needle in text
     # range problems are also collected together (reported after the schema walk passes)
-    probs = problems_of(None, ["optim.lr=5", "train.max_steps=0", "data.block_size=2"])
+    probs = problems_of(None, ["optim.lr=5", "train.max_steps=0", "data.seq_length=2"])
     assert len(probs) == 3
 
 
@@ -168,7 +168,7 @@ def test_resume_conflicts():
                               "run.tensorboard=true", "train.save_every=7"])
     assert resume_conflicts(saved, safe) == []
     for override, key in [("model.name_or_path=/elsewhere", "model.name_or_path"),
-                          ("data.block_size=128", "data.block_size"),
+                          ("data.seq_length=128", "data.seq_length"),
                           ("model.mask_token=<m>", "model.mask_token"),
                           ("model.mask_token_id=5", "model.mask_token_id"),
                           ("diffusion.shift=false", "diffusion.shift")]:
@@ -239,3 +239,28 @@ def test_from_dict_reports_schema_problems():
         from_dict({"train": {"max_steps": "x"}})
     with pytest.raises(ConfigError, match="mapping"):
         from_dict({"model": 3})
+
+
+@pytest.mark.parametrize("old,new,value", [("block_size", "seq_length", 96),
+                                           ("heldout_blocks", "heldout_sequences", 5)])
+def test_a_renamed_key_is_read_as_its_new_name_with_one_note(tmp_path, capsys, old, new, value):
+    """Recipes and overrides written with the old names keep working, with a one-line note naming the new key."""
+    from_recipe = load_config(write(tmp_path, f"data:\n  {old}: {value}\n"))
+    assert getattr(from_recipe.data, new) == value
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"`data.{old}` is now `data.{new}`" in err
+    from_cli = load_config(None, [f"data.{old}={value}"])
+    assert getattr(from_cli.data, new) == value
+    assert f"`data.{new}`" in capsys.readouterr().err
+    assert getattr(load_config(None, [f"data.{new}={value}"]).data, new) == value
+    assert capsys.readouterr().err == ""  # the new name: no note
+    assert getattr(from_dict({"data": {old: value}}).data, new) == value  # a saved config of an older run
+    assert capsys.readouterr().err == ""
+
+
+def test_a_key_set_under_both_names_is_refused(tmp_path):
+    (problem,) = problems_of(write(tmp_path, "data:\n  block_size: 64\n  seq_length: 128\n"))
+    assert "`data.block_size` and `data.seq_length` are both set" in problem
+    assert "keep only `data.seq_length`" in problem
+    with pytest.raises(ConfigError, match="both set"):
+        from_dict({"data": {"heldout_blocks": 2, "heldout_sequences": 3}})

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 import adapt.data as data
 from adapt.config import DataConfig
-from adapt.data import DataError, batch_indices, build_blocks, embedded_corpus, iter_texts, resolve_sources
+from adapt.data import DataError, batch_indices, build_sequences, embedded_corpus, iter_texts, resolve_sources
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Packing joins documents with an end token.",
         "Short.", "A fourth document, somewhat longer than the others, to span more than one block of tokens."]
@@ -28,7 +28,7 @@ def tok(tokenizer_dir):
 
 def dcfg(tmp_path: Path, files, **kw) -> DataConfig:
     return DataConfig(train_files=[str(f) for f in files], cache_dir=str(tmp_path / "cache"),
-                      **{"block_size": 16, "heldout_blocks": 1, **kw})
+                      **{"seq_length": 16, "heldout_sequences": 1, **kw})
 
 
 # --- embedded corpus ---------------------------------------------------------------------------
@@ -74,7 +74,7 @@ def _texts(cfg: DataConfig) -> list[str]:
 def test_blocks_start_with_bos_and_number_documents(tmp_path, tok):
     texts = DOCS + ["", DOCS[0]] + DOCS
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts + [None]))
-    blocks = build_blocks(dcfg(tmp_path, [tmp_path / "a.jsonl"]), tok)
+    blocks = build_sequences(dcfg(tmp_path, [tmp_path / "a.jsonl"]), tok)
     ids, docs = blocks.train[torch.arange(len(blocks.train))], blocks.train_docs[torch.arange(len(blocks.train))]
     flat = []
     for t in texts:
@@ -106,13 +106,13 @@ def test_read_txt_jsonl_parquet(tmp_path):
 
 def test_build_blocks_split_and_cache(tmp_path, tok, monkeypatch):
     (tmp_path / "a.txt").write_text("\n".join(DOCS * 5) + "\n")
-    cfg = dcfg(tmp_path, [tmp_path / "a.txt"], heldout_blocks=2)
-    blocks = build_blocks(cfg, tok)
+    cfg = dcfg(tmp_path, [tmp_path / "a.txt"], heldout_sequences=2)
+    blocks = build_sequences(cfg, tok)
     assert blocks.train.shape[1] == 16 and len(blocks.heldout) == 2 and len(blocks.train) >= 5
     assert blocks.heldout_docs.shape == blocks.heldout.shape
     assert not list(Path(cfg.cache_dir).rglob("*.partial*"))
     monkeypatch.setattr(data, "iter_texts", lambda *a, **k: pytest.fail("the store was not used"))
-    again = build_blocks(cfg, tok)
+    again = build_sequences(cfg, tok)
     every = torch.arange(len(blocks.train))
     assert torch.equal(again.train[every], blocks.train[every]) and torch.equal(again.heldout, blocks.heldout)
 
@@ -120,8 +120,9 @@ def test_build_blocks_split_and_cache(tmp_path, tok, monkeypatch):
 @pytest.mark.parametrize("name,content,kw,needle", [
     ("a.csv", "text\nhello\n", {}, "unknown data format"),
     ("tiny.txt", "hello\n", {}, "smaller than one block"),
-    ("few.txt", "\n".join(DOCS) + "\n", {"heldout_blocks": 50}, "data.heldout_blocks"),
-    ("one.txt", " ".join(DOCS * 3) + "\n", {"heldout_blocks": 1}, "data.heldout_blocks"),  # one document: no split
+    ("few.txt", "\n".join(DOCS) + "\n", {"heldout_sequences": 50}, "data.heldout_sequences"),
+    # one document: no split
+    ("one.txt", " ".join(DOCS * 3) + "\n", {"heldout_sequences": 1}, "data.heldout_sequences"),
     ("a.jsonl", '{"text": 1}\n', {}, "data.text_field"),
     ("b.jsonl", '{"body": "x"}\n', {}, "data.text_field"),
     ("c.jsonl", "not json\n", {}, "cannot read"),
@@ -133,16 +134,16 @@ def test_corpus_problems_are_data_errors(tmp_path, tok, name, content, kw, needl
     path = tmp_path / name
     (path.write_bytes if isinstance(content, bytes) else path.write_text)(content)
     with pytest.raises(DataError, match=needle):
-        build_blocks(dcfg(tmp_path, [path], **kw), tok)
+        build_sequences(dcfg(tmp_path, [path], **kw), tok)
 
 
 def test_missing_and_mixed_files(tmp_path, tok):
     with pytest.raises(DataError, match="not found; check data.train_files"):
-        build_blocks(dcfg(tmp_path, [tmp_path / "missing.jsonl"]), tok)
+        build_sequences(dcfg(tmp_path, [tmp_path / "missing.jsonl"]), tok)
     (tmp_path / "a.txt").write_text("x\n")
     (tmp_path / "b.jsonl").write_text('{"text": "x"}\n')
     with pytest.raises(DataError, match="mixes formats"):
-        build_blocks(dcfg(tmp_path, [tmp_path / "a.txt", tmp_path / "b.jsonl"]), tok)
+        build_sequences(dcfg(tmp_path, [tmp_path / "a.txt", tmp_path / "b.jsonl"]), tok)
 
 
 # --- data order --------------------------------------------------------------------------------
@@ -204,8 +205,8 @@ def test_fuzz_loader_only_data_errors(tok, kind, lines, records, raw):
             path = tmp / "c.jsonl"
             path.write_bytes(raw)
         try:
-            blocks = build_blocks(DataConfig(train_files=[str(path)], cache_dir=str(tmp / "cache"), block_size=8,
-                                             heldout_blocks=1), tok)
+            blocks = build_sequences(DataConfig(train_files=[str(path)], cache_dir=str(tmp / "cache"), seq_length=8,
+                                             heldout_sequences=1), tok)
         except DataError as err:
             assert str(err)
         else:

@@ -55,7 +55,7 @@ def test_corpus_smaller_than_one_block_writes_nothing(tmp_path, tiny_model_dir):
     out = run_entry(str(ROOT / "recipes" / "debug.yaml"), f"model.name_or_path={tiny_model_dir}",
                     f"data.train_files=[{corpus}]", f"data.cache_dir={tmp_path / 'cache'}",
                     f"run.output_dir={tmp_path / 'runs'}")
-    assert_clean_failure(out, "smaller than one block", "data.block_size")
+    assert_clean_failure(out, "smaller than one block", "data.seq_length")
     assert not (tmp_path / "runs").exists()
 
 

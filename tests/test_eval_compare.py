@@ -14,7 +14,7 @@ from adapt.diffusion import blocked_vocab
 from adapt.likelihood import block_estimates
 from adapt.objectives import ModelForward
 from eval import compare
-from eval.heldout import heldout_blocks
+from eval.heldout import heldout_sequences
 from eval.models import data_config, stream_step
 
 ARGS = ["--blocks", "6", "--length", "32", "--t-samples", "4", "--device", "cpu", "--seed", "3"]
@@ -36,7 +36,7 @@ def test_same_draws_as_the_estimator_and_a_real_difference(exported_dir, changed
     result = compare.main([str(exported_dir), str(changed_dir), "--out-dir", str(tmp_path), *ARGS])
     assert (tmp_path / "compare.json").is_file()
     model, tok, meta = load_diffusion_model(exported_dir)
-    blocks = heldout_blocks(data_config(exported_dir), tok, 32, 6)
+    blocks = heldout_sequences(data_config(exported_dir), tok, 32, 6)
     blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
     objective = objectives.for_meta(meta, blocked)
     assert result["method"] == "count"  # the default estimator

@@ -26,7 +26,7 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     save_meta(out, meta)
-    data = {"train_files": [str(corpus)], "block_size": 64, "heldout_blocks": 12, "cache_dir": str(cache)}
+    data = {"train_files": [str(corpus)], "seq_length": 64, "heldout_sequences": 12, "cache_dir": str(cache)}
     (out / RECIPE_FILE).write_text(yaml.safe_dump({"data": data}))
     return out
 

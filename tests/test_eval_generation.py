@@ -40,9 +40,9 @@ def test_perplexity_is_exp_of_mean_token_nll():
 
 def test_judge_scores_known_text_at_its_exact_perplexity(ctx):  # noqa: F811
     """Generative perplexity of held-out text under the judge = the judge's exact perplexity of it."""
-    from eval.heldout import heldout_blocks
+    from eval.heldout import heldout_sequences
 
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, 24, 3)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, 24, 3)
     judge = ctx.judge()
     summary = judge.perplexity(blocks[:, :1].tolist(), blocks[:, 1:].tolist(), batch_size=2)
     with torch.no_grad():
@@ -100,11 +100,11 @@ def test_the_parents_reference_samples_share_the_temperature(ctx, tmp_path):  # 
 def test_parent_sample_length_and_greedy(ctx):  # noqa: F811
     """Exactly new_tokens tokens even when the model's generation config would stop at any token;
     temperature 0 is the argmax chain."""
-    from eval.heldout import heldout_blocks
+    from eval.heldout import heldout_sequences
     from eval.models import parent_sample
 
     parent = ctx.parent()
-    prompt = heldout_blocks(ctx.data, ctx.tokenizer, 5, 2)
+    prompt = heldout_sequences(ctx.data, ctx.tokenizer, 5, 2)
     saved = parent.generation_config.eos_token_id
     parent.generation_config.eos_token_id = list(range(parent.config.vocab_size))  # every token ends a row
     try:

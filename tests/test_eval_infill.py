@@ -24,9 +24,9 @@ def _args(ctx, tmp_path, **kw):  # noqa: F811
 
 
 def test_oracle_denoiser_fills_every_span(ctx, tmp_path):  # noqa: F811
-    from eval.heldout import heldout_blocks
+    from eval.heldout import heldout_sequences
 
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, 15, 3)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, 15, 3)
     vocab = ctx.model.get_output_embeddings().weight.shape[0]
     oracle = dataclasses.replace(ctx, denoiser=OracleDenoiser(blocks, vocab, ctx.meta.mask_token_id))
     result = run(oracle, _args(ctx, tmp_path))
@@ -41,11 +41,11 @@ def test_oracle_denoiser_fills_every_span(ctx, tmp_path):  # noqa: F811
 
 def test_parent_fill_ignores_the_right_context(ctx, tmp_path):  # noqa: F811
     """Changing the text after the span must not change the parent's greedy fill."""
-    from eval.heldout import heldout_blocks
+    from eval.heldout import heldout_sequences
     from eval.infill import parent_fill
 
     args = _args(ctx, tmp_path)
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, 15, 3)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, 15, 3)
     other = blocks.clone()
     other[:, 10:] = torch.flip(other[:, 10:], dims=[0])
     a, _ = parent_fill(ctx, blocks, args)

@@ -71,12 +71,12 @@ def test_stratified_t_lowers_estimator_variance():
 def test_likelihood_script_parent_ppl_matches_hf_loss(ctx, tmp_path):  # noqa: F811
     """The parent's exact perplexity equals exp(HF's mean cross-entropy) on the same blocks."""
     from eval import likelihood
-    from eval.heldout import heldout_blocks
+    from eval.heldout import heldout_sequences
 
     args = common_args(ctx.model_dir, tmp_path, blocks=3, length=32, t_samples=2, replicates=2,
                        methods=["stratified", "uniform"], batch_size=8)
     result = likelihood.run(ctx, args)
-    blocks = heldout_blocks(ctx.data, ctx.tokenizer, 32, 3)
+    blocks = heldout_sequences(ctx.data, ctx.tokenizer, 32, 3)
     with torch.no_grad():
         loss = ctx.parent()(input_ids=blocks, labels=blocks).loss
     assert math.isclose(result["parent"]["ppl"], math.exp(float(loss)), rel_tol=1e-4)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 
 from adapt import objectives
-from adapt.data import Blocks
+from adapt.data import Sequences
 from adapt.diffusion import blocked_vocab
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, set_causal
@@ -53,7 +53,7 @@ class Engine:
 
 
 def make_state(tmp_path, *overrides: str, loss_mask: bool = False) -> State:
-    cfg = load_config(None, ["model.dtype=fp32", f"data.block_size={L}", "train.micro_batch_size=2",
+    cfg = load_config(None, ["model.dtype=fp32", f"data.seq_length={L}", "train.micro_batch_size=2",
                              "train.grad_accum=2", "attention.anneal_steps=0", f"run.output_dir={tmp_path}",
                              *overrides])
     model = tiny_llama(V)
@@ -62,7 +62,7 @@ def make_state(tmp_path, *overrides: str, loss_mask: bool = False) -> State:
     mask = None
     if loss_mask:  # SFT-like: a prompt of 3..7 tokens carries no loss
         mask = torch.arange(L)[None, :] >= torch.arange(3, 3 + N)[:, None] % 5 + 3
-    data = Blocks(ids, torch.zeros_like(ids), ids[:2], torch.zeros_like(ids[:2]), train_loss_mask=mask)
+    data = Sequences(ids, torch.zeros_like(ids), ids[:2], torch.zeros_like(ids[:2]), train_loss_mask=mask)
     meta = DiffusionMeta(MASK, V - 1)
     obj = objectives.from_config(cfg, meta, blocked_vocab(V, V - 1, MASK))
     return State(cfg, Engine(model, cfg.train.grad_accum), None, meta, data, obj, MetricsLog(tmp_path, False, False))

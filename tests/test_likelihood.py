@@ -157,7 +157,7 @@ def test_summarize():
 
 
 def test_summarize_weights_blocks_by_tokens():
-    """Blocks with different token counts (SFT responses): the point is summed nats over summed tokens and the
+    """Sequences with different token counts (SFT responses): the point is summed nats over summed tokens and the
     interval is the ratio estimator's around that same point (not the spread of unweighted per-block ratios)."""
     nats = torch.tensor([10.0, 40.0, 18.0, 30.0], dtype=torch.float64)
     tokens = torch.tensor([5, 10, 6, 12])

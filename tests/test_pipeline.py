@@ -177,10 +177,10 @@ def test_resume_gives_the_same_losses(finished_run, tmp_path, tiny_model_dir, co
 def test_resume_refuses_an_incompatible_recipe(finished_run, tmp_path, tiny_model_dir, corpus_file):
     copy = tmp_path / "debug"
     shutil.copytree(finished_run, copy)
-    out = launch(tmp_path, tiny_model_dir, corpus_file, "train.max_steps=8", "data.block_size=32",
+    out = launch(tmp_path, tiny_model_dir, corpus_file, "train.max_steps=8", "data.seq_length=32",
                  f"data.cache_dir={finished_run.parent / 'cache'}", check=False)
     assert out.returncode == 2
-    assert "data.block_size" in out.stderr and "run.resume=never" in out.stderr
+    assert "data.seq_length" in out.stderr and "run.resume=never" in out.stderr
     assert "Traceback" not in out.stderr
 
 

@@ -55,7 +55,7 @@ def test_a_run_name_that_is_not_one_folder_name_is_refused(runner, tmp_path, nam
     ("train.seed=9223372036854775808", "train.seed"), ("train.seed=-1", "train.seed"),
     ("train.micro_batch_size=0", "train.micro_batch_size"),
     ("train.micro_batch_size=99999999999999999999", "train.micro_batch_size"),
-    ("train.max_steps=-5", "train.max_steps"), ("data.block_size=0", "data.block_size"),
+    ("train.max_steps=-5", "train.max_steps"), ("data.seq_length=0", "data.seq_length"),
     ("dist.timeout_s=1e300", "dist.timeout_s"), ("optim.lr=.nan", "optim.lr"),
 ])
 def test_a_number_out_of_range_is_refused_before_loading(runner, tmp_path, override, key):
@@ -68,8 +68,8 @@ def test_a_number_out_of_range_is_refused_before_loading(runner, tmp_path, overr
 
 def test_a_block_longer_than_the_model_positions_is_refused(runner, tmp_path, tiny_model_dir, corpus_file):
     """The tiny Llama has 512 positions; the message says both numbers, and the launch leaves no folder."""
-    args = tiny_run_args(tmp_path, tiny_model_dir, corpus_file, "data.block_size=1024")
-    line = refused(runner.run(["adapt/run.py", str(RECIPE), *args]), "data.block_size")
+    args = tiny_run_args(tmp_path, tiny_model_dir, corpus_file, "data.seq_length=1024")
+    line = refused(runner.run(["adapt/run.py", str(RECIPE), *args]), "data.seq_length")
     assert "1024" in line and "512 positions" in line
     assert not (tmp_path / "debug").exists()
 

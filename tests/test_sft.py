@@ -73,8 +73,8 @@ def test_build_examples_from_jsonl(tmp_path, tokenizer_dir):
     rows.append({"prompt": "too long", "response": "word " * 200})
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    cfg = load_config(None, ["stage=sft", f"data.train_files=[{data}]", "data.block_size=64",
-                             "data.heldout_blocks=2", f"data.cache_dir={tmp_path / 'cache'}"])
+    cfg = load_config(None, ["stage=sft", f"data.train_files=[{data}]", "data.seq_length=64",
+                             "data.heldout_sequences=2", f"data.cache_dir={tmp_path / 'cache'}"])
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     blocks = build_examples(cfg, tok)
     assert len(blocks.train) == 10 and len(blocks.heldout) == 2 and blocks.dropped == 1

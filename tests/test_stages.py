@@ -39,10 +39,10 @@ def test_two_ranks(stage, zero, lora, tmp_path, tiny_model_dir, corpus_file, sft
     if stage == "sft":
         model, data = sft_inputs
         args += ["stage=sft", f"model.name_or_path={model}", "attention.anneal_steps=0", f"data.train_files=[{data}]",
-                 "data.block_size=64", "data.heldout_blocks=2", "lora.export=adapter"]
+                 "data.seq_length=64", "data.heldout_sequences=2", "lora.export=adapter"]
     else:  # the ZeRO-3 run is compared with one rank below: no dropout (its draws depend on the rank); an odd
         # held-out count that two ranks cannot split evenly (ZeRO-3 gathers weights in every forward)
-        model, args = tiny_model_dir, args + ["attention.anneal_steps=1", "data.heldout_blocks=3"] + (
+        model, args = tiny_model_dir, args + ["attention.anneal_steps=1", "data.heldout_sequences=3"] + (
             ["lora.dropout=0"] if zero == 3 else [])
     launch(tmp_path / "two", tiny_model_dir, corpus_file, *args, ranks=2)
     run = tmp_path / "two" / "debug"

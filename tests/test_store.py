@@ -15,9 +15,9 @@ import torch
 
 import adapt.data as data
 from adapt import store
-from adapt.blocks import Mixture, _PERMS, batch_indices
+from adapt.sequences import Mixture, _PERMS, batch_indices
 from adapt.config import DataConfig, SourceConfig
-from adapt.data import DataError, build_blocks, resolve_sources, store_folder
+from adapt.data import DataError, build_sequences, resolve_sources, store_folder
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +37,7 @@ def corpus(path: Path, n: int, tag: str = "Document") -> Path:
 
 def cfg_for(tmp_path: Path, files, **kw) -> DataConfig:
     return DataConfig(train_files=[str(f) for f in files], cache_dir=str(tmp_path / "cache"),
-                      **{"block_size": 16, "heldout_blocks": 2, **kw})
+                      **{"seq_length": 16, "heldout_sequences": 2, **kw})
 
 
 def stores(tmp_path: Path) -> list[Path]:
@@ -52,7 +52,7 @@ def doc_numbers(tok, rows: torch.Tensor, tag: str = "Document") -> set[int]:
 
 def test_store_holds_the_stream_narrow_ids_and_a_manifest(tmp_path, tok):
     path = corpus(tmp_path / "c.jsonl", 40)
-    blocks = build_blocks(cfg_for(tmp_path, [path]), tok)
+    blocks = build_sequences(cfg_for(tmp_path, [path]), tok)
     (folder,) = stores(tmp_path)
     m = json.loads((folder / store.MANIFEST).read_text())
     texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
@@ -82,8 +82,8 @@ def test_the_narrowest_unsigned_dtype():
 
 def test_workers_write_the_same_store(tmp_path, tok):
     path = corpus(tmp_path / "c.jsonl", 1500)  # three tokenising batches
-    one = build_blocks(cfg_for(tmp_path / "one", [path]), tok)
-    two = build_blocks(cfg_for(tmp_path / "two", [path], num_proc=2), tok)
+    one = build_sequences(cfg_for(tmp_path / "one", [path]), tok)
+    two = build_sequences(cfg_for(tmp_path / "two", [path], num_proc=2), tok)
     a, b = (x.train.parts[0].store.folder for x in (one, two))
     assert a.name == b.name
     for name in (store.TOKENS, store.DOC_ENDS):
@@ -93,7 +93,7 @@ def test_workers_write_the_same_store(tmp_path, tok):
 
 def test_heldout_is_whole_documents(tmp_path, tok):
     path = corpus(tmp_path / "c.jsonl", 60)
-    blocks = build_blocks(cfg_for(tmp_path, [path], heldout_blocks=3), tok)
+    blocks = build_sequences(cfg_for(tmp_path, [path], heldout_sequences=3), tok)
     train = blocks.train[torch.arange(len(blocks.train))]
     seen, held = doc_numbers(tok, train), doc_numbers(tok, blocks.heldout)
     assert held and seen and max(seen) < min(held)  # no document on both sides
@@ -103,11 +103,11 @@ def test_heldout_is_whole_documents(tmp_path, tok):
     assert blocks.heldout[0, 1:1 + len(first)].tolist() == first  # held-out text starts at a document's start
 
 
-def test_another_block_size_reads_the_same_store(tmp_path, tok, monkeypatch):
+def test_another_seq_length_reads_the_same_store(tmp_path, tok, monkeypatch):
     path = corpus(tmp_path / "c.jsonl", 50)
-    build_blocks(cfg_for(tmp_path, [path]), tok)
+    build_sequences(cfg_for(tmp_path, [path]), tok)
     monkeypatch.setattr(data, "iter_texts", lambda *a, **k: pytest.fail("tokenised again"))
-    longer = build_blocks(cfg_for(tmp_path, [path], block_size=32), tok)
+    longer = build_sequences(cfg_for(tmp_path, [path], seq_length=32), tok)
     flat = np.fromfile(stores(tmp_path)[0] / store.TOKENS, dtype=np.uint16)
     rows = longer.train[torch.arange(len(longer.train))]
     assert rows.shape[1] == 32 and rows[:, 1:].reshape(-1).tolist() == flat[:len(rows) * 31].tolist()
@@ -118,12 +118,12 @@ def test_another_block_size_reads_the_same_store(tmp_path, tok, monkeypatch):
 def test_a_changed_source_gets_a_new_store_and_says_why(tmp_path, tok):
     path = corpus(tmp_path / "c.jsonl", 30)
     cfg = cfg_for(tmp_path, [path])
-    before = build_blocks(cfg, tok)
+    before = build_sequences(cfg, tok)
     st = path.stat()
     path.write_text(path.read_text().replace("Document 3 ", "Docxment 3 "))  # same size, then the same mtime
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     said: list[str] = []
-    after = build_blocks(cfg, tok, say=said.append)
+    after = build_sequences(cfg, tok, say=said.append)
     assert len(stores(tmp_path)) == 2 and any("files changed" in s for s in said)
     every = torch.arange(len(before.train))
     assert not torch.equal(before.train[every], after.train[every])  # the new text, never a mix
@@ -134,16 +134,16 @@ def test_another_tokenizer_gets_its_own_store(tmp_path, tok, tokenizer_dir):
     from transformers import AutoTokenizer
 
     path = corpus(tmp_path / "c.jsonl", 30)
-    build_blocks(cfg_for(tmp_path, [path]), tok)
+    build_sequences(cfg_for(tmp_path, [path]), tok)
     other = AutoTokenizer.from_pretrained(tokenizer_dir)
     other.add_tokens(["word7"])  # tokenises the corpus differently
     said: list[str] = []
-    build_blocks(cfg_for(tmp_path, [path]), other, say=said.append)
+    build_sequences(cfg_for(tmp_path, [path]), other, say=said.append)
     assert len(stores(tmp_path)) == 2 and any("tokenizer differs" in s for s in said)
     masked = AutoTokenizer.from_pretrained(tokenizer_dir)
     masked.add_tokens(["<|mask|>"], special_tokens=True)
     masked.mask_token = "<|mask|>"  # training adds its mask token after a store may have been prepared
-    build_blocks(cfg_for(tmp_path, [path]), masked)
+    build_sequences(cfg_for(tmp_path, [path]), masked)
     assert len(stores(tmp_path)) == 2
 
 
@@ -154,13 +154,13 @@ def test_another_tokenizer_gets_its_own_store(tmp_path, tok, tokenizer_dir):
 ])
 def test_a_store_that_does_not_match_is_refused(tmp_path, tok, edit, needle):
     path = corpus(tmp_path / "c.jsonl", 30)
-    build_blocks(cfg_for(tmp_path, [path]), tok)
+    build_sequences(cfg_for(tmp_path, [path]), tok)
     manifest = stores(tmp_path)[0] / store.MANIFEST
     m = json.loads(manifest.read_text())
     edit(m)
     manifest.write_text(json.dumps(m))
     with pytest.raises(DataError, match=needle):
-        build_blocks(cfg_for(tmp_path, [path]), tok)
+        build_sequences(cfg_for(tmp_path, [path]), tok)
 
 
 def test_a_second_writer_waits_for_the_first(tmp_path, tok):
@@ -170,7 +170,7 @@ def test_a_second_writer_waits_for_the_first(tmp_path, tok):
     folder = store_folder(src, cfg, tok)
     said: list[str] = []
     with store.cache_lock(folder.with_name(folder.name + ".lock")):  # another process preparing it
-        other = threading.Thread(target=build_blocks, args=(cfg, tok), kwargs={"say": said.append})
+        other = threading.Thread(target=build_sequences, args=(cfg, tok), kwargs={"say": said.append})
         other.start()
         time.sleep(1.5)
         assert other.is_alive() and not folder.exists() and not said  # waiting, nothing written
@@ -184,7 +184,7 @@ def _prepare_cmd(tmp_path: Path, model_dir: Path, path: Path, *more: str) -> lis
 
     return [os.sys.executable, "-m", "adapt.prepare", str(ROOT / "recipes" / "debug.yaml"),
             f"model.name_or_path={model_dir}", f"data.train_files=[{path}]", f"data.cache_dir={tmp_path / 'cache'}",
-            "data.block_size=16", "data.heldout_blocks=2", *more]
+            "data.seq_length=16", "data.heldout_sequences=2", *more]
 
 
 def test_kill_9_during_prepare_leaves_nothing_used_and_a_rerun_finishes(tmp_path, tok, tiny_model_dir):
@@ -205,9 +205,9 @@ def test_kill_9_during_prepare_leaves_nothing_used_and_a_rerun_finishes(tmp_path
     (partial,) = (tmp_path / "cache" / "stores").glob("*.partial-*")
     assert not stores(tmp_path) or stores(tmp_path) == [partial]  # only the partial folder: nothing complete
     said: list[str] = []
-    blocks = build_blocks(cfg_for(tmp_path, [path]), tok, say=said.append)
+    blocks = build_sequences(cfg_for(tmp_path, [path]), tok, say=said.append)
     assert not partial.exists() and any("interrupted prepare" in s for s in said)
-    fresh = build_blocks(cfg_for(tmp_path / "fresh", [path]), tok)
+    fresh = build_sequences(cfg_for(tmp_path / "fresh", [path]), tok)
     every = torch.arange(len(fresh.train))
     assert len(blocks.train) == len(fresh.train) and torch.equal(blocks.train[every], fresh.train[every])
 
@@ -237,8 +237,8 @@ def test_a_full_disk_during_prepare_is_one_message_and_nothing_kept(tmp_path, ti
 def test_mixture_draws_by_weight_deterministically(tmp_path, tok):
     a, b = corpus(tmp_path / "a.jsonl", 80, "Alpha"), corpus(tmp_path / "b.jsonl", 40, "Beta")
     cfg = DataConfig(sources=[SourceConfig(path=str(a), weight=3.0), SourceConfig(path=str(b), weight=1.0)],
-                     cache_dir=str(tmp_path / "cache"), block_size=16, heldout_blocks=4)
-    blocks = build_blocks(cfg, tok)
+                     cache_dir=str(tmp_path / "cache"), seq_length=16, heldout_sequences=4)
+    blocks = build_sequences(cfg, tok)
     mix, n = blocks.mixture, 8
     assert mix.labels == ["a", "b"] and sorted(blocks.heldout_parts) == ["a", "b"]
     assert [int(p.sum() // 16) for p in blocks.heldout_parts.values()] == [3, 1]  # held-out split by weight
@@ -275,9 +275,9 @@ def test_bad_sources_are_named(tmp_path, tok, sources, needle):
     corpus(tmp_path / "b.jsonl", 20)
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n')
     cfg = DataConfig(sources=[SourceConfig(**{**s, "path": str(tmp_path / s["path"])}) for s in sources],
-                     cache_dir=str(tmp_path / "cache"), block_size=16, heldout_blocks=1)
+                     cache_dir=str(tmp_path / "cache"), seq_length=16, heldout_sequences=1)
     with pytest.raises(DataError, match=needle):
-        build_blocks(cfg, tok)
+        build_sequences(cfg, tok)
 
 
 def test_a_run_from_before_the_store_is_refused_with_the_way_out(tmp_path):
@@ -308,7 +308,7 @@ def test_the_start_up_log_shows_the_realised_mixture(tmp_path, tok):
 
     a, b = corpus(tmp_path / "a.jsonl", 40, "Alpha"), corpus(tmp_path / "b.jsonl", 40, "Beta")
     cfg = Config(data=DataConfig(sources=[SourceConfig(path=str(a), weight=0.7), SourceConfig(path=str(b), weight=0.3)],
-                                 cache_dir=str(tmp_path / "cache"), block_size=16, heldout_blocks=2),
+                                 cache_dir=str(tmp_path / "cache"), seq_length=16, heldout_sequences=2),
                  train=TrainConfig(max_steps=50, micro_batch_size=4, grad_accum=1))
     summary = _adapt_data(cfg, tok).summary
     shares = re.findall(r"(\w) (0\.\d+) -> (0\.\d+)", summary.split("mixture")[1])

@@ -44,7 +44,7 @@ def scenario(root: str, model: str, corpus: str) -> None:
 
     recipe = str(ROOT / "recipes" / "debug.yaml")
     code = run.main([recipe, f"model.name_or_path={model}", "model.dtype=fp32", f"data.train_files=[{corpus}]",
-                     f"data.cache_dir={root}/cache", f"run.output_dir={root}", f"data.block_size={LENGTH}",
+                     f"data.cache_dir={root}/cache", f"run.output_dir={root}", f"data.seq_length={LENGTH}",
                      "diffusion.objective=suffix", "train.max_steps=2", "train.save_every=0", "train.log_every=1",
                      "attention.anneal_steps=0", "run.sample_length=4", "run.sample_steps=2"])
     final = Path(root) / "debug" / "final"

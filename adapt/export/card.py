@@ -117,7 +117,7 @@ def _training(meta: dict, recipe: dict) -> str:
         return "## Training\n\nThe training recipe was not recorded with this export.\n"
     train, data, optim = recipe.get("train", {}), recipe.get("data", {}), recipe.get("optim", {})
     steps, micro, accum = train.get("max_steps"), train.get("micro_batch_size"), train.get("grad_accum", 1)
-    block = data.get("block_size")
+    block = data.get("seq_length", data.get("block_size"))  # its name in older exports
     budget = "not recorded"
     if all(isinstance(v, int) for v in (steps, micro, accum, block)):
         budget = (f"{steps} steps x {micro * accum} sequences ({micro} x {accum} accumulation) x {block} tokens = "

@@ -103,14 +103,14 @@ class BlockDiffusion(MaskedDiffusion):
     def recipe_problems(cls, cfg) -> list[str]:
         """The block length must divide the sequence; the model is annealed only by growing blocks; the mask over
         [x_t | x_0] needs a backend that takes one."""
-        b, length = cfg.diffusion.block_length, cfg.data.block_size
+        b, length = cfg.diffusion.block_length, cfg.data.seq_length
         if b <= 0:
             return [f"`diffusion.objective={cls.name}` needs blocks: set diffusion.block_length to a divisor of "
-                    f"data.block_size={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
+                    f"data.seq_length={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
                     f"whole sequence"]
         problems = []
         if length % b:
-            problems.append(f"`diffusion.block_length={b}` does not divide `data.block_size={length}`; choose a "
+            problems.append(f"`diffusion.block_length={b}` does not divide `data.seq_length={length}`; choose a "
                             f"divisor (e.g. {max(d for d in range(1, min(b, length) + 1) if length % d == 0)}) or "
                             f"diffusion.block_length=0 for the whole sequence")
         if cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
@@ -181,13 +181,13 @@ class BlockDiffusion(MaskedDiffusion):
         """Position-dependent masking ranks a token's place in its block."""
         return min(self.block_length, length)
 
-    def block_size(self, attention: Attention, length: int) -> int:
+    def step_block(self, attention: Attention, length: int) -> int:
         """The block length of this forward: the target, or the curriculum's (attention.block) while it grows."""
         return min(attention.block or self.block_length, length)
 
     def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
         """The [x_t | x_0] mask: a FlexAttention BlockMask for flex, else a dense 4D additive mask."""
-        b = self.block_size(attention, length)
+        b = self.step_block(attention, length)
         docs = None if attention.docs is None else attention.docs.to(device)
         if self.backend == "flex_attention":
             return block_mask_flex(length, b, docs, device, self.clean_causal)
@@ -203,7 +203,7 @@ class BlockDiffusion(MaskedDiffusion):
         `clean_rows` (B, 2L, V): those, then the clean stream's own rows."""
         length = xt.shape[1]
         device = getattr(forward, "device", xt.device)
-        b = self.block_size(attention, length)
+        b = self.step_block(attention, length)
         pos = torch.arange(length, device=device)
         ids = torch.cat([xt.to(device), x0.to(device)], dim=1)
         keep = source_rows(length, b, self.shift, device)

@@ -1,7 +1,7 @@
 """Decoding a block-diffusion export: block by block, committed blocks in an exact KV cache, any sampler
 family inside the current block.
 
-Blocks are aligned from BOS (position 0) as in training; a block that holds given tokens (a prompt's partial
+Sequences are aligned from BOS (position 0) as in training; a block that holds given tokens (a prompt's partial
 last block) keeps them fixed while its masks are filled. The cache mechanics are the ones the export's own
 decoder uses (`adapt.export.hf_generate.generate.BlockCache`: the current block attends the cache and itself; a
 finished block enters the cache within the next block's first call, whose last clean row predicts that

@@ -67,7 +67,7 @@ def make(dcfg, tokenizer, out: Path, docs: int = 200, seed: int = 0) -> dict[str
     empty = [name for name, items in rows.items() if not items]
     if empty:
         raise HeldoutError(f"the held-out text gave no {' or '.join(empty)} examples; hold out more text "
-                           f"(data.heldout_blocks) or pass other --data-files")
+                           f"(data.heldout_sequences) or pass other --data-files")
     for name, items in rows.items():
         write_jsonl(Path(out) / f"{name}.jsonl", items)
     return {k: len(v) for k, v in rows.items()}

@@ -305,7 +305,7 @@ class BlockCache:
         return self.den.additive((self.den.valid[:, None, :k1] & see) | (q == j))
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
-        """Blocks done .. upto-1 are clean: they run with the next `predictions` call (no call of their own)."""
+        """Sequences done .. upto-1 are clean: they run with the next `predictions` call (no call of their own)."""
         self.pending = max(self.pending, upto)
 
     def predictions(self, x: torch.Tensor, k: int) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Training blocks cut from token stores when they are read, and the draw of each step's blocks.
+"""Training sequences cut from token stores when they are read, and the draw of each step's sequences.
 
-A block of L tokens is the start token (BOS, or EOS without one) followed by the next L - 1 tokens of a source's
-stream, documents joined by their EOS: block i of a source covers stream tokens [i (L-1), (i+1) (L-1)). Nothing is
-materialised per block, so the store serves any `data.block_size`, and a rank holds only the rows it reads.
+Here a "block" is one training sequence of L = data.seq_length tokens (not a diffusion block). A block of L
+tokens is the start token (BOS, or EOS without one) followed by the next L - 1 tokens of a source's stream,
+documents joined by their EOS: block i of a source covers stream tokens [i (L-1), (i+1) (L-1)). Nothing is
+materialised per block, so the store serves any `data.seq_length`, and a rank holds only the rows it reads.
 
 The data order is a pure function of (seed, step): `batch_indices` walks a fresh permutation of the blocks per
 epoch. With several sources (`Mixture`), each row of a step's global batch is given a source by systematic
@@ -93,7 +94,7 @@ class Mixture:
         return head + ", ".join(parts)
 
 
-class StoreBlocks:
+class StoreSequences:
     """`n` blocks of `length` tokens from one store's stream, the first starting at token `first`."""
 
     def __init__(self, store, first: int, n: int, length: int, start: int):
@@ -119,11 +120,11 @@ class StoreBlocks:
         return torch.from_numpy(np.concatenate([np.zeros((len(local), 1), np.int64), doc], axis=1))
 
 
-class BlockView:
+class SequenceView:
     """The training blocks of every source as one indexable sequence: view[idx] -> (k, L) long (ids, or the
     document numbers with docs=True), read from the memory-mapped stores; len(view) blocks in all."""
 
-    def __init__(self, parts: list[StoreBlocks], docs: bool = False):
+    def __init__(self, parts: list[StoreSequences], docs: bool = False):
         self.parts, self.docs = parts, docs
         self.offsets = np.cumsum([0] + [p.n for p in parts])
 
