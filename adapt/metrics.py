@@ -112,8 +112,12 @@ class MetricsLog:
         done = step - self._first
         elapsed = time.perf_counter() - self._t0
         eta = elapsed / max(done, 1) * (self._total - step)
+        if "rows" in window[-1]:  # a mixture: each source's share of the rows of this window's steps
+            rows = {k: sum(w["rows"][k] for w in window) for k in window[-1]["rows"]}
+            row["mix"] = {k: v / max(1, sum(rows.values())) for k, v in rows.items()}
         ar = f" | ar {row['ar_loss']:.4f}" if "ar_loss" in row else ""
         ar += f" | kd {row['distill']:.4f}" if "distill" in row else ""
+        ar += " | mix " + " ".join(f"{k} {v:.2f}" for k, v in row["mix"].items()) if "mix" in row else ""
         self.info(f"step {step}/{self._total} | loss {row['loss']:.4f}{ar} | masked {row['masked_tokens']} | "
                   f"lr {row['lr']:.2e} | gnorm {row['grad_norm']:.2f} | attn r {row['anneal_ratio']:.2f} | "
                   f"{row['tokens_per_s']:.0f} tok/s | "

@@ -268,11 +268,21 @@ def train_step(state: State, step: int) -> dict:
     total, distilled = distributed.all_sum([totals["loss"], totals["distill"]])
     norm = state.engine.get_global_grad_norm()
     extra = ({} if joint is None else {"ar_loss": joint.mean(bad)}) | (
-        {"distill": float("nan") if bad else distilled / count} if "distill" in seen else {})
+        {"distill": float("nan") if bad else distilled / count} if "distill" in seen else {}) | _rows(data, step, cfg)
     return {"loss": float("nan") if bad else total / count, "masked_tokens": n_masked,
             "anneal_ratio": attention.ratio, "skipped": bad, "lr": state.engine.get_lr()[0],
             "grad_norm": float(norm) if norm is not None and not bad else float("nan"),
             "tokens": m * a * world * cfg.data.seq_length} | extra
+
+
+def _rows(data, step: int, cfg: Config) -> dict:
+    """A mixture's rows per source in the step's global batch (for the log's realised mixture); {} for one source."""
+    mix = data.mixture
+    if mix is None or len(mix.sizes) < 2:
+        return {}
+    n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
+    counts = torch.bincount(mix.sources(step, n, cfg.train.seed), minlength=len(mix.sizes)).tolist()
+    return {"rows": dict(zip(mix.labels, counts))}
 
 
 def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Attention, joint, rows: slice) -> dict:

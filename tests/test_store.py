@@ -314,3 +314,25 @@ def test_the_start_up_log_shows_the_realised_mixture(tmp_path, tok):
     shares = re.findall(r"(\w) (0\.\d+) -> (0\.\d+)", summary.split("mixture")[1])
     assert [(s, w) for s, w, _ in shares] == [("a", "0.700"), ("b", "0.300")] and "steps 0-49, 4 rows" in summary
     assert all(abs(float(w) - float(r)) < 0.05 for _, w, r in shares)  # 2 or 3 of 4 rows from a: 0.7 on average
+
+
+def test_each_status_line_shows_the_realised_mixture(tmp_path, tok, tiny_model_dir, corpus_file):
+    """A mixture's training log: every status line and train record carries each source's share of its window's
+    rows, the rows the run actually drew (counted from the mixture's draw of each step)."""
+    from tests.test_pipeline import launch
+
+    a, b = corpus(tmp_path / "a.jsonl", 60, "Alpha"), corpus(tmp_path / "b.jsonl", 60, "Beta")
+    out = launch(tmp_path, tiny_model_dir, corpus_file, "data.train_files=[]", "train.max_steps=4", "train.log_every=2",
+                 f"data.sources=[{{path: {a}, weight: 0.6}}, {{path: {b}, weight: 0.4}}]", "data.heldout_sequences=2",
+                 "train.eval_every=0", "run.name=mix")
+    rows = [json.loads(line) for line in (tmp_path / "mix" / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    blocks = build_sequences(DataConfig(sources=[SourceConfig(path=str(a), weight=0.6),
+                                                 SourceConfig(path=str(b), weight=0.4)],
+                                        cache_dir=str(tmp_path / "cache"), seq_length=64, heldout_sequences=2), tok)
+    for r in train:  # steps 1-2 and 3-4: the draws of steps 0-1 and 2-3
+        drawn = torch.cat([blocks.mixture.sources(s, 2, 0) for s in (r["step"] - 2, r["step"] - 1)])
+        shares = {"a": float((drawn == 0).float().mean()), "b": float((drawn == 1).float().mean())}
+        assert r["mix"] == pytest.approx(shares)
+    assert [r["step"] for r in train] == [2, 4]
+    assert len(re.findall(r"\| mix a 0\.\d\d b 0\.\d\d \|", out.stderr)) == 2
