@@ -104,7 +104,8 @@ class DiffusionConfig:
     a biased target)."""
     distill_teacher: str = "clean"
     """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with
-    diffusion.clean_attention=causal; no extra forward)."""
+    diffusion.clean_attention=causal; no extra forward); parent = the parent's causal forward of the clean sequence
+    (under LoRA the model with its adapters disabled, else a frozen copy; one extra forward without gradient)."""
     distill_top_k: int = 0
     """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
     distill_temperature: float = 1.0

@@ -12,7 +12,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.loss_norm": ("token", "masked", "sequence"),
     "diffusion.clean_attention": ("block", "causal"),
     "diffusion.distill_positions": ("frontier", "masked"),
-    "diffusion.distill_teacher": ("clean",),
+    "diffusion.distill_teacher": ("clean", "parent"),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window", "blocks"),

@@ -163,6 +163,10 @@ def _exported_model_problems(cfg: Config) -> list[str]:
     if meta is None:
         return []
     problems = []
+    if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "parent":
+        problems.append("`diffusion.distill_teacher=parent` needs the causal parent, but `model.name_or_path` is an "
+                        "exported diffusion model whose parent is not part of it; set diffusion.distill_weight=0, or "
+                        "diffusion.distill_teacher=clean with a causal clean stream (block diffusion)")
     if cfg.attention.anneal_steps > 0:
         problems.append("`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
                         "set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")

@@ -27,6 +27,7 @@ from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward, Objective
 from adapt.recipe import model_problems
+from adapt.teacher import ParentTeacher
 
 
 class TrainingError(RuntimeError):
@@ -60,6 +61,8 @@ class State:
     objective: Objective
     """The training objective (adapt.objectives); it also gives the held-out bound."""
     log: MetricsLog
+    teacher: ParentTeacher | None = None
+    """The parent as distillation teacher (diffusion.distill_teacher=parent), else None."""
     step: int = 0
     stop_requested: bool = False
     skipped: int = 0
@@ -151,6 +154,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
                    **objectives.selected(cfg).meta_fields(cfg))
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
+    teacher = ParentTeacher.build(cfg, model, distributed.device())  # before LoRA wraps it and any update
     if cfg.lora.enabled:
         from adapt.lora import apply_lora
 
@@ -168,7 +172,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
         checkpoint.config_file(run_dir).write_text(to_yaml(cfg))
         save_base(run_dir, model, tokenizer, meta)
     log = MetricsLog(run_dir, cfg.run.tensorboard, distributed.is_main())
-    state = State(cfg, engine, tokenizer, meta, data, objectives.from_config(cfg, meta, blocked), log)
+    state = State(cfg, engine, tokenizer, meta, data, objectives.from_config(cfg, meta, blocked), log, teacher)
     if tag is not None:
         client = distributed.load(engine, checkpoint.ckpt_root(run_dir), tag)
         state.step = int(client["step"])
@@ -293,7 +297,9 @@ def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Atte
     sums = {"loss": obj.loss_sum(logits, x0, part)}
     if step in faults.nan_steps():
         sums["loss"] = sums["loss"] * float("nan")
-    distill = obj.distill_sum(logits, causal_logits, part)
+    teacher = causal_logits if state.teacher is None or obj.distill is None else \
+        state.teacher.logits(state.engine, obj, x0, attention.docs)
+    distill = obj.distill_sum(logits, teacher, part)
     if distill is not None:
         sums["distill"] = distill
     if joint is not None:

@@ -3,18 +3,20 @@ position, against direct computations; zero where the model already is its teach
 b = 1); the training step's gradient is the diffusion loss's plus the term's; bad values are refused by name."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
-from test_joint_loss import diffusion_part, make_state
+from test_joint_loss import Engine, diffusion_part, make_state
 
 from adapt.config import ConfigError
 from adapt.diffusion import blocked_vocab, distill_kl, frontier_positions
 from adapt.objectives import Attention, BlockDiffusion, ModelForward, Noised
 from adapt.objectives.base import Distill
+from adapt.model import set_causal
 from adapt.recipe import load_config
 from adapt.train import global_batch, step_attention, train_step
 
@@ -99,6 +101,26 @@ def test_the_unconverted_parent_at_b1_is_its_own_teacher(positions):
     assert abs(terms[1]) < 1e-5 and terms[4] > 1e-3, terms
 
 
+def _reference_step(ref, w: float, count: float, sums, noised, pair) -> float:
+    """The step written out on `ref`: per micro-batch w x KL at the masked positions (position 0 aside) of
+    `pair(rows, part)` = (student logits, teacher logits), both aligned so row i predicts token i, plus the
+    diffusion sums, all divided by `count`; one engine step. Returns the distillation term's total."""
+    m, kd_total = ref.cfg.train.micro_batch_size, 0.0
+    for k in range(ref.cfg.train.grad_accum):
+        sl = slice(k * m, (k + 1) * m)
+        part = noised.rows(sl)
+        student, teacher = pair(sl, part)
+        sel = part.masked.clone()
+        sel[:, 0] = False
+        kd = w * distill_kl(student[sel], teacher[sel], ref.objective.blocked).sum()
+        kd_total += kd.item()
+        (kd / count).backward()
+    for s in sums:
+        (s / count).backward()
+    ref.engine.step()
+    return kd_total
+
+
 def test_step_gradient_is_diffusion_plus_the_distillation_term(tmp_path):
     w = 0.7
     opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0")
@@ -110,22 +132,13 @@ def test_step_gradient_is_diffusion_plus_the_distillation_term(tmp_path):
     obj, cfg = ref.objective, ref.cfg
     x0 = ref.data.train[idx]
     noised = obj.corrupt(x0, obj.maskable(x0), global_batch(cfg, 2, len(ref.data.train))[1])  # the step's draw
-    m = cfg.train.micro_batch_size
-    kd_total = 0.0
-    for k in range(cfg.train.grad_accum):
-        sl = slice(k * m, (k + 1) * m)
-        part = noised.rows(sl)
+
+    def pair(sl, part):
         both = obj.logits(ref.forward, part.xt, step_attention(cfg, 2).rows(sl), x0[sl], clean_rows=True)
         logits, clean = both[:, :16], both[:, 16:]  # the noised rows, then the clean stream's own rows
-        teacher = torch.cat([clean[:, :1], clean[:, :-1]], 1).detach()  # row i-1 predicts token i
-        sel = part.masked.clone()
-        sel[:, 0] = False
-        kd = w * distill_kl(logits[sel], teacher[sel], obj.blocked).sum()
-        kd_total += kd.item()
-        (kd / count).backward()
-    for s in sums:
-        (s / count).backward()
-    ref.engine.step()
+        return logits, torch.cat([clean[:, :1], clean[:, :-1]], 1).detach()  # row i-1 predicts token i
+
+    kd_total = _reference_step(ref, w, count, sums, noised, pair)
     want, got = ref.engine.grads[0], state.engine.summed_grads()
     assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-5
     assert out["distill"] == pytest.approx(kd_total / count, rel=1e-5)
@@ -133,6 +146,68 @@ def test_step_gradient_is_diffusion_plus_the_distillation_term(tmp_path):
     plain = make_state(tmp_path, *opts)
     train_step(plain, 2)  # without the term the gradient differs: the comparison above can fail
     assert max(float((plain.engine.summed_grads()[n] - want[n]).abs().max()) for n in want) > 1e-4
+
+
+def test_the_parent_under_lora_is_the_model_with_its_adapters_disabled():
+    """distill_teacher=parent with LoRA: the teacher's logits are the parent's causal logits (no second copy), the
+    adapted model's differ, and the adapters are on again afterwards."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+
+    from adapt.objectives import MaskedDiffusion
+    from adapt.teacher import ParentTeacher
+
+    base = tiny_llama(V)
+    parent = copy.deepcopy(base)
+    peft_model = get_peft_model(base, PeftLora(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():  # adapters that change the output (peft starts B at zero)
+        for n, p in peft_model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(len(n)))
+    obj = MaskedDiffusion(MASK, True, blocked_vocab(V, V - 1, MASK))
+    x0 = torch.randint(3, V - 1, (2, 16), generator=torch.Generator().manual_seed(4))
+    engine = Engine(peft_model, 1)
+    teacher = ParentTeacher(None, torch.device("cpu")).logits(engine, obj, x0, None)
+    with torch.no_grad():
+        want = obj.causal_logits(ModelForward(parent, "cpu"), x0)
+        adapted = obj.causal_logits(ModelForward(engine, "cpu"), x0)
+    assert torch.allclose(teacher, want, atol=1e-5) and not teacher.requires_grad
+    assert (adapted - want).abs().max() > 1e-2  # the adapters matter: the comparison above can fail
+    assert engine.calls == 2  # the teacher ran through the engine, as DeepSpeed's ZeRO hooks need
+
+
+def test_step_gradient_with_the_frozen_parent_as_teacher(tmp_path):
+    """Whole-sequence objective, full fine-tuning: a frozen copy of the parent teaches every masked position; the
+    step's gradient is the diffusion loss's plus w x KL(parent's causal distribution || model), the copy gets no
+    gradient and stays the parent."""
+    from adapt.teacher import ParentTeacher
+
+    w = 0.5
+    opts = (f"diffusion.distill_weight={w}", "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked")
+    state = make_state(tmp_path, *opts)
+    state.teacher = ParentTeacher.build(state.cfg, state.engine.module, torch.device("cpu"))
+    frozen = {n: p.clone() for n, p in state.teacher.frozen.named_parameters()}
+    out = train_step(state, 1)
+    assert all(p.grad is None and torch.equal(p, frozen[n]) for n, p in state.teacher.frozen.named_parameters())
+    ref = make_state(tmp_path)
+    sums, count, idx = diffusion_part(ref, 1)
+    obj, cfg = ref.objective, ref.cfg
+    x0 = ref.data.train[idx]
+    noised = obj.corrupt(x0, obj.maskable(x0), global_batch(cfg, 1, len(ref.data.train))[1])
+    parent = copy.deepcopy(ref.engine.module)
+    set_causal(parent, True)  # HF's own causal path, not the 4D mask the teacher passes
+
+    def pair(sl, part):
+        logits = obj.predict(ref.forward, x0[sl], part, step_attention(cfg, 1).rows(sl))
+        with torch.no_grad():
+            causal = parent(input_ids=x0[sl], attention_mask=None, use_cache=False).logits
+        shifted = [torch.cat([z[:, :1], z[:, :-1]], 1) for z in (logits, causal)]  # row i-1 predicts token i
+        return shifted[0], shifted[1]
+
+    kd_total = _reference_step(ref, w, count, sums, noised, pair)
+    want, got = ref.engine.grads[0], state.engine.summed_grads()
+    assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-5
+    assert out["distill"] == pytest.approx(kd_total / count, rel=1e-5) and out["distill"] > 0
+    assert out["loss"] == pytest.approx(sum(s.item() for s in sums) / count, rel=1e-5)
 
 
 @pytest.mark.parametrize("bad, key", [
@@ -148,3 +223,15 @@ def test_step_gradient_is_diffusion_plus_the_distillation_term(tmp_path):
 def test_bad_values_are_refused_by_name(bad, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, bad)
+
+
+def test_the_parent_of_an_exported_diffusion_model_is_refused(tmp_path, tiny_model_dir):
+    """A run that continues from an export has no causal parent to learn from: refused before anything loads."""
+    from test_sft import exported
+
+    folder = exported(tmp_path / "export", tiny_model_dir)
+    with pytest.raises(ConfigError, match="distill_teacher=parent` needs the causal parent"):
+        load_config(None, [f"model.name_or_path={folder}", "attention.anneal_steps=0",
+                           "diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
+    fresh = load_config(None, ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
+    assert fresh.diffusion.distill_teacher == "parent"  # from the causal parent itself: accepted

@@ -120,7 +120,8 @@ class BlockDiffusion(MaskedDiffusion):
         if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean" \
                 and cfg.diffusion.clean_attention != "causal":
             problems.append("`diffusion.distill_teacher=clean` needs a causal clean stream (the block clean stream "
-                            "sees the token it would teach); set diffusion.clean_attention=causal")
+                            "sees the token it would teach); set diffusion.clean_attention=causal, or "
+                            "diffusion.distill_teacher=parent")
         if cfg.model.attn_implementation == "flash_attention_2":
             problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
                             "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")

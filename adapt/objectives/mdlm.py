@@ -90,8 +90,9 @@ class MaskedDiffusion:
                             f"or diffusion.objective=block for block diffusion")
         if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean":
             problems.append("`diffusion.distill_teacher=clean` reads the clean stream of block diffusion, which masked "
-                            "diffusion over the whole sequence does not run; set diffusion.objective=block "
-                            "diffusion.block_length=4 diffusion.clean_attention=causal, or diffusion.distill_weight=0")
+                            "diffusion over the whole sequence does not run; set diffusion.distill_teacher=parent "
+                            "(the parent's own forward), or diffusion.objective=block diffusion.block_length=4 "
+                            "diffusion.clean_attention=causal, or diffusion.distill_weight=0")
         if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
                 and cfg.attention.anneal_steps > 0:
             problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
@@ -231,10 +232,14 @@ class MaskedDiffusion:
         """sum over `scored` (B, L) of -log p_theta(x0_i | x0_<i): the joint causal term's numerator, a float32
         scalar. One forward of the clean x0 (L positions, for either objective) under causal attention, within
         documents when `docs` (B, L) is given; the blocked ids are excluded, as in the parent's exact NLL."""
+        return self.causal_nll_sum(self.causal_logits(forward, x0, docs), x0, scored)
+
+    def causal_logits(self, forward: Forward, x0: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, L, V) logits of one forward of the clean x0 under causal attention (within documents when `docs`
+        (B, L) is given): the parent's computation, row i-1 predicting token i."""
         length, device = x0.shape[1], getattr(forward, "device", x0.device)
         causal = Attention(causal_visibility(length), 0.0, "window", docs)  # a window of width 0 is causal
-        return self.causal_nll_sum(forward(x0, sequence_mask(causal, length, len(x0), device, self.backend,
-                                                             self.dtype)), x0, scored)
+        return forward(x0, sequence_mask(causal, length, len(x0), device, self.backend, self.dtype))
 
     def causal_nll_sum(self, logits: torch.Tensor, x0: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """sum over `scored` of -log p(x0_i | x0_<i) from causal logits (B, L, V), row i-1 predicting token i."""
