@@ -75,6 +75,8 @@ VARIANTS = {
     "kd1m": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=masked"],
     "kd0.3m": ["diffusion.distill_weight=0.3", "diffusion.distill_positions=masked"],
     "kd3f": ["diffusion.distill_weight=3.0", "diffusion.distill_positions=frontier"],
+    **{f"kdp{w}m": ["diffusion.distill_weight=" + w, "diffusion.distill_positions=masked",
+                    "diffusion.distill_teacher=parent"] for w in ("0.3", "1", "3")},
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }
