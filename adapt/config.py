@@ -106,6 +106,10 @@ class DiffusionConfig:
     """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with
     diffusion.clean_attention=causal; no extra forward); parent = the parent's causal forward of the clean sequence
     (under LoRA the model with its adapters disabled, else a frozen copy; one extra forward without gradient)."""
+    distill_onpolicy: float = 0.0
+    """On-policy share (OPDLM): this share of each micro-batch's rows is taught on the model's own drafts: its masked
+    positions filled with the model's most likely ids, the teacher's causal distribution given those drafts (and
+    the clean blocks before) as the target; one more teacher forward. 0 = the teacher reads the data alone."""
     distill_top_k: int = 0
     """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
     distill_temperature: float = 1.0

@@ -36,6 +36,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.ar_loss_weight", 0.0, None),
     ("diffusion.distill_weight", 0.0, None),
     ("diffusion.distill_top_k", 0, SIZE_MAX),
+    ("diffusion.distill_onpolicy", 0.0, 1.0),
     ("diffusion.distill_temperature", 0.0, 100.0),
     ("diffusion.t_min", 0.0, 1.0),
     ("diffusion.t_max", 0.0, 1.0),

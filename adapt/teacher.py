@@ -34,12 +34,44 @@ class ParentTeacher:
         frozen = copy.deepcopy(model).to(device).eval().requires_grad_(False)
         return cls(frozen, device)
 
+    @contextlib.contextmanager
+    def forward(self, engine):
+        """The parent's forward while the context lasts: the frozen copy's, or the engine's with adapters off."""
+        if self.frozen is not None:
+            yield ModelForward(self.frozen, self.device)
+            return
+        peft_model = getattr(engine, "module", engine)
+        off = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
+        with off:
+            yield ModelForward(engine, self.device)
+
     @torch.no_grad()
     def logits(self, engine, objective, x0: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
         """(B, L, V) the parent's causal logits of x0 (within documents when `docs` is given), no gradient."""
-        if self.frozen is not None:
-            return objective.causal_logits(ModelForward(self.frozen, self.device), x0, docs)
-        peft_model = engine.module
-        off = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
-        with off:
-            return objective.causal_logits(ModelForward(engine, self.device), x0, docs)
+        with self.forward(engine) as forward:
+            return objective.causal_logits(forward, x0, docs)
+
+
+@torch.no_grad()
+def teacher_logits(parent: ParentTeacher | None, engine, device, objective, x0: torch.Tensor, noised, logits,
+                   clean: torch.Tensor | None, attention) -> torch.Tensor | None:
+    """One micro-batch's distillation teacher (B, L, V), row i-1 predicting token i, or None when the term is off.
+
+    The first round(distill_onpolicy x B) rows are taught on the model's own drafts (`objective.onpolicy_teacher`,
+    one more forward of the parent, or of the model itself without gradient when the teacher is its clean stream);
+    the others read the data: the parent's causal forward of x0, or `clean`, the step's own clean-stream rows."""
+    d = objective.distill
+    if d is None:
+        return None
+    n = round(d.onpolicy * len(x0))
+    parts = []
+    with parent.forward(engine) if parent is not None else contextlib.nullcontext(ModelForward(engine, device)) as fw:
+        if n:
+            head = slice(0, n)
+            parts.append(objective.onpolicy_teacher(fw, x0[head], noised.rows(head), logits[head],
+                                                    attention.rows(head)))
+        if n < len(x0):
+            rest = slice(n, len(x0))
+            parts.append(clean[rest] if parent is None else
+                         objective.causal_logits(fw, x0[rest], attention.rows(rest).docs))
+    return parts[0] if len(parts) == 1 else torch.cat([t.to(device) for t in parts])

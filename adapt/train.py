@@ -27,7 +27,7 @@ from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward, Objective
 from adapt.recipe import model_problems
-from adapt.teacher import ParentTeacher
+from adapt.teacher import ParentTeacher, teacher_logits
 
 
 class TrainingError(RuntimeError):
@@ -297,8 +297,8 @@ def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Atte
     sums = {"loss": obj.loss_sum(logits, x0, part)}
     if step in faults.nan_steps():
         sums["loss"] = sums["loss"] * float("nan")
-    teacher = causal_logits if state.teacher is None or obj.distill is None else \
-        state.teacher.logits(state.engine, obj, x0, attention.docs)
+    teacher = teacher_logits(state.teacher, state.engine, distributed.device(), obj, x0, part, logits, causal_logits,
+                             attention)
     distill = obj.distill_sum(logits, teacher, part)
     if distill is not None:
         sums["distill"] = distill

@@ -77,6 +77,8 @@ VARIANTS = {
     "kd3f": ["diffusion.distill_weight=3.0", "diffusion.distill_positions=frontier"],
     **{f"kdp{w}m": ["diffusion.distill_weight=" + w, "diffusion.distill_positions=masked",
                     "diffusion.distill_teacher=parent"] for w in ("0.3", "1", "3")},
+    "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
+    "onpol1": ["diffusion.distill_onpolicy=1.0"],
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }

@@ -235,3 +235,104 @@ def test_the_parent_of_an_exported_diffusion_model_is_refused(tmp_path, tiny_mod
                            "diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
     fresh = load_config(None, ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
     assert fresh.diffusion.distill_teacher == "parent"  # from the causal parent itself: accepted
+
+
+# --- on-policy distillation (OPDLM) -------------------------------------------------------------------
+
+def test_the_teacher_mask_sees_a_drafted_block_causally():
+    from adapt.objectives.block import block_visibility
+
+    v = block_visibility(4, 2, clean_causal=True, noised_causal=True).int()
+    want = torch.tensor([[1, 0, 0, 0, 0, 0, 0, 0],  # drafted block 0: causal inside, nothing clean before it
+                         [1, 1, 0, 0, 0, 0, 0, 0],
+                         [0, 0, 1, 0, 1, 1, 0, 0],  # drafted block 1: itself causally, clean block 0
+                         [0, 0, 1, 1, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 0, 0, 0],  # the clean stream: causal
+                         [0, 0, 0, 0, 1, 1, 0, 0],
+                         [0, 0, 0, 0, 1, 1, 1, 0],
+                         [0, 0, 0, 0, 1, 1, 1, 1]])
+    assert torch.equal(v, want)
+    assert not torch.equal(block_visibility(4, 2, clean_causal=True).int(), want)  # the training mask differs
+
+
+def _clean_and_random_logits(x0: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prediction logits whose most likely id is x0's token (a clean fill), and random ones (a wrong fill), in the
+    layout the objective's `predict` gives (row i-1 predicting token i when `shift`)."""
+    clean = F.one_hot(x0, V).float() * 10
+    clean = torch.cat([clean[:, 1:], clean[:, -1:]], 1) if shift else clean
+    return clean, torch.randn(*x0.shape, V, generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("b", [0, 4])
+def test_onpolicy_teacher_on_a_clean_fill_is_the_parents_causal_forward(b):
+    """With drafts equal to the data the on-policy teacher is exactly the parent's causal forward of x0 (for block
+    diffusion, each drafted block after the clean blocks before it); with wrong drafts it is not. Drafts keep the
+    visible tokens and never use a blocked id."""
+    from adapt.objectives import MaskedDiffusion
+
+    model = tiny_llama(V)
+    forward = ModelForward(model, "cpu")
+    blocked = blocked_vocab(V, V - 1, MASK)
+    obj = _block_objective(b, "masked") if b else MaskedDiffusion(MASK, True, blocked, distill=Distill(1.0, "masked"))
+    x0 = torch.randint(3, V - 1, (2, 16), generator=torch.Generator().manual_seed(6))
+    masked = torch.rand(x0.shape, generator=torch.Generator().manual_seed(7)) < 0.5
+    masked[:, 0] = False
+    noised = Noised(x0.masked_fill(masked, MASK), masked, torch.full((2,), 0.5))
+    clean_fill, wrong_fill = _clean_and_random_logits(x0, obj.read_shift)
+    with torch.no_grad():
+        causal = obj.causal_logits(forward, x0)
+        teacher = obj.onpolicy_teacher(forward, x0, noised, clean_fill, Attention())
+        wrong = obj.onpolicy_teacher(forward, x0, noised, wrong_fill, Attention())
+    assert torch.equal(obj.drafts(noised, clean_fill), x0)
+    drafts = obj.drafts(noised, wrong_fill.index_fill(-1, torch.tensor([MASK]), 1e9))  # the mask id is blocked
+    assert torch.equal(drafts[~masked], x0[~masked]) and not (drafts == MASK).any()
+    assert (teacher - causal).abs().max() < 1e-4
+    assert (wrong - causal).abs().max() > 1e-2
+
+
+def test_step_with_half_the_rows_on_policy(tmp_path):
+    """distill_onpolicy=0.5 on the block objective (teacher: its causal clean stream): per micro-batch one forward
+    of the step and one of the teacher on the drafted row; the gradient is the diffusion loss's plus the term's
+    with the on-policy teacher on the first row and the clean stream on the second."""
+    w = 1.0
+    opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0",
+            f"diffusion.distill_weight={w}", "diffusion.distill_positions=masked")
+    state = make_state(tmp_path, *opts, "diffusion.distill_onpolicy=0.5")
+    out = train_step(state, 2)
+    assert state.engine.calls == 4  # 2 micro-batches x (the step's forward + the teacher's)
+    ref = make_state(tmp_path, *opts)
+    sums, count, idx = diffusion_part(ref, 2)
+    obj, cfg = ref.objective, ref.cfg
+    x0 = ref.data.train[idx]
+    noised = obj.corrupt(x0, obj.maskable(x0), global_batch(cfg, 2, len(ref.data.train))[1])
+
+    def pair(sl, part):
+        attention = step_attention(cfg, 2).rows(sl)
+        both = obj.logits(ref.forward, part.xt, attention, x0[sl], clean_rows=True)
+        logits, clean = both[:, :16], both[:, 16:]
+        with torch.no_grad():
+            first = slice(0, 1)
+            on = obj.onpolicy_teacher(ref.forward, x0[sl][first], part.rows(first), logits[first],
+                                      attention.rows(first))
+        teacher = torch.cat([on, clean[1:].detach()])
+        return logits, torch.cat([teacher[:, :1], teacher[:, :-1]], 1)
+
+    kd_total = _reference_step(ref, w, count, sums, noised, pair)
+    want, got = ref.engine.grads[0], state.engine.summed_grads()
+    assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-5
+    assert out["distill"] == pytest.approx(kd_total / count, rel=1e-5)
+    off = make_state(tmp_path, *opts)
+    train_step(off, 2)  # all rows off-policy: another gradient, so the comparison above can fail
+    assert max(float((off.engine.summed_grads()[n] - want[n]).abs().max()) for n in want) > 1e-5
+
+
+@pytest.mark.parametrize("bad, key", [
+    (["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_onpolicy=1.5"],
+     "distill_onpolicy"),
+    (["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_onpolicy=-0.1"],
+     "distill_onpolicy"),
+    (["diffusion.distill_onpolicy=0.5"], "distill_weight > 0"),  # a share of a term that is off
+])
+def test_bad_onpolicy_shares_are_refused(bad, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config(None, bad)

@@ -104,6 +104,7 @@ class Distill:
     teacher: str = "clean"
     top_k: int = 0
     temperature: float = 1.0
+    onpolicy: float = 0.0
 
 
 @dataclass
@@ -191,6 +192,8 @@ class Objective(Protocol):
     def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
                    all_sum: Callable[[list[float]], list[float]]) -> JointCausal | None: ...
     def causal_logits(self, forward: Forward, x0: torch.Tensor, docs: torch.Tensor | None = None) -> torch.Tensor: ...
+    def onpolicy_teacher(self, forward: Forward, x0: torch.Tensor, noised: Noised, logits: torch.Tensor,
+                         attention: Attention) -> torch.Tensor: ...
 
     # --- the bound --------------------------------------------------------------------------------
     def eval_attention(self, causal: bool, length: int, docs: torch.Tensor | None) -> Attention: ...

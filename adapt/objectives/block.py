@@ -34,12 +34,15 @@ def block_ids(length: int, block: int, device=None) -> torch.Tensor:
     return torch.arange(length, device=device) // block
 
 
-def block_visibility(length: int, block: int, device=None, clean_causal: bool = False) -> torch.Tensor:
-    """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column)."""
+def block_visibility(length: int, block: int, device=None, clean_causal: bool = False,
+                     noised_causal: bool = False) -> torch.Tensor:
+    """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column). With `noised_causal` a noised
+    query sees its own block only up to itself (the on-policy teacher's view of a drafted block)."""
     k = block_ids(length, block, device)
     q_b, kv_b = k[:, None], k[None, :]
-    noised = torch.cat([q_b == kv_b, kv_b < q_b], dim=1)  # noised queries: own noised block, earlier clean blocks
     pos = torch.arange(length, device=device)
+    own_block = (q_b == kv_b) & (pos[None, :] <= pos[:, None]) if noised_causal else q_b == kv_b
+    noised = torch.cat([own_block, kv_b < q_b], dim=1)  # noised queries: own noised block, earlier clean blocks
     own = pos[None, :] <= pos[:, None] if clean_causal else kv_b <= q_b
     clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), own], dim=1)
     return torch.cat([noised, clean], dim=0)
@@ -54,7 +57,8 @@ def source_rows(length: int, block: int, shift: bool, device=None) -> torch.Tens
     return torch.where(first, length + pos - 1, pos - 1).clamp_min(0)  # row 0 is never used (position 0 given)
 
 
-def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, device, clean_causal: bool = False):
+def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, device, clean_causal: bool = False,
+                    noised_causal: bool = False):
     """The same visibility as `block_visibility` (and documents) as a FlexAttention BlockMask."""
     from torch.nn.attention.flex_attention import create_block_mask
 
@@ -62,7 +66,8 @@ def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, devic
         qb, kb = (q % length) // block, (kv % length) // block
         q_noised, kv_noised = q < length, kv < length
         clean_ok = (kv <= q) if clean_causal else (kb <= qb)
-        ok = (q_noised & kv_noised & (qb == kb)) | (q_noised & ~kv_noised & (kb < qb)) | (
+        own = (qb == kb) & (kv <= q) if noised_causal else qb == kb
+        ok = (q_noised & kv_noised & own) | (q_noised & ~kv_noised & (kb < qb)) | (
             ~q_noised & ~kv_noised & clean_ok)
         if doc_ids is not None:
             ok = ok & (doc_ids[b, q % length] == doc_ids[b, kv % length])
@@ -186,13 +191,16 @@ class BlockDiffusion(MaskedDiffusion):
         """The block length of this forward: the target, or the curriculum's (attention.block) while it grows."""
         return min(attention.block or self.block_length, length)
 
-    def mask(self, attention: Attention, length: int, batch: int, device: torch.device):
-        """The [x_t | x_0] mask: a FlexAttention BlockMask for flex, else a dense 4D additive mask."""
+    def mask(self, attention: Attention, length: int, batch: int, device: torch.device, teacher: bool = False):
+        """The [x_t | x_0] mask: a FlexAttention BlockMask for flex, else a dense 4D additive mask. `teacher`: the
+        on-policy teacher's (a drafted block and the clean stream, both causal: a causal LM's view of each block
+        drafted after the clean blocks before it)."""
         b = self.step_block(attention, length)
         docs = None if attention.docs is None else attention.docs.to(device)
+        causal = self.clean_causal or teacher
         if self.backend == "flex_attention":
-            return block_mask_flex(length, b, docs, device, self.clean_causal)
-        visible = block_visibility(length, b, device, self.clean_causal)
+            return block_mask_flex(length, b, docs, device, causal, noised_causal=teacher)
+        visible = block_visibility(length, b, device, causal, noised_causal=teacher)
         if docs is not None:
             doc2 = torch.cat([docs, docs], dim=1)
             visible = visible[None] & document_visibility(doc2)
@@ -214,6 +222,20 @@ class BlockDiffusion(MaskedDiffusion):
 
     def predict(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention) -> torch.Tensor:
         return self.logits(forward, noised.xt, attention, x0)
+
+    def onpolicy_teacher(self, forward: Forward, x0: torch.Tensor, noised: Noised, logits: torch.Tensor,
+                         attention: Attention) -> torch.Tensor:
+        """(B, L, V) the teacher's causal logits with each block drafted by the model (`drafts`) after the clean
+        blocks before it (OPDLM): one forward over [drafts | x_0] under the teacher's mask. Row i-1 predicts token
+        i: the drafted row inside a block, the clean row at a block's last position (its next token starts a
+        block, whose context is clean)."""
+        length, device = x0.shape[1], getattr(forward, "device", x0.device)
+        b = self.step_block(attention, length)
+        pos = torch.arange(length, device=device)
+        rows = torch.where((pos + 1) % b == 0, length + pos, pos)
+        ids = torch.cat([self.drafts(noised, logits).to(device), x0.to(device)], dim=1)
+        return forward(ids, self.mask(attention, length, len(x0), device, teacher=True),
+                       position_ids=torch.cat([pos, pos])[None].expand(len(x0), -1), logits_to_keep=rows)
 
     def predict_joint(self, forward: Forward, x0: torch.Tensor, noised: Noised, attention: Attention):
         """With a causal clean stream the clean half of the 2L forward IS the causal forward of x0 (within

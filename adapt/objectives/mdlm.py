@@ -10,6 +10,8 @@ next token is visible, so that target would be a copy task. The loop divides its
 """
 from __future__ import annotations
 
+import math
+
 from typing import Callable
 
 import torch
@@ -67,7 +69,7 @@ class MaskedDiffusion:
                     dtype=cfg.model.dtype, ar_weight=d.ar_loss_weight, position_masking=d.position_masking,
                     t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks,
                     distill=Distill(d.distill_weight, d.distill_positions, d.distill_teacher, d.distill_top_k,
-                                    d.distill_temperature) if d.distill_weight else None)
+                                    d.distill_temperature, d.distill_onpolicy) if d.distill_weight else None)
 
     @classmethod
     def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "MaskedDiffusion":
@@ -93,6 +95,9 @@ class MaskedDiffusion:
                             "diffusion over the whole sequence does not run; set diffusion.distill_teacher=parent "
                             "(the parent's own forward), or diffusion.objective=block diffusion.block_length=4 "
                             "diffusion.clean_attention=causal, or diffusion.distill_weight=0")
+        if cfg.diffusion.distill_onpolicy and not cfg.diffusion.distill_weight:
+            problems.append("`diffusion.distill_onpolicy` shares out the distillation term, which is off; set "
+                            "diffusion.distill_weight > 0, or diffusion.distill_onpolicy=0")
         if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
                 and cfg.attention.anneal_steps > 0:
             problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
@@ -240,6 +245,18 @@ class MaskedDiffusion:
         length, device = x0.shape[1], getattr(forward, "device", x0.device)
         causal = Attention(causal_visibility(length), 0.0, "window", docs)  # a window of width 0 is causal
         return forward(x0, sequence_mask(causal, length, len(x0), device, self.backend, self.dtype))
+
+    def drafts(self, noised: Noised, logits: torch.Tensor) -> torch.Tensor:
+        """x_t with each masked position filled with the model's most likely id (blocked ids never), from the
+        step's prediction logits (B, L, V): the model's own one-step fill, which on-policy distillation teaches on."""
+        best = prediction_logits(logits, self.read_shift).detach().masked_fill(self.blocked, -math.inf).argmax(-1)
+        return torch.where(noised.masked.to(best.device), best, noised.xt.to(best.device))
+
+    def onpolicy_teacher(self, forward: Forward, x0: torch.Tensor, noised: Noised, logits: torch.Tensor,
+                         attention: Attention) -> torch.Tensor:
+        """(B, L, V) the teacher's causal logits over the model's drafts (`drafts`): row i-1 is its distribution
+        of token i given the drafted sequence before i. `forward` is the teacher's (no gradient is taken)."""
+        return self.causal_logits(forward, self.drafts(noised, logits), attention.docs)
 
     def causal_nll_sum(self, logits: torch.Tensor, x0: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
         """sum over `scored` of -log p(x0_i | x0_<i) from causal logits (B, L, V), row i-1 predicting token i."""
