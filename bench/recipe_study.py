@@ -31,6 +31,8 @@ from adapt.export import exported_meta  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0",
           "train.log_every=10"]
+_BLOCK4 = ["diffusion.objective=block", "diffusion.block_length=4", "attention.anneal_steps=0",
+           "attention.anneal_schedule=blocks"]
 VARIANTS = {
     "base": [],
     "lr2e-4": ["optim.lr=2e-4"],
@@ -79,6 +81,13 @@ VARIANTS = {
                     "diffusion.distill_teacher=parent"] for w in ("0.3", "1", "3")},
     "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
     "onpol1": ["diffusion.distill_onpolicy=1.0"],
+    # the anchors' recipes at equal tokens, from their papers' settings with this code (b = 4 for the block ones):
+    "diffullama": ["attention.anneal_schedule=random"],  # whole sequence, random attention annealing, shift
+    "sdar": [*_BLOCK4, "diffusion.clean_attention=block"],  # plain block diffusion
+    "bd3lm": [*_BLOCK4, "diffusion.clean_attention=block", "diffusion.t_min=0.45", "diffusion.t_max=0.95"],
+    "fastdllm2": [*_BLOCK4, "diffusion.clean_attention=block", "diffusion.complementary_masks=true"],
+    "opdlm": [*_BLOCK4, "diffusion.clean_attention=causal", "diffusion.distill_weight=1",
+              "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked", "diffusion.distill_onpolicy=1"],
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }
