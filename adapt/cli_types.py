@@ -65,29 +65,34 @@ def text(value: str) -> str:
     return value
 
 
-def writable_dir(value: str) -> Path:
-    """An output folder this process can write to, checked before any work: the folder is created, a
-    temporary file is written and removed, and folders it had to create are removed again (a refused
-    command leaves nothing behind; the command creates the folder when it writes)."""
-    path = Path(value)
+def write_problem(path: Path, keep: bool = False) -> str | None:
+    """Why no file can be made in the folder `path`, or None: the folder is created with its parents, a temporary
+    file is written and removed, and the folders it had to create are removed again unless `keep` (a refused
+    command leaves nothing behind; a command creates its folder when it writes)."""
     missing = [p for p in (path, *path.parents) if not os.path.lexists(p)]
     blocker = next((p for p in (path, *path.parents) if os.path.lexists(p)), None)
     if blocker is not None and not blocker.is_dir():
-        raise argparse.ArgumentTypeError(f"cannot write to {value}: {blocker} is a file, not a folder; "
-                                         f"choose a folder you can write to")
+        return f"{blocker} is a file, not a folder"
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path, prefix=".write_check"):
             pass
     except OSError as err:
-        where = f" ({err.filename})" if err.filename and str(err.filename) != value else ""
-        raise argparse.ArgumentTypeError(f"cannot write to {value}: {err.strerror or err}{where}; "
-                                         f"choose a folder you can write to") from None
+        where = f" at {err.filename}" if err.filename and Path(err.filename) != path else ""
+        return f"{path} is not writable ({err.strerror or err}{where})"
     finally:
-        for folder in missing:  # deepest first
+        for folder in missing if not keep else ():  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()
-    return path
+    return None
+
+
+def writable_dir(value: str) -> Path:
+    """An output folder this process can write to, checked before any work (`write_problem`; nothing is left)."""
+    problem = write_problem(Path(value))
+    if problem:
+        raise argparse.ArgumentTypeError(f"cannot write to {value}: {problem}; choose a folder you can write to")
+    return Path(value)
 
 
 def fraction(text: str) -> float:

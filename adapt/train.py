@@ -374,7 +374,11 @@ def _install_stop_handler(state: State) -> None:
         if state.stop_requested:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         state.stop_requested = True
-        state.log.info("stop requested: finishing this step, saving a checkpoint, exiting (Ctrl-C again to abort)")
+        if state.step >= state.cfg.train.max_steps:  # training is over and its last checkpoint saved
+            state.log.info("stop requested after the last step, whose checkpoint is saved: finishing the evaluation "
+                           "and export (Ctrl-C again to abort them; rerunning the same command redoes them)")
+        else:
+            state.log.info("stop requested: finishing this step, saving a checkpoint, exiting (Ctrl-C again to abort)")
     signal.signal(signal.SIGINT, handler)
     signal.signal(signal.SIGTERM, handler)
 

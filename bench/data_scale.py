@@ -137,7 +137,10 @@ mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.
 tok = load_tokenizer(ModelConfig())
 mod.embedded_corpus({cache!r})  # the JSONL made from the gensim dump: the same for both
 t0 = time.perf_counter()
-blocks = mod.build_sequences(DataConfig(seq_length=256, heldout_sequences=16, cache_dir={cache!r}), tok)
+dcfg = DataConfig(seq_length=256, heldout_sequences=16, cache_dir={cache!r})
+dcfg.block_size, dcfg.heldout_blocks = dcfg.seq_length, dcfg.heldout_sequences  # the names of older data.py
+build = getattr(mod, "build_sequences", None) or mod.build_blocks
+blocks = build(dcfg, tok)
 print(json.dumps({{"seconds": round(time.perf_counter() - t0, 1), "train_blocks": len(blocks.train),
                   "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}}))
 """

@@ -151,6 +151,20 @@ def test_sigterm_before_the_first_step_stops_with_one_message_and_releases_the_l
     assert "resumed from" not in out.stderr and complete(tmp_path / "debug", 6)
 
 
+def test_a_stop_after_the_last_step_says_so_and_the_run_still_finishes(tmp_path, tiny_model_dir, corpus_file):
+    """SIGTERM during the evaluation after training (held open by a fault hook): the last checkpoint is already
+    saved, so the message says the evaluation and export are being finished (not that a checkpoint is being
+    saved), and the run ends normally with its export."""
+    run = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_EVAL_DELAY_S": "3"})
+    run.wait_for(lambda: "step 6/6" in run.stderr and complete(tmp_path / "debug", 6))
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.finish() == 0, run.stderr[-3000:]
+    err = run.stderr
+    assert "stop requested after the last step, whose checkpoint is saved" in err, err[-3000:]
+    assert "saving a checkpoint" not in err and "Traceback" not in err
+    assert (tmp_path / "debug" / "final" / "model.safetensors").is_file()
+
+
 def test_a_second_ctrl_c_stops_at_once_without_saving(tmp_path, tiny_model_dir, corpus_file):
     """The first Ctrl-C arrives while a step hangs (fault hook); the second aborts it instead of waiting."""
     run = Run(tmp_path, tiny_model_dir, corpus_file, env={"ADAPT_FAULT_STALL_STEPS": "3"})

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import fnmatch
 import json
-import os
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 import yaml
 
+from adapt.cli_types import write_problem
 from adapt.config import Config, from_dict
 from adapt.model import DiffusionMeta, ModelLoadError
 
@@ -215,12 +215,5 @@ def destination_problem(out: Path, keep: list[Path]) -> str | None:
 
 
 def writable_problem(folder: Path) -> str | None:
-    """Why no file can be made in `folder` (made with its parents if missing), or None."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        return f"{folder} is not writable ({err.strerror or _first_line(err)})"
-    return None
+    """Why no file can be made in `folder` (made with its parents if missing, and kept), or None."""
+    return write_problem(folder, keep=True)
