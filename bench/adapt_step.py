@@ -13,6 +13,10 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
                  causal forward of the clean sequences), also reported against `bidirectional`
   blockar        the block step with the joint causal term: with --clean-attention causal (the default, the block
                  recipe's) read from the same 2L forward's clean rows; reported against `block`
+  blockkd        the block step with distillation from the parent at every masked position (a frozen copy of the
+                 parent: one more forward of L positions without gradient); reported against `block`
+  blockopd       the same taught on policy (diffusion.distill_onpolicy=1: the parent scores the model's drafts in
+                 a forward of 2L positions without gradient); reported against `block`
 `--only` runs a subset (`causal` is always run: it is every ratio's baseline).
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
 sampled every 2 ms during the timed steps. Ratios are against `causal` from the same run.
@@ -32,7 +36,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "blockar")
+VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "blockar", "blockkd", "blockopd")
+BLOCK = ("block", "blockar", "blockkd", "blockopd")
+DISTILL = ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked"]
 AR_WEIGHT = 0.3
 """diffusion.ar_loss_weight of the `ar` variant."""
 
@@ -72,13 +78,16 @@ def _state(args):
     from adapt.diffusion import blocked_vocab
     from adapt.metrics import MetricsLog
     from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
+    from adapt.teacher import ParentTeacher
     from adapt.train import State, _optimizer, lr_lambda
 
     block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0",
              f"diffusion.clean_attention={args.clean_attention}"] \
-        if args.variant in ("block", "blockar") else ["attention.anneal_steps=2"]
+        if args.variant in BLOCK else ["attention.anneal_steps=2"]
     if args.variant in ("ar", "blockar"):
         block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
+    if args.variant in ("blockkd", "blockopd"):
+        block += DISTILL + (["diffusion.distill_onpolicy=1"] if args.variant == "blockopd" else [])
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.seq_length={args.length}",
                              f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",
@@ -88,6 +97,7 @@ def _state(args):
     tok, model = load_tokenizer(cfg.model), load_causal_lm(cfg.model)
     meta = add_mask_token(model, tok, cfg.model)
     set_causal(model, args.variant == "causal")
+    teacher = ParentTeacher.build(cfg, model, distributed.device())  # the parent's frozen copy, or None
     opt = _optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
@@ -97,7 +107,7 @@ def _state(args):
     rows = model.get_output_embeddings().weight.shape[0]
     blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())
     return State(cfg, engine, tok, meta, blocks, objectives.from_config(cfg, meta, blocked),
-                 MetricsLog(Path("."), False, False))
+                 MetricsLog(Path("."), False, False), teacher)
 
 
 def _causal_step(state, step: int) -> None:
@@ -174,7 +184,7 @@ def run_subprocess(variant: str, argv: list[str]) -> dict:
 
 def _targets(args, results: dict) -> None:
     """The step targets and the joint term's cost, for the variants that ran."""
-    b, d, a, j = (results.get(v) for v in ("block", "bidirectional", "ar", "blockar"))
+    b, d, a, j, k, o = (results.get(v) for v in ("block", "bidirectional", "ar", "blockar", "blockkd", "blockopd"))
     if d:
         print(f"target: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
               f"{d['memory_ratio']:.3f}x")
@@ -186,6 +196,11 @@ def _targets(args, results: dict) -> None:
             print(f"joint causal term (alpha={AR_WEIGHT}) vs {name}: "
                   f"{plain['tokens_per_s'] / joint['tokens_per_s']:.3f}x "
                   f"the time per step, {joint['peak_bytes'] / plain['peak_bytes']:.3f}x the peak memory")
+    for term, name in ((k, "distillation from the parent"), (o, "on-policy distillation from the parent")):
+        if term and b:
+            print(f"{name} vs block: {b['tokens_per_s'] / term['tokens_per_s']:.3f}x the time per step, "
+                  f"{term['peak_bytes'] / b['peak_bytes']:.3f}x the peak memory; against causal: "
+                  f"{term['speed_ratio']:.3f}x speed, {term['memory_ratio']:.3f}x memory (target >= 0.45x, <= 2.2x)")
 
 
 def main(argv: list[str] | None = None) -> None:
