@@ -92,6 +92,10 @@ class DiffusionConfig:
     """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy
     masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an
     even number of sequences per step."""
+    full_mask_share: float = 0.0
+    """Share of the training draws (one per row, or per block with t_per_block) taken at t = 1: fully masked, the
+    state a block decoder drafts from in one step. It changes only the training times' distribution (like t_min /
+    t_max); the held-out bound is the objective's ELBO as always. 0 = off."""
     ar_loss_weight: float = 0.0
     """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE
     under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""

@@ -40,6 +40,7 @@ RANGES: list[tuple[str, float, float | None]] = [
     ("diffusion.distill_temperature", 0.0, 100.0),
     ("diffusion.t_min", 0.0, 1.0),
     ("diffusion.t_max", 0.0, 1.0),
+    ("diffusion.full_mask_share", 0.0, 1.0),
     ("attention.anneal_steps", 0, STEPS_MAX),
     ("data.seq_length", 8, SIZE_MAX),
     ("data.heldout_sequences", 1, SIZE_MAX),

@@ -112,3 +112,26 @@ def test_the_recipe_keys_reach_the_objective_and_are_checked():
         load_config(None, ["diffusion.complementary_masks=true", "train.micro_batch_size=3", "train.grad_accum=1"])
     with pytest.raises(ConfigError, match="position_masking=0"):
         load_config(None, ["diffusion.complementary_masks=true", "diffusion.position_masking=0.5"])
+
+
+@pytest.mark.parametrize("per_block", [False, True])
+def test_a_share_of_fully_masked_draws(per_block):
+    """diffusion.full_mask_share: that share of the draws (rows, or blocks with t_per_block) is at t = 1, so every
+    maskable token of it is masked; the other draws are those of the objective without the option."""
+    x0 = torch.randint(0, MASK, (512, L), generator=torch.Generator().manual_seed(3))
+    ok = torch.ones_like(x0, dtype=torch.bool)
+    got = block(t_per_block=per_block, full_mask_share=0.25).corrupt(x0, ok, torch.Generator().manual_seed(4))
+    plain = block(t_per_block=per_block).corrupt(x0, ok, torch.Generator().manual_seed(4))
+    units = got.t.view(512, -1)[:, ::B] if per_block else got.t.view(512, 1)  # one t per row or per block
+    full = units == 1
+    assert abs(full.float().mean().item() - 0.25) < 0.05 and 0 < full.sum() < full.numel()
+    rows_full = (got.t == 1).view(512, L) if per_block else (got.t == 1)[:, None].expand(512, L)
+    assert got.masked[rows_full].all()  # fully masked where t = 1
+    other = (plain.t != 1).view(512, -1) if per_block else (plain.t != 1)[:, None]
+    assert torch.equal(got.t.view(512, -1)[~full.repeat_interleave(B if per_block else 1, 1) & other],
+                       plain.t.view(512, -1)[~full.repeat_interleave(B if per_block else 1, 1) & other])
+    cfg = load_config(None, ["diffusion.full_mask_share=0.5"])
+    made = objectives.from_config(cfg, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK), BLOCKED)
+    assert made.full_mask_share == 0.5
+    with pytest.raises(ConfigError, match="full_mask_share"):
+        load_config(None, ["diffusion.full_mask_share=1.5"])

@@ -45,7 +45,7 @@ class MaskedDiffusion:
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
                  dtype: str = "fp32", ar_weight: float = 0.0, position_masking: float = 0.0,
                  t_range: tuple[float, float] = (0.0, 1.0), t_per_block: bool = False, complementary: bool = False,
-                 distill: Distill | None = None):
+                 distill: Distill | None = None, full_mask_share: float = 0.0):
         self.mask_id, self.shift, self.blocked, self.eps = mask_id, shift, blocked, eps
         self.t_sampling, self.loss_norm, self.backend, self.dtype = t_sampling, loss_norm, backend, DTYPES[dtype]
         self.read_shift = shift
@@ -55,6 +55,8 @@ class MaskedDiffusion:
         self.position_masking = position_masking
         """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
         self.t_range, self.t_per_block, self.complementary = t_range, t_per_block, complementary
+        self.full_mask_share = full_mask_share
+        """Share of the draws of t set to 1 (fully masked rows or blocks: one-step drafts); 0 = none."""
         """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
         self.distill = distill
         """The distillation term (a training term only), or None."""
@@ -68,6 +70,7 @@ class MaskedDiffusion:
         return dict(eps=d.eps, t_sampling=d.t_sampling, loss_norm=d.loss_norm, backend=cfg.model.attn_implementation,
                     dtype=cfg.model.dtype, ar_weight=d.ar_loss_weight, position_masking=d.position_masking,
                     t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks,
+                    full_mask_share=d.full_mask_share,
                     distill=Distill(d.distill_weight, d.distill_positions, d.distill_teacher, d.distill_top_k,
                                     d.distill_temperature, d.distill_onpolicy) if d.distill_weight else None)
 
@@ -158,10 +161,13 @@ class MaskedDiffusion:
 
     def draw_t(self, rows: int, length: int, generator: torch.Generator) -> torch.Tensor:
         """Training times: (rows,) one per row, or (rows, L) one per block (`t_per_block`), drawn by
-        `diffusion.t_sampling` over all of them, in [max(eps, t_min), t_max]."""
+        `diffusion.t_sampling` over all of them, in [max(eps, t_min), t_max]; a share `full_mask_share` of them
+        set to 1."""
         span = self.masking_span(length) if self.t_per_block else length
         units = -(-length // span)
         t = sample_t(rows * units, max(self.eps, self.t_range[0]), self.t_sampling, generator, self.t_range[1])
+        if self.full_mask_share:  # drawn only when on: the draws without it stay those of before
+            t = torch.where(torch.rand(t.shape, generator=generator) < self.full_mask_share, torch.ones_like(t), t)
         return t if units == 1 else t.view(rows, units)[:, torch.arange(length) // span]
 
     def corrupt(self, x0: torch.Tensor, maskable: torch.Tensor, generator: torch.Generator) -> Noised:
