@@ -359,4 +359,4 @@ def build_sequences(dcfg: DataConfig, tokenizer, say=store.to_stderr) -> Sequenc
             parts_mask[src.label] = mask
     mixture = Mixture([p.n for p in parts], [s.weight for s in sources], [s.label for s in sources])
     return Sequences(SequenceView(parts), SequenceView(parts, docs=True), heldout, torch.cat(held_docs),
-                  heldout_parts=parts_mask, summary="data: " + " | ".join(lines), mixture=mixture)
+                     heldout_parts=parts_mask, summary="data: " + " | ".join(lines), mixture=mixture)

@@ -16,7 +16,7 @@ from adapt.objectives import ModelForward
 
 
 class ParentTeacher:
-    """forward of the parent on a clean micro-batch: `logits(engine, objective, x0, docs)`."""
+    """The parent's forward (`forward(engine)`, a context) for the distillation teacher (`teacher_logits`)."""
 
     def __init__(self, frozen: torch.nn.Module | None, device: torch.device):
         self.frozen, self.device = frozen, device
@@ -44,12 +44,6 @@ class ParentTeacher:
         off = peft_model.disable_adapter() if hasattr(peft_model, "disable_adapter") else contextlib.nullcontext()
         with off:
             yield ModelForward(engine, self.device)
-
-    @torch.no_grad()
-    def logits(self, engine, objective, x0: torch.Tensor, docs: torch.Tensor | None) -> torch.Tensor:
-        """(B, L, V) the parent's causal logits of x0 (within documents when `docs` is given), no gradient."""
-        with self.forward(engine) as forward:
-            return objective.causal_logits(forward, x0, docs)
 
 
 @torch.no_grad()

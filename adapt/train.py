@@ -195,6 +195,11 @@ def _lock_run_folder(cfg: Config) -> runlock.RunLock | None:
     return lock
 
 
+def global_rows(cfg: Config) -> int:
+    """Sequences in one step's global batch: micro_batch_size x grad_accum on every rank."""
+    return cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
+
+
 def global_batch(cfg: Config, step: int, n_blocks: int, mixture=None) -> tuple[torch.Tensor, torch.Generator]:
     """The whole step's block indices across ranks (m * a * world rows) and the generator of its noise.
 
@@ -202,8 +207,7 @@ def global_batch(cfg: Config, step: int, n_blocks: int, mixture=None) -> tuple[t
     rows, so t is stratified over the global batch and a run's numbers do not depend on how many
     ranks share it.
     """
-    n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
-    seed = cfg.train.seed
+    n, seed = global_rows(cfg), cfg.train.seed
     idx = batch_indices(step, n_blocks, n, 0, 1, seed) if mixture is None else mixture.draw(step, n, seed)
     return idx, rng.generator(cfg.train.seed, "noise", step)
 
@@ -284,8 +288,7 @@ def _rows(data, step: int, cfg: Config) -> dict:
     mix = data.mixture
     if mix is None or len(mix.sizes) < 2:
         return {}
-    n = cfg.train.micro_batch_size * cfg.train.grad_accum * distributed.world_size()
-    counts = torch.bincount(mix.sources(step, n, cfg.train.seed), minlength=len(mix.sizes)).tolist()
+    counts = torch.bincount(mix.sources(step, global_rows(cfg), cfg.train.seed), minlength=len(mix.sizes)).tolist()
     return {"rows": dict(zip(mix.labels, counts))}
 
 

@@ -166,7 +166,8 @@ def test_the_parent_under_lora_is_the_model_with_its_adapters_disabled():
     obj = MaskedDiffusion(MASK, True, blocked_vocab(V, V - 1, MASK))
     x0 = torch.randint(3, V - 1, (2, 16), generator=torch.Generator().manual_seed(4))
     engine = Engine(peft_model, 1)
-    teacher = ParentTeacher(None, torch.device("cpu")).logits(engine, obj, x0, None)
+    with torch.no_grad(), ParentTeacher(None, torch.device("cpu")).forward(engine) as parent_forward:
+        teacher = obj.causal_logits(parent_forward, x0)
     with torch.no_grad():
         want = obj.causal_logits(ModelForward(parent, "cpu"), x0)
         adapted = obj.causal_logits(ModelForward(engine, "cpu"), x0)

@@ -11,7 +11,6 @@ next token is visible, so that target would be a copy task. The loop divides its
 from __future__ import annotations
 
 import math
-
 from typing import Callable
 
 import torch
@@ -55,9 +54,9 @@ class MaskedDiffusion:
         self.position_masking = position_masking
         """Strength of position-dependent masking (diffusion.position_masking); 0 = one rate t per row."""
         self.t_range, self.t_per_block, self.complementary = t_range, t_per_block, complementary
+        """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
         self.full_mask_share = full_mask_share
         """Share of the draws of t set to 1 (fully masked rows or blocks: one-step drafts); 0 = none."""
-        """Training draws: t in [max(eps, lo), hi]; one t per block or per row; complementary mask pairs."""
         self.distill = distill
         """The distillation term (a training term only), or None."""
 
