@@ -75,6 +75,10 @@ class DiffusionConfig:
     """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean
     token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's
     keys and values at the start)."""
+    noised_attention: str = "bidirectional"
+    """Block diffusion's noised block: bidirectional (each noised token attends its whole block) or causal (I-DLM: it
+    attends its block up to itself, so a masked token after visible ones is read as the parent reads it; the bound
+    stays an ELBO, and the decoders use the same mask)."""
     position_masking: float = 0.0
     """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda
     (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still

@@ -11,6 +11,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.t_sampling": ("uniform", "stratified", "antithetic"),
     "diffusion.loss_norm": ("token", "masked", "sequence"),
     "diffusion.clean_attention": ("block", "causal"),
+    "diffusion.noised_attention": ("bidirectional", "causal"),
     "diffusion.distill_positions": ("frontier", "masked"),
     "diffusion.distill_teacher": ("clean", "parent"),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),

@@ -48,6 +48,8 @@ class DiffusionMeta:
     """Block diffusion's block length (blocks causal to each other, bidirectional inside); 0 = whole sequence."""
     clean_attention: str = "block"
     """Block diffusion's clean stream: block (clean blocks <= its own) or causal (clean tokens up to itself)."""
+    noised_attention: str = "bidirectional"
+    """Block diffusion's noised block: bidirectional, or causal (a noised token attends its block up to itself)."""
     parent: str = ""
     """The causal LM this model was converted from (for parent-vs-diffusion comparisons)."""
     parent_gguf_file: str = ""

@@ -65,7 +65,8 @@ def bounds(model, meta, blocked, x0: torch.Tensor, lengths: list[int], draws: in
     out = {"parent": summarize(nll, x0.shape[1] - 1).as_dict()}
     set_causal(model, False)
     for b in lengths:
-        obj = make(b, meta.mask_token_id, True, blocked, clean_attention=meta.clean_attention)
+        obj = make(b, meta.mask_token_id, True, blocked, clean_attention=meta.clean_attention,
+                   noised_attention=meta.noised_attention)
         tic = time.perf_counter()
         out[f"b={b or 'L'}"] = heldout_bound(obj, forward, x0, obj.scored(x0), draws, "count",
                                              rng.generator(0, "estimate"), batch, parts=parts) | {

@@ -82,6 +82,7 @@ VARIANTS = {
     "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
     "onpol1": ["diffusion.distill_onpolicy=1.0"],
     "full0.25": ["diffusion.full_mask_share=0.25"],
+    "noisedcausal": ["diffusion.noised_attention=causal"],
     # the anchors' recipes at equal tokens, from their papers' settings with this code (b = 4 for the block ones):
     "diffullama": ["attention.anneal_schedule=random"],  # whole sequence, random attention annealing, shift
     "sdar": [*_BLOCK4, "diffusion.clean_attention=block"],  # plain block diffusion
@@ -89,6 +90,8 @@ VARIANTS = {
     "fastdllm2": [*_BLOCK4, "diffusion.clean_attention=block", "diffusion.complementary_masks=true"],
     "opdlm": [*_BLOCK4, "diffusion.clean_attention=causal", "diffusion.distill_weight=1",
               "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked", "diffusion.distill_onpolicy=1"],
+    "idlm": [*_BLOCK4, "diffusion.clean_attention=causal", "diffusion.noised_attention=causal",
+             "diffusion.ar_loss_weight=1"],  # causal masks among the noised tokens, and the causal (AR) loss
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],
 }

@@ -23,20 +23,21 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_block_visibility_is_the_definition(causal):
+@pytest.mark.parametrize("causal,noised_causal", [(False, False), (True, False), (True, True)])
+def test_block_visibility_is_the_definition(causal, noised_causal):
     b = 4
-    vis = block_visibility(L, b, clean_causal=causal)
+    vis = block_visibility(L, b, clean_causal=causal, noised_causal=noised_causal)
     for q in range(2 * L):
         for kv in range(2 * L):
             qb, kb = (q % L) // b, (kv % L) // b
-            if q < L:  # noised: its own noised block, clean blocks before it
-                want = qb == kb if kv < L else kb < qb
+            if q < L:  # noised: its own noised block (causal: up to itself), clean blocks before it
+                want = (qb == kb and (kv <= q or not noised_causal)) if kv < L else kb < qb
             else:  # clean: clean blocks up to its own (causal: clean tokens up to itself), never a noised token
                 want = False if kv < L else (kv <= q if causal else kb <= qb)
             assert bool(vis[q, kv]) == want, (q, kv)
     docs = torch.tensor([[0] * 6 + [1] * 10, [0] * 12 + [1] * 4])
-    flex = create_mask(block_mask_flex(L, b, docs, "cpu", causal).mask_mod, 2, None, 2 * L, 2 * L, device="cpu")[:, 0]
+    flex = create_mask(block_mask_flex(L, b, docs, "cpu", causal, noised_causal).mask_mod, 2, None, 2 * L, 2 * L,
+                       device="cpu")[:, 0]
     doc2 = torch.cat([docs, docs], 1)
     assert torch.equal(flex, vis[None] & (doc2[:, :, None] == doc2[:, None, :]))
 
@@ -88,6 +89,24 @@ def test_one_token_blocks_are_the_parent_exactly():
     assert (other - exact).abs().max() > 1e-2  # the whole-sequence bound of the same model is not the parent's
 
 
+@torch.no_grad()
+def test_a_causal_noised_block_reads_a_frontier_token_as_the_parent_does():
+    """Both streams causal (I-DLM's masks): a masked token whose earlier block tokens are all visible is predicted
+    from exactly the parent's causal forward, at any block length; with a bidirectional noised block it is not."""
+    model = tiny_llama(V, seed=5)
+    x0 = torch.randint(2, MASK, (2, L), generator=gen(8))
+    parent = model(input_ids=x0, use_cache=False).logits
+    set_causal(model, False)  # the masks decide
+    blocked = blocked_vocab(V, V, MASK)
+    xt = x0.clone()
+    xt[:, 3::4] = MASK  # the last token of every block of 4: a frontier position
+    for noised_causal in (True, False):
+        obj = BlockDiffusion(MASK, True, blocked, block_length=4, clean_causal=True, noised_causal=noised_causal)
+        got = obj.logits(ModelForward(model, "cpu"), xt, Attention(), x0)[:, 3::4]
+        close = torch.allclose(got, parent[:, 2::4], atol=1e-5)
+        assert close == noised_causal  # the bidirectional row 2 of a block sees the mask at 3
+
+
 def test_group_counts_mask_every_block_and_weigh_it():
     maskable = torch.ones(2, L, dtype=torch.bool)
     maskable[:, 0] = False
@@ -123,11 +142,35 @@ def test_recipe_checks():
                            "model.attn_implementation=flash_attention_2"])
     with pytest.raises(ConfigError, match="diffusion.clean_attention"):
         load_config(None, ["diffusion.clean_attention=bidirectional"])
+    with pytest.raises(ConfigError, match="diffusion.noised_attention"):
+        load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks",
+                           "diffusion.noised_attention=block"])
+    with pytest.raises(ConfigError, match="whole-sequence objective has none"):  # mdlm has no noised block
+        load_config(None, ["diffusion.noised_attention=causal"])
     cfg = load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks"])
     assert cfg.diffusion.block_length == 8
 
 
-def block_denoiser(b: int = 4, clean: str = "block"):
+def test_the_noised_attention_is_recorded_checked_and_described():
+    """An export records its noised block; continuing it with another one is refused; its card says which."""
+    from dataclasses import asdict
+
+    from adapt.model import DiffusionMeta
+
+    base = ["diffusion.block_length=4", "attention.anneal_schedule=blocks", "diffusion.clean_attention=causal"]
+    cfg = load_config(None, [*base, "diffusion.noised_attention=causal"])
+    meta = DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, **BlockDiffusion.meta_fields(cfg))
+    assert meta.noised_attention == "causal" and BlockDiffusion.export_problems(cfg, meta) == []
+    assert DiffusionMeta.from_json(meta.to_json(), "test").noised_attention == "causal"
+    other = load_config(None, base)
+    assert "noised_attention=causal" in " ".join(BlockDiffusion.export_problems(other, meta))
+    assert "causal inside a block" in BlockDiffusion.card(asdict(meta)).attention
+    old = DiffusionMeta.from_json(meta.to_json().replace('"noised_attention": "causal",', ""), "test")
+    assert old.noised_attention == "bidirectional"  # exports written before the option
+    assert "bidirectional inside a block" in BlockDiffusion.card(asdict(old)).attention
+
+
+def block_denoiser(b: int = 4, clean: str = "block", noised: str = "bidirectional"):
     from adapt.denoiser import Denoiser
     from adapt.model import DiffusionMeta
 
@@ -135,17 +178,18 @@ def block_denoiser(b: int = 4, clean: str = "block"):
     set_causal(model, False)
     model.config.bos_token_id = 1
     return Denoiser(model, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b,
-                                         clean_attention=clean))
+                                         clean_attention=clean, noised_attention=noised))
 
 
-@pytest.mark.parametrize("clean", ["block", "causal"])
+@pytest.mark.parametrize("clean,noised", [("block", "bidirectional"), ("causal", "bidirectional"),
+                                          ("causal", "causal")])
 @torch.no_grad()
-def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean):
+def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean, noised):
     """The cached rows of block k equal one uncached forward over [x0 blocks < k | block k] under the block mask
-    (the objective's own layout, whose clean half is what the cache holds)."""
+    (the objective's own layout, whose clean half is what the cache holds), whatever the export's streams."""
     from adapt.sampling.block_cache import BlockCachedDenoiser
 
-    den = block_denoiser(clean=clean)
+    den = block_denoiser(clean=clean, noised=noised)
     x = torch.randint(3, MASK, (2, 13), generator=gen(1))
     x[:, 0] = 1
     x[:, 9:] = MASK
@@ -157,13 +201,15 @@ def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean):
     got = cached(xp)[:, 8:12]
     full = xp[:, :12]  # clean blocks 0, 1 and the noised block 2 in the objective's 2L layout
 
-    def log_probs(causal: bool) -> torch.Tensor:
-        obj = BlockDiffusion(MASK, True, den.blocked, block_length=4, clean_causal=causal)
+    def log_probs(causal: bool, noised_causal: bool) -> torch.Tensor:
+        obj = BlockDiffusion(MASK, True, den.blocked, block_length=4, clean_causal=causal, noised_causal=noised_causal)
         logits = obj.logits(ModelForward(den.model, "cpu"), full, Attention(), full.clone())
         return torch.log_softmax(logits.float().masked_fill(den.blocked, float("-inf")), -1)[:, 8:12]
 
-    torch.testing.assert_close(got, log_probs(clean == "causal"), rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(got, log_probs(clean != "causal"), atol=1e-4)  # the decoder follows the export's stream
+    torch.testing.assert_close(got, log_probs(clean == "causal", noised == "causal"), rtol=1e-5, atol=1e-5)
+    # the decoder follows the export's streams: another clean stream, or another noised block, differs
+    assert not torch.allclose(got, log_probs(clean != "causal", noised == "causal"), atol=1e-4)
+    assert not torch.allclose(got, log_probs(clean == "causal", noised != "causal"), atol=1e-4)
 
 
 @torch.no_grad()

@@ -262,26 +262,28 @@ def test_generation_config_and_files(export):
 # --- (c) the block cache is exact --------------------------------------------------------------------
 
 def block_causal_logits(model, x: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, b: int,
-                        causal: bool = False) -> torch.Tensor:
+                        causal: bool = False, noised_causal: bool = False) -> torch.Tensor:
     """One uncached forward under the block-causal mask, built here pair by pair (the reference); `causal`: the
-    clean blocks (all but the last) causal inside."""
+    clean blocks (all but the last) causal inside; `noised_causal`: the last (noised) block causal inside."""
     B, L = x.shape
     mask = torch.full((B, 1, L, L), torch.finfo(torch.float32).min)
     for r in range(B):
         for i in range(L):
             for j in range(L):
-                clean = causal and i // b < (L - 1) // b
-                if i == j or (valid[r, j] and (j <= i if clean else j // b <= i // b)):
+                last = i // b == (L - 1) // b
+                inside = noised_causal if last else causal
+                if i == j or (valid[r, j] and (j <= i if inside else j // b <= i // b)):
                     mask[r, 0, i, j] = 0.0
     return model(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False).logits
 
 
-@pytest.mark.parametrize("clean", ["block", "causal"])
-def test_block_cache_equals_uncached_forward(block_export, clean):
+@pytest.mark.parametrize("clean,noised", [("block", "bidirectional"), ("causal", "bidirectional"),
+                                          ("causal", "causal")])
+def test_block_cache_equals_uncached_forward(block_export, clean, noised):
     from adapt.export.hf_generate import generate as hg
 
     model, b = remote_model(block_export).eval(), 4
-    meta = hg.load_meta(model) | {"clean_attention": clean}
+    meta = hg.load_meta(model) | {"clean_attention": clean, "noised_attention": noised}
     rows = [torch.tensor([1, *range(50, 59)]), torch.tensor([1, 60, 61])]  # 2 full blocks + 2; 3 tokens
     x, valid, pos, starts = hg.layout(rows, 9, meta["mask_token_id"], 1, b)
     assert x.shape[1] % b == 0 and starts == [0, 8]  # the short row is padded by whole blocks
@@ -292,7 +294,8 @@ def test_block_cache_equals_uncached_forward(block_export, clean):
         state.commit(x, 2)  # the prompts' complete blocks: they run with block 2's first call
         for k in range(2, x.shape[1] // b):
             a, e = k * b, (k + 1) * b
-            ref = block_causal_logits(model, x[:, :e], valid[:, :e], pos[:, :e], b, clean == "causal")
+            ref = block_causal_logits(model, x[:, :e], valid[:, :e], pos[:, :e], b, clean == "causal",
+                                      noised == "causal")
             # with the shift, column c of the block is predicted by the logits at c - 1
             torch.testing.assert_close(state.predictions(x, k), ref[:, a - 1:e - 1], atol=1e-5, rtol=0)
             # commit random tokens into the block, as decoding would, and extend the cache

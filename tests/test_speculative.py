@@ -18,8 +18,9 @@ from adapt.denoiser import Denoiser
 V, MASK, BOS = 40, 39, 1
 
 
-def meta(b: int = 4, clean: str = "causal") -> DiffusionMeta:
-    return DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b, clean_attention=clean)
+def meta(b: int = 4, clean: str = "causal", noised: str = "bidirectional") -> DiffusionMeta:
+    return DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, block_length=b, clean_attention=clean,
+                         noised_attention=noised)
 
 
 def canvas(prompts: list[int], width: int, seed: int = 2) -> torch.Tensor:
@@ -109,13 +110,16 @@ def test_the_correction_keeps_the_target_distribution():
     assert accept_or_correct(p, q, 0, g, greedy=True) == (True, 0)
 
 
+@pytest.mark.parametrize("noised", ["bidirectional", "causal"])
 @torch.no_grad()
-def test_drafts_are_the_objectives_noised_rows():
-    """The noised rows of a speculative call equal the objective's 2L forward over [clean blocks < K | block K]."""
+def test_drafts_are_the_objectives_noised_rows(noised):
+    """The noised rows of a speculative call equal the objective's 2L forward over [clean blocks < K | block K],
+    with the export's noised block (a causal one: each draft sees its block up to itself); the output stays the
+    clean stream's greedy decoding."""
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
     x = canvas([6], 16)  # prompt ends at position 6, inside block 1 (positions 4-7)
-    batch = _Batch(model, meta(4), x, TokenFilter(), torch.Generator().manual_seed(0))
+    batch = _Batch(model, meta(4, noised=noised), x, TokenFilter(), torch.Generator().manual_seed(0))
     row = batch.rows[0]
     batch.step()  # prefill: position 7, the end of block 1, drawn from the clean stream; nothing left to draft
     batch.step()  # verifies nothing, draws position 8 (block 2's first), drafts 9-11 with 8 masked
@@ -124,10 +128,13 @@ def test_drafts_are_the_objectives_noised_rows():
     full[8:] = MASK
     full = full[None, :12]
     blocked = blocked_vocab(V, MASK, MASK)
-    obj = BlockDiffusion(MASK, True, blocked, block_length=4, clean_causal=True)
-    logits = obj.logits(ModelForward(model, "cpu"), full, Attention(), full.clone())
-    want = torch.log_softmax(logits.float().masked_fill(blocked, -torch.inf), -1)[0, 9:12]
-    torch.testing.assert_close(row.q, want, rtol=1e-5, atol=1e-5)
+    for causal in (True, False):
+        obj = BlockDiffusion(MASK, True, blocked, block_length=4, clean_causal=True, noised_causal=causal)
+        logits = obj.logits(ModelForward(model, "cpu"), full, Attention(), full.clone())
+        want = torch.log_softmax(logits.float().masked_fill(blocked, -torch.inf), -1)[0, 9:12]
+        assert torch.allclose(row.q, want, rtol=1e-5, atol=1e-5) == (causal == (noised == "causal"))
+    out, _ = speculative_decode(model, meta(4, noised=noised), x, temperature=0.0)
+    assert torch.equal(out, greedy_causal(model, x))
 
 
 def test_what_it_cannot_decode_is_refused():

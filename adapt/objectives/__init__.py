@@ -68,8 +68,10 @@ def for_meta(meta: DiffusionMeta, blocked: torch.Tensor, backend: str = "sdpa", 
     return meta_class(meta).from_meta(meta, blocked, backend, dtype)
 
 
-def make(block_length: int, *args, clean_attention: str = "block", **kwargs):
+def make(block_length: int, *args, clean_attention: str = "block", noised_attention: str = "bidirectional", **kwargs):
     """An objective by block length from constructor arguments (the benchmarks' sweeps over b): masked diffusion
-    over the whole sequence at 0, block diffusion otherwise (`clean_attention` is its clean stream)."""
-    extra = {"block_length": block_length, "clean_causal": clean_attention == "causal"} if block_length > 0 else {}
+    over the whole sequence at 0, block diffusion otherwise (`clean_attention` is its clean stream,
+    `noised_attention` its noised block)."""
+    extra = {"block_length": block_length, "clean_causal": clean_attention == "causal",
+             "noised_causal": noised_attention == "causal"} if block_length > 0 else {}
     return OBJECTIVES[objective_name(block_length)](*args, **extra, **kwargs)

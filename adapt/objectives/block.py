@@ -8,7 +8,10 @@ block mask: noised block k attends noised block k and clean blocks < k; clean bl
 blocks <= k (so the clean half is exactly what a decoder's KV cache holds). With `clean_causal` the clean
 half is causal instead (clean token i attends clean tokens <= i): the clean stream is then the parent's own
 forward, so the keys and values every noised block reads start as the parent's, and each block's first token
-is predicted exactly as the parent predicts it; b = 1 and b = L are unchanged.
+is predicted exactly as the parent predicts it; b = 1 and b = L are unchanged. With `noised_causal` (I-DLM's
+causal masks) a noised token attends its own block only up to itself: a masked token whose earlier block tokens
+are all visible is then predicted by the parent's own computation, at the price of never seeing the visible
+tokens after it in its block. Any denoiser gives a valid bound, so the ELBO holds; decoders use the same mask.
 
 The shift with blocks: the prediction for position i is read from the logits at i-1 (the causal head's
 habit). Inside a block, i-1 is a noised position of the same block. For the first token of a block,
@@ -84,25 +87,28 @@ class BlockDiffusion(MaskedDiffusion):
 
     name = "block"
 
-    def __init__(self, *args, block_length: int, clean_causal: bool = False, **kwargs):
+    def __init__(self, *args, block_length: int, clean_causal: bool = False, noised_causal: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
-        self.block_length, self.clean_causal = block_length, clean_causal
+        self.block_length, self.clean_causal, self.noised_causal = block_length, clean_causal, noised_causal
         self.read_shift = False  # `logits` reads each token's row itself (clean stream for a block's first)
 
     @classmethod
     def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "BlockDiffusion":
         return cls(meta.mask_token_id, cfg.diffusion.shift, blocked, block_length=cfg.diffusion.block_length,
-                   clean_causal=cfg.diffusion.clean_attention == "causal", **cls.options(cfg))
+                   clean_causal=cfg.diffusion.clean_attention == "causal",
+                   noised_causal=cfg.diffusion.noised_attention == "causal", **cls.options(cfg))
 
     @classmethod
     def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "BlockDiffusion":
         return cls(meta.mask_token_id, meta.shift, blocked, meta.eps, backend=backend, dtype=dtype,
-                   block_length=meta.block_length, clean_causal=meta.clean_attention == "causal")
+                   block_length=meta.block_length, clean_causal=meta.clean_attention == "causal",
+                   noised_causal=meta.noised_attention == "causal")
 
     @classmethod
     def meta_fields(cls, cfg) -> dict:
         return super().meta_fields(cfg) | {"block_length": cfg.diffusion.block_length,
-                                           "clean_attention": cfg.diffusion.clean_attention}
+                                           "clean_attention": cfg.diffusion.clean_attention,
+                                           "noised_attention": cfg.diffusion.noised_attention}
 
     @classmethod
     def recipe_problems(cls, cfg) -> list[str]:
@@ -143,6 +149,10 @@ class BlockDiffusion(MaskedDiffusion):
             problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block "
                             f"model was trained with clean_attention={meta.clean_attention}; set "
                             f"`diffusion.clean_attention={meta.clean_attention}`")
+        if meta.noised_attention != cfg.diffusion.noised_attention:
+            problems.append(f"`diffusion.noised_attention={cfg.diffusion.noised_attention}` but the exported block "
+                            f"model was trained with noised_attention={meta.noised_attention}; set "
+                            f"`diffusion.noised_attention={meta.noised_attention}`")
         return problems
 
     @classmethod
@@ -165,9 +175,10 @@ class BlockDiffusion(MaskedDiffusion):
     def card(cls, meta: dict) -> CardNotes:
         block = meta.get("block_length") or 0
         causal = meta.get("clean_attention") == "causal"
+        inside = "causal" if meta.get("noised_attention") == "causal" else "bidirectional"
         return CardNotes(
             tags=("block-diffusion",),
-            attention=(f"block diffusion with blocks of {block} tokens: attention is bidirectional inside a block and "
+            attention=(f"block diffusion with blocks of {block} tokens: attention is {inside} inside a block and "
                        f"causal across blocks, and text is generated block by block with an exact key/value cache"
                        + ("; committed blocks are read causally, as the parent reads text" if causal else "")),
             plain_forward=(" A plain forward pass of this block-diffusion model is not its diffusion forward: that "
@@ -199,8 +210,8 @@ class BlockDiffusion(MaskedDiffusion):
         docs = None if attention.docs is None else attention.docs.to(device)
         causal = self.clean_causal or teacher
         if self.backend == "flex_attention":
-            return block_mask_flex(length, b, docs, device, causal, noised_causal=teacher)
-        visible = block_visibility(length, b, device, causal, noised_causal=teacher)
+            return block_mask_flex(length, b, docs, device, causal, noised_causal=teacher or self.noised_causal)
+        visible = block_visibility(length, b, device, causal, noised_causal=teacher or self.noised_causal)
         if docs is not None:
             doc2 = torch.cat([docs, docs], dim=1)
             visible = visible[None] & document_visibility(doc2)

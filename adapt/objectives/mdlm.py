@@ -97,6 +97,11 @@ class MaskedDiffusion:
                             "diffusion over the whole sequence does not run; set diffusion.distill_teacher=parent "
                             "(the parent's own forward), or diffusion.objective=block diffusion.block_length=4 "
                             "diffusion.clean_attention=causal, or diffusion.distill_weight=0")
+        if cfg.diffusion.noised_attention != "bidirectional":
+            problems.append(f"`diffusion.noised_attention={cfg.diffusion.noised_attention}` shapes the noised block of "
+                            f"block diffusion; the whole-sequence objective has none: set "
+                            f"diffusion.noised_attention=bidirectional, or diffusion.objective=block "
+                            f"diffusion.block_length=4")
         if cfg.diffusion.distill_onpolicy and not cfg.diffusion.distill_weight:
             problems.append("`diffusion.distill_onpolicy` shares out the distillation term, which is off; set "
                             "diffusion.distill_weight > 0, or diffusion.distill_onpolicy=0")

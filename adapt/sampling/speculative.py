@@ -149,6 +149,7 @@ class _Batch:
 
     def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
         self.model, self.mask_id = model, meta.mask_token_id
+        self.noised_causal = meta.noised_attention == "causal"  # a noised row then sees its block up to itself
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
         self.rows = [_Row(meta, x[r], filt, generator, blocked) for r in range(len(x))]
@@ -192,6 +193,8 @@ class _Batch:
         key_pos = torch.cat([self.kv_pos, pos], 1)[:, None, :]
         key_ok = torch.cat([self.kv_ok, kind == 1], 1)[:, None, :]  # cached valid columns and this call's clean rows
         fresh_noised = torch.cat([torch.zeros_like(self.kv_ok), kind == 2], 1)[:, None, :]  # this call's noised keys
+        if self.noised_causal:
+            fresh_noised = fresh_noised & (key_pos <= pos[:, :, None])
         see = (clean_q & key_ok & (key_pos <= pos[:, :, None])) | (
             noised_q & ((key_ok & (key_pos < block_start[:, :, None])) | fresh_noised))
         see[:, torch.arange(q), self.kv_pos.shape[1] + torch.arange(q)] |= True  # every query sees itself

@@ -20,12 +20,13 @@ a tokenizer call often does not add it); the result is the given input_ids, then
 rows are compacted by the attention mask; mask ids in a prompt are filled too. After a row's first EOS
 new positions are pad_token_id, and columns where every row stopped are cut, as in transformers.
 
-Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside (a clean
-block causal inside if clean_attention is "causal"). The current block attends a KV cache of clean blocks
-and itself; the prompt's complete blocks and each finished block enter the cache in the next block's first
-call (clean rows first, which never see that block), whose last clean row predicts its first token: exactly
-an uncached forward under the block mask, one call per block step. Every forward gets an explicit 4D mask (sdpa or
-eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)` passes ids positionally.
+Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside (causal if
+noised_attention is "causal"; a clean block causal inside if clean_attention is "causal"). The current block
+attends a KV cache of clean blocks and itself; the prompt's complete blocks and each finished block enter the
+cache in the next block's first call (clean rows first, which never see that block), whose last clean row predicts
+its first token: exactly an uncached forward under the block mask, one call per block step. Every forward gets an
+explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
+passes ids positionally.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ import math
 import os
 
 import torch
+from transformers import DynamicCache
 
 OPTIONS = {"diffusion_sampler": "confidence", "diffusion_steps": 0, "diffusion_block_length": 0,
            "diffusion_tau": 0.9, "diffusion_confidence": "prob", "diffusion_cache": True}
@@ -197,9 +199,7 @@ class Denoiser:
                               f"cannot take; load the model with attn_implementation='sdpa'")
         self.model, self.meta, self.valid, self.pos = model, meta, valid, pos
         self.mask_id, self.shift, self.calls = meta["mask_token_id"], bool(meta["shift"]), 0
-        rows = model.get_output_embeddings().weight.shape[0]
-        blocked = torch.zeros(rows, dtype=torch.bool)
-        blocked[meta["real_vocab_size"]:] = True
+        blocked = torch.arange(model.get_output_embeddings().weight.shape[0]) >= meta["real_vocab_size"]
         blocked[self.mask_id] = True
         self.blocked_ids = blocked.nonzero().flatten().to(valid.device)
         # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
@@ -288,9 +288,8 @@ class BlockCache:
     """Block-causal state of a block export: the clean keys/values of blocks < `done`; column c is in block c // b."""
 
     def __init__(self, den: Denoiser, x: torch.Tensor, b: int, cached: bool = True):
-        from transformers import DynamicCache
-
         self.den, self.b, self.cached, self.causal = den, b, cached, den.meta.get("clean_attention") == "causal"
+        self.noised_causal = den.meta.get("noised_attention") == "causal"
         self.blk = torch.arange(x.shape[1], device=x.device) // b
         self.cache = DynamicCache(config=den.model.config) if cached else None
         self.done, self.pending, self.last = 0, 0, None  # blocks cached; blocks clean; (B, V) last cached logits
@@ -300,8 +299,9 @@ class BlockCache:
         qb, kb = self.blk[q0:q1], self.blk[:k1]
         q, j = torch.arange(q0, q1, device=qb.device)[:, None], torch.arange(k1, device=qb.device)[None, :]
         see = kb[None, :] <= qb[:, None]
-        if self.causal:  # rows of clean blocks (before the last query's, the current one) see keys j <= c only
-            see = torch.where(qb[:, None] < qb[-1], j <= q, see)
+        # causal rows see keys j <= c only: a causal clean stream's (blocks before the last query's, the current one)
+        # and a causal noised block's (the current block)
+        see = torch.where(((qb < qb[-1]) & self.causal | (qb == qb[-1]) & self.noised_causal)[:, None], j <= q, see)
         return self.den.additive((self.den.valid[:, None, :k1] & see) | (q == j))
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
