@@ -131,15 +131,17 @@ def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
 
 def test_the_block_recipe_is_the_default_job_with_blocks():
     """recipes/llama_to_bd.yaml trains the default job's data, tokens and optimiser with blocks of 4 and a causal
-    clean stream and clipped training times (the study's `b4+cleancausal+noanneal+tclip` variant), so its bound
+    clean stream, causal noised tokens and clipped training times (the study's
+    `b4+cleancausal+noanneal+tclip+noisedcausal` variant), so its bound
     compares with the default's at equal training tokens; nothing else may differ."""
     from bench import recipe_study
 
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml",
-                          recipe_study.overrides("b4+cleancausal+noanneal+tclip", "", 54))
+                          recipe_study.overrides("b4+cleancausal+noanneal+tclip+noisedcausal", "", 54))
     block = load_config(recipe_study.ROOT / "recipes" / "llama_to_bd.yaml")
     for part in TRAINING_PARTS:
         assert getattr(block, part) == getattr(default, part), part
     assert block.train == default.train
     assert block.diffusion.block_length == 4 and block.diffusion.clean_attention == "causal"
+    assert block.diffusion.noised_attention == "causal"
     assert (block.diffusion.t_min, block.diffusion.t_max) == (0.45, 0.95)
