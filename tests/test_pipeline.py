@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,13 @@ def tiny_run_args(run_root: Path, model_dir: Path, corpus: Path, *overrides: str
             "run.sample_length=4", "run.sample_steps=2", *overrides]
 
 
+def free_port() -> int:
+    """A TCP port no process listens on now (test processes run side by side, each launch needs its own)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(run_root: Path, model_dir: Path, corpus: Path, *overrides: str, ranks: int = 0,
            check: bool = True) -> subprocess.CompletedProcess:
     """Run adapt/run.py on the tiny model: `python` when ranks == 0, else the deepspeed launcher."""
@@ -31,7 +39,7 @@ def launch(run_root: Path, model_dir: Path, corpus: Path, *overrides: str, ranks
     if ranks:
         # the launcher of this interpreter's environment, found without relying on PATH
         cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-               "--master_port", str(29500 + os.getpid() % 1000), str(ROOT / "adapt" / "run.py"), str(RECIPE), *args]
+               "--master_port", str(free_port()), str(ROOT / "adapt" / "run.py"), str(RECIPE), *args]
     else:
         cmd = [sys.executable, str(ROOT / "adapt" / "run.py"), str(RECIPE), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1" if ranks else "2", "PYTHONUNBUFFERED": "1"}
