@@ -131,8 +131,8 @@ class MetricsLog:
         if "parent_ppl" in summary:
             lines.append(f"parent causal LM, exact held-out perplexity:      {summary['parent_ppl']:.2f}")
         for key, label in (("before_causal_", "bound before adaptation, causal attention"),
-                           ("before_", "bound before adaptation, bidirectional"),
-                           ("after_", "bound after adaptation, bidirectional")):
+                           ("before_", "bound before adaptation, objective's attention"),
+                           ("after_", "bound after adaptation")):
             if f"{key}ppl" in summary:
                 lines.append(f"{label + ':':<50}<= {summary[f'{key}ppl']:.2f} "
                              f"(95% CI {summary[f'{key}ppl_low']:.2f}-{summary[f'{key}ppl_high']:.2f})")

@@ -98,3 +98,17 @@ def test_several_runs_on_one_figure(tmp_path, capsys):
     assert curve.main([str(a), str(empty), "--out", str(tmp_path / "x.png")]) == 1
     assert "no held-out evaluation" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
     assert curve.main([str(a), str(b)]) == 2 and "usage" in capsys.readouterr().err  # several runs need --out
+
+
+def test_the_final_summary_names_each_bound_without_claiming_an_attention(tmp_path, capsys):
+    """The closing summary prints every bound it has with its interval; the objective's attention (a block mask
+    for block diffusion) is named as such, never as bidirectional."""
+    log = MetricsLog(tmp_path, False, True)
+    log.final({"export": "x", "parent_ppl": 40.0} | bound("before_causal_", 60.0) | bound("before_", 900.0)
+              | bound("after_", 300.0))
+    out = capsys.readouterr().out
+    assert "exact held-out perplexity:      40.00" in out
+    assert "before adaptation, causal attention:" in out and "<= 60.00 (95% CI 54.00-66.00)" in out
+    assert "before adaptation, objective's attention:" in out and "<= 900.00 (95% CI 810.00-990.00)" in out
+    assert "bound after adaptation:" in out and "<= 300.00 (95% CI 270.00-330.00)" in out
+    assert "bidirectional" not in out
