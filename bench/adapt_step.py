@@ -11,6 +11,9 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
                  block mask), its tokens/s counted over L tokens per sequence like the others
   ar             the bidirectional step with the joint causal term (diffusion.ar_loss_weight=0.3: a second,
                  causal forward of the clean sequences), also reported against `bidirectional`
+  kd             the bidirectional step with distillation from the parent at every masked position (the
+                 whole-sequence recipe's term; a frozen copy of the parent: one more forward of L positions without
+                 gradient); reported against `bidirectional`
   blockar        the block step with the joint causal term: with --clean-attention causal (the default, the block
                  recipe's) read from the same 2L forward's clean rows; reported against `block`
   blockkd        the block step with distillation from the parent at every masked position (a frozen copy of the
@@ -36,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "blockar", "blockkd", "blockopd")
+VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "kd", "blockar", "blockkd", "blockopd")
 BLOCK = ("block", "blockar", "blockkd", "blockopd")
 DISTILL = ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked"]
 AR_WEIGHT = 0.3
@@ -86,7 +89,7 @@ def _state(args):
         if args.variant in BLOCK else ["attention.anneal_steps=2"]
     if args.variant in ("ar", "blockar"):
         block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
-    if args.variant in ("blockkd", "blockopd"):
+    if args.variant in ("kd", "blockkd", "blockopd"):
         block += DISTILL + (["diffusion.distill_onpolicy=1"] if args.variant == "blockopd" else [])
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.seq_length={args.length}",
@@ -184,7 +187,8 @@ def run_subprocess(variant: str, argv: list[str]) -> dict:
 
 def _targets(args, results: dict) -> None:
     """The step targets and the joint term's cost, for the variants that ran."""
-    b, d, a, j, k, o = (results.get(v) for v in ("block", "bidirectional", "ar", "blockar", "blockkd", "blockopd"))
+    b, d, a, j, k, o, w = (results.get(v) for v in ("block", "bidirectional", "ar", "blockar", "blockkd", "blockopd",
+                                                    "kd"))
     if d:
         print(f"target: bidirectional >= 0.95x speed and <= 1.10x memory: {d['speed_ratio']:.3f}x, "
               f"{d['memory_ratio']:.3f}x")
@@ -196,10 +200,12 @@ def _targets(args, results: dict) -> None:
             print(f"joint causal term (alpha={AR_WEIGHT}) vs {name}: "
                   f"{plain['tokens_per_s'] / joint['tokens_per_s']:.3f}x "
                   f"the time per step, {joint['peak_bytes'] / plain['peak_bytes']:.3f}x the peak memory")
-    for term, name in ((k, "distillation from the parent"), (o, "on-policy distillation from the parent")):
-        if term and b:
-            print(f"{name} vs block: {b['tokens_per_s'] / term['tokens_per_s']:.3f}x the time per step, "
-                  f"{term['peak_bytes'] / b['peak_bytes']:.3f}x the peak memory; against causal: "
+    for term, plain, name in ((k, b, "distillation from the parent vs block"),
+                              (o, b, "on-policy distillation from the parent vs block"),
+                              (w, d, "distillation from the parent vs bidirectional")):
+        if term and plain:
+            print(f"{name}: {plain['tokens_per_s'] / term['tokens_per_s']:.3f}x the time per step, "
+                  f"{term['peak_bytes'] / plain['peak_bytes']:.3f}x the peak memory; against causal: "
                   f"{term['speed_ratio']:.3f}x speed, {term['memory_ratio']:.3f}x memory (target >= 0.45x, <= 2.2x)")
 
 

@@ -101,19 +101,21 @@ def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
 
 
 def test_bench_adapt_step_on_a_tiny_model(tiny_model_dir, tmp_path):
-    """The eight variants (causal, annealed, bidirectional, block diffusion, the joint causal term on the
-    bidirectional and the block step, distillation from the parent off and on policy) on the tiny model, in one
-    process; --only runs a subset and the baseline."""
+    """The nine variants (causal, annealed, bidirectional, block diffusion, the joint causal term on the
+    bidirectional and the block step, distillation from the parent on the bidirectional step and on the block step
+    off and on policy) on the tiny model, in one process; --only runs a subset and the baseline."""
     out = tmp_path / "step.json"
     res = run_fresh(["bench/adapt_step.py", "--model", str(tiny_model_dir), "--batch", "2", "--length", "16",
                      "--steps", "1", "--dtype", "fp32", "--in-process", "--json", str(out)])
     assert res.code == 0, res.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert set(results) == {"causal", "anneal", "bidirectional", "block", "ar", "blockar", "blockkd", "blockopd"}
+    assert set(results) == {"causal", "anneal", "bidirectional", "block", "ar", "kd", "blockar", "blockkd",
+                            "blockopd"}
     assert results["causal"]["speed_ratio"] == 1.0
     assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in results.values())
     assert "joint causal term (alpha=0.3) vs block" in res.stdout
     assert "on-policy distillation from the parent vs block" in res.stdout
+    assert "distillation from the parent vs bidirectional" in res.stdout
     res = run_fresh(["bench/adapt_step.py", "--model", str(tiny_model_dir), "--batch", "2", "--length", "16",
                      "--steps", "1", "--dtype", "fp32", "--in-process", "--only", "block", "--json", str(out)])
     assert res.code == 0, res.stderr[-3000:]
