@@ -122,6 +122,9 @@ class DiffusionConfig:
     """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
     distill_temperature: float = 1.0
     """Softmax temperature tau of teacher and model in the distillation term."""
+    distill_schedule: str = "constant"
+    """The distillation weight over training: constant, or linear (weight x (1 - step / train.max_steps): the full
+    weight at the first step, falling to zero at the end, so the run ends on the diffusion loss alone)."""
 
 
 @dataclass

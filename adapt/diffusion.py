@@ -189,6 +189,12 @@ def frontier_positions(masked: torch.Tensor, span: int) -> torch.Tensor:
     return (m & shown_before.bool() & hidden_after.bool()).view(B, -1)[:, :L]
 
 
+def distill_scale(schedule: str, step: int, total_steps: int) -> float:
+    """The distillation weight's factor at optimizer step `step` of `total_steps` (diffusion.distill_schedule):
+    1 throughout (constant), or 1 - step / total_steps (linear: 1 at the first step, 1 / total_steps at the last)."""
+    return 1.0 if schedule == "constant" else max(0.0, 1.0 - step / total_steps)
+
+
 def distill_kl(student: torch.Tensor, teacher: torch.Tensor, blocked: torch.Tensor, top_k: int = 0,
                temperature: float = 1.0) -> torch.Tensor:
     """(N,) float32: tau^2 KL(p_T || p_S) per row of logits (N, V), p = softmax(z / tau) over the ids not blocked

@@ -14,6 +14,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.noised_attention": ("bidirectional", "causal"),
     "diffusion.distill_positions": ("frontier", "masked"),
     "diffusion.distill_teacher": ("clean", "parent"),
+    "diffusion.distill_schedule": ("constant", "linear"),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),
     "train.eval_method": ("count", "stratified", "uniform", "antithetic"),
     "attention.anneal_schedule": ("random", "window", "blocks"),

@@ -21,7 +21,7 @@ from adapt import checkpoint, distributed, faults, likelihood, objectives, rng, 
 from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
 from adapt.config import Config, ConfigError, to_yaml
 from adapt.data import Sequences, batch_indices
-from adapt.diffusion import blocked_vocab, corrupt
+from adapt.diffusion import blocked_vocab, corrupt, distill_scale
 from adapt.export import exported_meta, load_weights, save_base
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
@@ -304,7 +304,7 @@ def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Atte
                              attention)
     distill = obj.distill_sum(logits, teacher, part)
     if distill is not None:
-        sums["distill"] = distill
+        sums["distill"] = distill * distill_scale(state.cfg.diffusion.distill_schedule, step, state.cfg.train.max_steps)
     if joint is not None:
         sums["ar"] = joint.loss_sum(x0, rows, attention.docs, causal_logits)
     return sums

@@ -81,6 +81,7 @@ VARIANTS = {
                     "diffusion.distill_teacher=parent"] for w in ("0.3", "1", "3")},
     "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
     "onpol1": ["diffusion.distill_onpolicy=1.0"],
+    "kdlin": ["diffusion.distill_schedule=linear"],  # the distillation weight falling linearly to 0 at the last step
     "full0.25": ["diffusion.full_mask_share=0.25"],
     "noisedcausal": ["diffusion.noised_attention=causal"],
     # the anchors' recipes at equal tokens, from their papers' settings with this code (b = 4 for the block ones):

@@ -211,7 +211,26 @@ def test_step_gradient_with_the_frozen_parent_as_teacher(tmp_path):
     assert out["loss"] == pytest.approx(sum(s.item() for s in sums) / count, rel=1e-5)
 
 
+def test_a_linear_schedule_scales_the_term_by_the_steps_left(tmp_path):
+    """distill_schedule=linear at step 2 of 4 trains as the constant term at half the weight (1 - 2 / 4): the same
+    gradient, the logged term halved; at full weight the gradient differs, so the comparison can fail."""
+    opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0",
+            "diffusion.distill_positions=masked", "train.max_steps=4")
+    linear = make_state(tmp_path, *opts, "diffusion.distill_weight=1", "diffusion.distill_schedule=linear")
+    half = make_state(tmp_path, *opts, "diffusion.distill_weight=0.5")
+    full = make_state(tmp_path, *opts, "diffusion.distill_weight=1")
+    outs = [train_step(s, 2) for s in (linear, half, full)]
+    grads = [s.engine.summed_grads() for s in (linear, half, full)]
+    assert max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[1]) < 1e-6
+    assert max(float((grads[2][n] - grads[1][n]).abs().max()) for n in grads[1]) > 1e-4
+    assert outs[0]["distill"] == pytest.approx(outs[1]["distill"], rel=1e-6) and outs[0]["distill"] > 0
+    assert outs[0]["loss"] == pytest.approx(outs[2]["loss"], rel=1e-6)  # the bound's part is never scaled
+
+
 @pytest.mark.parametrize("bad, key", [
+    (["diffusion.distill_schedule=linear"], "distill_schedule=linear` scales the distillation term, which is off"),
+    (["diffusion.distill_weight=1", "diffusion.block_length=4", "diffusion.clean_attention=causal",
+      "diffusion.distill_schedule=cosine"], "distill_schedule"),
     (["diffusion.distill_weight=-0.5"], "distill_weight"),
     (["diffusion.distill_weight=.nan"], "distill_weight"),
     (["diffusion.distill_weight=1", "diffusion.distill_top_k=-1"], "distill_top_k"),
