@@ -19,7 +19,7 @@ from transformers import DynamicCache
 
 from adapt.attention import to_additive
 from adapt.diffusion import blocked_vocab
-from adapt.model import DiffusionMeta, forward_logits
+from adapt.model import DiffusionMeta, cache_kwarg, forward_logits
 
 _CACHE_BACKENDS = ("eager", "sdpa")
 
@@ -111,8 +111,8 @@ class PrefixCachedDenoiser(Denoiser):
             return
         cache = DynamicCache(config=self.model.config)
         self.nfe += 1
-        self.model(input_ids=x[:, :n], attention_mask=self._mask(x[:, :n]), past_key_values=cache,
-                   use_cache=True, logits_to_keep=1)
+        self.model(input_ids=x[:, :n], attention_mask=self._mask(x[:, :n]), use_cache=True, logits_to_keep=1,
+                   **{cache_kwarg(self.model): cache})
         self.cache, self.prefix = cache, x[:, :n].clone()
 
     def _tail_mask(self, q: int, kv: int) -> torch.Tensor:
@@ -130,8 +130,8 @@ class PrefixCachedDenoiser(Denoiser):
             return super().__call__(x)
         self.nfe += 1
         B, L = x.shape
-        out = self.model(input_ids=x[:, n:], attention_mask=self._tail_mask(L - n, L), past_key_values=self.cache,
-                         use_cache=True).logits  # (B, L - n, V): positions n .. L-1
+        out = self.model(input_ids=x[:, n:], attention_mask=self._tail_mask(L - n, L), use_cache=True,
+                         **{cache_kwarg(self.model): self.cache}).logits  # (B, L - n, V): positions n .. L-1
         self.cache.crop(-(L - n))
         logp = torch.full((B, L, out.shape[-1]), -math.inf, dtype=torch.float32, device=self.device)
         first = n + 1 if self.shift else n

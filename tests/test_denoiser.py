@@ -73,6 +73,7 @@ def canvas_with_prompt(prompt: int, length: int, batch: int = 2) -> torch.Tensor
     return x
 
 
+@pytest.mark.filterwarnings("error::FutureWarning")  # the cache goes by the name this transformers takes
 @pytest.mark.parametrize("backend", ["sdpa", "eager"])
 def test_prefix_cache_is_exact_for_a_causal_model(backend):
     model, meta = make_tiny(False, backend)

@@ -23,13 +23,12 @@ its own keys, so its output does not depend on the other rows (greedy: tested eq
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import DynamicCache
 
 from adapt.attention import to_additive
 from adapt.diffusion import blocked_vocab, denoiser_log_probs
+from adapt.model import cache_kwarg
 from adapt.sampling.categorical import TokenFilter, draw, uniform
 from adapt.sampling.loop import Trace
 
@@ -153,8 +152,7 @@ class _Batch:
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
         self.rows = [_Row(meta, x[r], filt, generator, blocked) for r in range(len(x))]
-        # transformers renamed forward's `past_key_values` to `cache` (5.2x); use whichever this version takes
-        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        self.cache_arg = cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
         self.kv_pos = torch.zeros((len(self.slots), 0), dtype=torch.long, device=x.device)
