@@ -95,6 +95,7 @@ class PrefixCachedDenoiser(Denoiser):
                              f"over cached keys), got {self.backend!r}; load the model with sdpa or eager")
         self.cache: DynamicCache | None = None
         self.prefix: torch.Tensor | None = None
+        self.cache_arg = cache_kwarg(model)
 
     @property
     def cache_len(self) -> int:
@@ -112,7 +113,7 @@ class PrefixCachedDenoiser(Denoiser):
         cache = DynamicCache(config=self.model.config)
         self.nfe += 1
         self.model(input_ids=x[:, :n], attention_mask=self._mask(x[:, :n]), use_cache=True, logits_to_keep=1,
-                   **{cache_kwarg(self.model): cache})
+                   **{self.cache_arg: cache})
         self.cache, self.prefix = cache, x[:, :n].clone()
 
     def _tail_mask(self, q: int, kv: int) -> torch.Tensor:
@@ -131,7 +132,7 @@ class PrefixCachedDenoiser(Denoiser):
         self.nfe += 1
         B, L = x.shape
         out = self.model(input_ids=x[:, n:], attention_mask=self._tail_mask(L - n, L), use_cache=True,
-                         **{cache_kwarg(self.model): self.cache}).logits  # (B, L - n, V): positions n .. L-1
+                         **{self.cache_arg: self.cache}).logits  # (B, L - n, V): positions n .. L-1
         self.cache.crop(-(L - n))
         logp = torch.full((B, L, out.shape[-1]), -math.inf, dtype=torch.float32, device=self.device)
         first = n + 1 if self.shift else n
