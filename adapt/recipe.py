@@ -151,6 +151,9 @@ def _noise_problems(cfg: Config) -> list[str]:
         problems.append("`diffusion.complementary_masks` masks the complement at rate 1 - t, which position-dependent "
                         "masking (rate t ** a_i) does not have; set diffusion.position_masking=0 or "
                         "diffusion.complementary_masks=false")
+    if d.distill_onpolicy and not d.distill_weight:
+        problems.append("`diffusion.distill_onpolicy` shares out the distillation term, which is off; set "
+                        "diffusion.distill_weight > 0, or diffusion.distill_onpolicy=0")
     if d.distill_schedule != "constant" and not d.distill_weight:
         problems.append(f"`diffusion.distill_schedule={d.distill_schedule}` scales the distillation term, which is "
                         f"off; set diffusion.distill_weight > 0, or diffusion.distill_schedule=constant")

@@ -352,6 +352,8 @@ def test_step_with_half_the_rows_on_policy(tmp_path):
     (["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_onpolicy=-0.1"],
      "distill_onpolicy"),
     (["diffusion.distill_onpolicy=0.5"], "distill_weight > 0"),  # a share of a term that is off
+    (["diffusion.objective=block", "diffusion.block_length=4", "attention.anneal_steps=0",
+      "diffusion.distill_onpolicy=0.5"], "distill_weight > 0"),  # for either objective
 ])
 def test_bad_onpolicy_shares_are_refused(bad, key):
     with pytest.raises(ConfigError, match=key):

@@ -102,9 +102,6 @@ class MaskedDiffusion:
                             f"block diffusion; the whole-sequence objective has none: set "
                             f"diffusion.noised_attention=bidirectional, or diffusion.objective=block "
                             f"diffusion.block_length=4")
-        if cfg.diffusion.distill_onpolicy and not cfg.diffusion.distill_weight:
-            problems.append("`diffusion.distill_onpolicy` shares out the distillation term, which is off; set "
-                            "diffusion.distill_weight > 0, or diffusion.distill_onpolicy=0")
         if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
                 and cfg.attention.anneal_steps > 0:
             problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
