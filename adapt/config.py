@@ -108,8 +108,9 @@ class DiffusionConfig:
     model) summed over the `distill_positions`, per loss-normalised token like the diffusion loss; 0 = off."""
     distill_positions: str = "frontier"
     """Where the distillation term applies: frontier (masked positions whose block shows every earlier token and hides
-    every later one: there the teacher's next-token distribution is the exact target) or masked (every masked position:
-    a biased target)."""
+    every later one: there the teacher's next-token distribution is the exact target), masked (every masked position:
+    a biased target) or context (every masked position, its term times the share of the tokens before it that the
+    model sees: the teacher's bias grows with the hidden context it reads and the model cannot)."""
     distill_teacher: str = "clean"
     """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with
     diffusion.clean_attention=causal; no extra forward); parent = the parent's causal forward of the clean sequence

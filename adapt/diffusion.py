@@ -189,6 +189,17 @@ def frontier_positions(masked: torch.Tensor, span: int) -> torch.Tensor:
     return (m & shown_before.bool() & hidden_after.bool()).view(B, -1)[:, :L]
 
 
+def context_shares(masked: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, L) float32: for each position i > 0, the share of the i tokens before it that the model sees: those of
+    earlier spans (blocks of `span` from position 0; a model sees them clean) and the shown ones of its own span
+    before it; 1 at position 0. With span = L it is the share of x_<i shown in x_t."""
+    B, L = masked.shape
+    pad = -L % span
+    m = torch.cat([masked, masked.new_zeros(B, pad)], 1).view(B, -1, span).float()
+    hidden_before = (m.cumsum(-1) - m).view(B, -1)[:, :L]
+    return 1.0 - hidden_before / torch.arange(L, device=masked.device).clamp(min=1)
+
+
 def distill_scale(schedule: str, step: int, total_steps: int) -> float:
     """The distillation weight's factor at optimizer step `step` of `total_steps` (diffusion.distill_schedule):
     1 throughout (constant), or 1 - step / total_steps (linear: 1 at the first step, 1 / total_steps at the last)."""

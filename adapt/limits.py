@@ -12,7 +12,7 @@ CHOICES: dict[str, tuple] = {
     "diffusion.loss_norm": ("token", "masked", "sequence"),
     "diffusion.clean_attention": ("block", "causal"),
     "diffusion.noised_attention": ("bidirectional", "causal"),
-    "diffusion.distill_positions": ("frontier", "masked"),
+    "diffusion.distill_positions": ("frontier", "masked", "context"),
     "diffusion.distill_teacher": ("clean", "parent"),
     "diffusion.distill_schedule": ("constant", "linear"),
     "train.eval_before": ("both", "causal", "bidirectional", "none"),

@@ -82,6 +82,7 @@ VARIANTS = {
     "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
     "onpol1": ["diffusion.distill_onpolicy=1.0"],
     "kdlin": ["diffusion.distill_schedule=linear"],  # the distillation weight falling linearly to 0 at the last step
+    "kdctx": ["diffusion.distill_positions=context"],  # each masked position's term times its seen share of x_<i
     "full0.25": ["diffusion.full_mask_share=0.25"],
     "noisedcausal": ["diffusion.noised_attention=causal"],
     # the anchors' recipes at equal tokens, from their papers' settings with this code (b = 4 for the block ones):

@@ -13,7 +13,8 @@ from conftest import tiny_llama
 from test_joint_loss import Engine, diffusion_part, make_state
 
 from adapt.config import ConfigError
-from adapt.diffusion import blocked_vocab, distill_kl, frontier_positions
+from adapt.diffusion import (blocked_vocab, context_shares, distill_kl, frontier_positions, prediction_logits,
+                             shift_logits)
 from adapt.objectives import Attention, BlockDiffusion, ModelForward, Noised
 from adapt.objectives.base import Distill
 from adapt.model import set_causal
@@ -38,6 +39,46 @@ def test_frontier_positions_by_hand():
     # a partial last span behaves as if padded with hidden positions
     assert torch.equal(frontier_positions(torch.tensor([[0, 1, 0, 1, 1]], dtype=torch.bool), 3),
                        torch.tensor([[0, 0, 0, 1, 0]], dtype=torch.bool))
+
+
+def test_context_shares_by_hand():
+    m = torch.tensor([[0, 1, 1, 0, 1, 0, 1, 1]], dtype=torch.bool)
+    # blocks of 4: earlier blocks count as seen; within a block, the hidden tokens before i are not
+    want4 = torch.tensor([[1, 1, 1 - 1 / 2, 1 - 2 / 3, 1, 1 - 1 / 5, 1 - 1 / 6, 1 - 2 / 7]])
+    assert torch.allclose(context_shares(m, 4), want4)
+    # one span over the row: the share of x_<i shown
+    want8 = torch.tensor([[1, 1, 1 - 1 / 2, 1 - 2 / 3, 1 - 2 / 4, 1 - 3 / 5, 1 - 3 / 6, 1 - 4 / 7]])
+    assert torch.allclose(context_shares(m, 8), want8)
+    # a partial last span (as if padded) changes nothing before the padding
+    assert torch.allclose(context_shares(m[:, :7], 4), want4[:, :7])
+
+
+def _tiny_draw(seed: int, t: float) -> tuple[ModelForward, torch.Tensor, Noised]:
+    """A tiny parent's forward, two rows of 16 ids (seed `seed`) and a draw masking each but the first w.p. t."""
+    forward = ModelForward(tiny_llama(V), "cpu")
+    x0 = torch.randint(3, V - 1, (2, 16), generator=torch.Generator().manual_seed(seed))
+    masked = torch.rand(x0.shape, generator=torch.Generator().manual_seed(seed + 1)) < t
+    masked[:, 0] = False
+    return forward, x0, Noised(x0.masked_fill(masked, MASK), masked, torch.full((2,), t))
+
+
+def test_context_weights_each_masked_kl_by_its_share():
+    """`context` is `masked` with each position's KL times its context share, computed here from the masks."""
+    forward, x0, noised = _tiny_draw(4, 0.5)
+    masked = noised.masked
+    obj = _block_objective(8, "context")
+    with torch.no_grad():
+        logits, clean = obj.predict_joint(forward, x0, noised, Attention())
+    student, teacher = prediction_logits(logits, obj.read_shift), shift_logits(clean)
+    kl = distill_kl(student[masked], teacher[masked], obj.blocked)
+    hidden_before = torch.zeros(x0.shape)
+    for i in range(16):
+        start = i - i % 8
+        hidden_before[:, i] = masked[:, start:i].sum(-1)
+    shares = 1 - hidden_before / torch.arange(16).clamp(min=1)
+    got, plain = float(obj.distill_sum(logits, clean, noised)), float(kl.sum())
+    assert got == pytest.approx(float((kl * shares[masked]).sum()), rel=1e-5)
+    assert got < 0.95 * plain  # the shares are below 1 wherever a masked token precedes in its block
 
 
 @pytest.mark.parametrize("tau", [1.0, 2.0])
@@ -81,16 +122,11 @@ def _block_objective(b: int, positions: str) -> BlockDiffusion:
                           distill=Distill(1.0, positions))
 
 
-@pytest.mark.parametrize("positions", ["frontier", "masked"])
+@pytest.mark.parametrize("positions", ["frontier", "masked", "context"])
 def test_the_unconverted_parent_at_b1_is_its_own_teacher(positions):
     """At b = 1 every masked token is predicted from the clean row before it, the teacher's own row: the term is
     zero. At b = 4 the noised stream of the unconverted parent is not its clean stream, and the term is not."""
-    model = tiny_llama(V)
-    forward = ModelForward(model, "cpu")
-    x0 = torch.randint(3, V - 1, (2, 16), generator=torch.Generator().manual_seed(2))
-    masked = torch.rand(x0.shape, generator=torch.Generator().manual_seed(3)) < 0.6
-    masked[:, 0] = False
-    noised = Noised(x0.masked_fill(masked, MASK), masked, torch.full((2,), 0.6))
+    forward, x0, noised = _tiny_draw(2, 0.6)
     terms = {}
     for b in (1, 4):
         obj = _block_objective(b, positions)

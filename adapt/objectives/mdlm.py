@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from adapt.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
-from adapt.diffusion import (corrupt, diffusion_loss_sum, distill_kl, frontier_positions, maskable_positions,
-                             normaliser, position_exponents, prediction_logits, sample_t, shift_logits, token_nll)
+from adapt.diffusion import (context_shares, corrupt, diffusion_loss_sum, distill_kl, frontier_positions,
+                             maskable_positions, normaliser, position_exponents, prediction_logits, sample_t,
+                             shift_logits, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, CardNotes, Distill, Forward, JointCausal, Noised
 
@@ -231,6 +232,8 @@ class MaskedDiffusion:
         sel = sel.to(dev)
         sel[:, 0] = False  # position 0 is given (never masked; a copy, the draw's own mask stays as it is)
         kl = distill_kl(student[sel], teacher[sel], self.blocked, d.top_k, d.temperature)
+        if d.positions == "context":
+            kl = kl * context_shares(noised.masked.to(dev), span)[sel]
         return d.weight * kl.sum()
 
     def joint_term(self, forward: Forward, scored_all: torch.Tensor, mine: slice,
