@@ -3,12 +3,12 @@
     python bench/recipe_study.py --variants base lr2e-4 lr5e-4 [--steps 30] [--seq-length 128] [--json out.json]
 
 Each variant is the default recipe plus the screen's common overrides (SCREEN: short blocks, no periodic
-saves, cheap in-run evaluations) plus its own overrides (VARIANTS), trained by `python adapt/run.py` into
-checkpoints/study_<name> (a finished one is reused). All exports are then scored on the same blocks with the
-same masked-count draws (adapt.likelihood.draw_masks), so a variant's bound divided by the first variant's is a
-paired ratio with a 95% interval over blocks (eval.compare.paired). In-domain blocks are the recipe's held-out
-tail; out-of-domain blocks are CPython's language reference (pydoc_data), which no recipe trains on; the parent's
-exact perplexity on the same tokens stands beside both.
+saves, cheap in-run evaluations, the teacher off) plus its own overrides (VARIANTS), trained by `python
+adapt/run.py` into checkpoints/study_<name> (a finished one is reused). All exports are then scored on the same
+blocks with the same masked-count draws (adapt.likelihood.draw_masks), so a variant's bound divided by the first
+variant's is a paired ratio with a 95% interval over blocks (eval.compare.paired). In-domain blocks are the
+recipe's held-out tail; out-of-domain blocks are CPython's language reference (pydoc_data), which no recipe
+trains on; the parent's exact perplexity on the same tokens stands beside both.
 """
 from __future__ import annotations
 
@@ -29,8 +29,12 @@ from adapt.checkpoint import final_dir  # noqa: E402
 from adapt.export import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
+NO_TEACHER = ["diffusion.distill_weight=0", "diffusion.distill_teacher=clean", "diffusion.distill_positions=frontier",
+              "diffusion.distill_schedule=constant"]
+"""The default recipe's teacher switched off: every variant starts from the recipe the study measured against
+(`kdp1m+kdlin` is today's default, docs/decisions.md 2026-12-07)."""
 SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0",
-          "train.log_every=10"]
+          "train.log_every=10", *NO_TEACHER]
 _BLOCK4 = ["diffusion.objective=block", "diffusion.block_length=4", "attention.anneal_steps=0",
            "attention.anneal_schedule=blocks"]
 VARIANTS = {

@@ -113,13 +113,13 @@ TRAINING_PARTS = ("model", "diffusion", "attention", "data", "lora", "optim", "d
 """The recipe sections that decide what a run trains (run names and sampling aside)."""
 
 def test_the_default_recipe_is_the_study_finalist_it_was_measured_as():
-    """recipes/llama_to_mdlm.yaml must train exactly as `lora1.35x+constlr` of bench/recipe_study.py at the
-    finalists' size did (docs/decisions.md), or the README's figures describe another recipe."""
+    """recipes/llama_to_mdlm.yaml must train exactly as `lora1.35x+constlr+kdp1m+kdlin` of bench/recipe_study.py
+    at the finalists' size did (docs/decisions.md), or the README's figures describe another recipe."""
     from bench import recipe_study
 
     study = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml",
                         ["train.max_steps=40", "attention.anneal_steps=20", "optim.warmup_steps=4",
-                         *recipe_study.overrides("lora1.35x+constlr", "2e-4", 40)])
+                         *recipe_study.overrides("lora1.35x+constlr+kdp1m+kdlin", "2e-4", 40)])
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml")
     for part in TRAINING_PARTS:
         assert getattr(study, part) == getattr(default, part), part
@@ -137,7 +137,8 @@ def test_the_block_recipe_is_the_default_job_with_blocks():
     from bench import recipe_study
 
     default = load_config(recipe_study.ROOT / "recipes" / "llama_to_mdlm.yaml",
-                          recipe_study.overrides("b4+cleancausal+noanneal+tclip+noisedcausal", "", 54))
+                          [*recipe_study.NO_TEACHER,
+                           *recipe_study.overrides("b4+cleancausal+noanneal+tclip+noisedcausal", "", 54)])
     block = load_config(recipe_study.ROOT / "recipes" / "llama_to_bd.yaml")
     for part in TRAINING_PARTS:
         assert getattr(block, part) == getattr(default, part), part
