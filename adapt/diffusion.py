@@ -175,13 +175,19 @@ def absorbing_score_scale(sigma_bar: torch.Tensor) -> torch.Tensor:
     return 1.0 / torch.expm1(sigma_bar)
 
 
+def _spans(masked: torch.Tensor, span: int) -> torch.Tensor:
+    """(B, n, span) view of `masked` (B, L) in spans of `span` from position 0; a last, partial span is padded with
+    masked positions, which hide nothing from the real ones before them."""
+    B, L = masked.shape
+    return torch.cat([masked, masked.new_ones(B, -L % span)], 1).view(B, -1, span)
+
+
 def frontier_positions(masked: torch.Tensor, span: int) -> torch.Tensor:
     """(B, L) bool: masked positions whose span (blocks of `span` from position 0) shows every earlier token and
     hides every later one. There the exact target p(x_i | x_t) is the parent's next-token distribution
     p(x_i | x_<i) given the clean blocks before, so a teacher's distribution is an unbiased soft target."""
     B, L = masked.shape
-    pad = -L % span  # a last, partial span: padded with masked positions, which hide nothing
-    m = torch.cat([masked, masked.new_ones(B, pad)], 1).view(B, -1, span)
+    m = _spans(masked, span)
     shown_before = torch.cumprod((~m).int(), -1).roll(1, -1)  # 1 while every earlier token of the span is shown
     shown_before[..., 0] = 1
     hidden_after = torch.cumprod(m.flip(-1).int(), -1).flip(-1).roll(-1, -1)  # every later token hidden
@@ -194,8 +200,7 @@ def context_shares(masked: torch.Tensor, span: int) -> torch.Tensor:
     earlier spans (blocks of `span` from position 0; a model sees them clean) and the shown ones of its own span
     before it; 1 at position 0. With span = L it is the share of x_<i shown in x_t."""
     B, L = masked.shape
-    pad = -L % span
-    m = torch.cat([masked, masked.new_zeros(B, pad)], 1).view(B, -1, span).float()
+    m = _spans(masked, span).float()
     hidden_before = (m.cumsum(-1) - m).view(B, -1)[:, :L]
     return 1.0 - hidden_before / torch.arange(L, device=masked.device).clamp(min=1)
 
