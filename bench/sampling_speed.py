@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
+from adapt.draft_head import attach, attached, load_head  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
 from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
 from adapt.sampling import generate  # noqa: E402
@@ -59,11 +60,13 @@ CONFIGS = [
     ("block export: confidence, exact cache", "confidence", {}, "BD", False),
     ("block export: threshold tau, exact cache", "threshold", {}, "BD", False),
     ("block export: speculative, drafts checked by the clean stream", "speculative", {}, "BD", False),
+    ("block export: speculative, without its draft head", "speculative", {"draft_head": False}, "BD", False),
 ]
 """block "B": semi-AR blocks of --block-length on the whole-sequence model; "BD": the same weights decoded as a
 block-diffusion export of --bd-block-length (its own block length when --model is one) with the exact cache:
 the speed of that decoder; its quality needs a model trained with blocks. The speculative row reads a model that
-is not a block export as one with a causal clean stream."""
+is not a block export as one with a causal clean stream; with a draft head in the export folder (adapt.draft_head)
+it drafts through it, and the next row decodes without it (run only when there is one)."""
 
 
 def sync(device: torch.device) -> None:
@@ -120,6 +123,8 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
     timer = ForwardTimer(model, x.device)
     for label, name, options, block, cache in CONFIGS:
         if args.only and not any(word in label for word in args.only):
+            continue
+        if "draft_head" in options and attached(model) is None:
             continue
         opts = dict(options, temperature=args.temperature, **({"tau": args.tau} if name == "threshold" else {}))
         block_length = args.block_length if block == "B" else None
@@ -228,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(mcfg)
     model = load_weights(mcfg).to(device).eval()
+    if exported_meta(args.model):
+        head = load_head(args.model, model.config.hidden_size)
+        attach(model, None if head is None else head.to(device=device, dtype=model.dtype))
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)

@@ -29,7 +29,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 """At least one of these holds a tokenizer's vocabulary (fast, sentencepiece, BPE)."""
 EXPORT_ENTRIES = (META_FILE, RECIPE_FILE, ADAPTER_DIR, "model*.safetensors*", "config.json",
                   "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
-                  "vocab.*", "merges.txt", "spiece.model", "chat_template.*", "README.md", "custom_generate")
+                  "vocab.*", "merges.txt", "spiece.model", "chat_template.*", "README.md", "custom_generate",
+                  "draft_head.safetensors")
 """Every name an export writes: a folder holding anything else is not (only) an export and is never replaced."""
 AGAIN = "export the run again with `python -m adapt.export RUN_DIR`"
 

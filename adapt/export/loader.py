@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapt.attention import usable_backend
+from adapt.draft_head import HEAD_FILE, attach, load_head
 from adapt.checkpoint import BASE_DIR, CHECKPOINTS_DIR, base_dir, ckpt_root, final_dir
 from adapt.export.contract import ADAPTER_DIR, META_FILE, WEIGHTS_FILE, contents_problem, exported_meta, read_meta
 from adapt.model import DTYPES, ModelLoadError, load_causal_lm, set_causal
@@ -78,4 +79,17 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     model = _with_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
+    attach(model, _draft_head(path, model.config.hidden_size, dtype, device))
     return model.to(device).eval(), tokenizer, meta
+
+
+def _draft_head(path: Path, hidden: int, dtype: str, device):
+    """The export's draft head for the speculative decoder (adapt.draft_head), or None when it has none."""
+    from safetensors import SafetensorError
+
+    try:
+        head = load_head(path, hidden)
+    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as err:
+        raise ModelLoadError(f"{path / HEAD_FILE} does not load as a draft head ({str(err).splitlines()[0]}); "
+                             f"train it again with `python -m adapt.draft_head {path}`, or delete it") from None
+    return None if head is None else head.to(device=device, dtype=DTYPES[dtype])

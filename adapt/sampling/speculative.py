@@ -20,14 +20,20 @@ kept prefix (exact: the clean stream is causal) and the next call drafts the res
 Rows are decoded together, one call per step for every unfinished row (each at its own place: rows accept
 different numbers of drafts), in one cache that keeps per row which columns are valid; a row's queries see only
 its own keys, so its output does not depend on the other rows (greedy: tested equal to each row alone).
+With a draft head (adapt.draft_head, trained into the export folder) the drafts of a call are drawn one after
+another, each from the noised row's feature, the token drawn before it and the previous draft's feature, so the
+draft for e + 1 knows x_e; the call and the check are the same.
 """
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from transformers import DynamicCache
 
 from adapt.attention import to_additive
 from adapt.diffusion import blocked_vocab, denoiser_log_probs
+from adapt.draft_head import attached, captured_features, head_logits
 from adapt.model import cache_kwarg
 from adapt.sampling.categorical import TokenFilter, draw, uniform
 from adapt.sampling.loop import Trace
@@ -70,8 +76,8 @@ class _Row:
     """The decoding state of one row: its canvas, how much of it is decided, cached and drafted."""
 
     def __init__(self, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
-                 blocked: torch.Tensor):
-        self.b, self.mask_id, self.blocked = meta.block_length, meta.mask_token_id, blocked
+                 blocked: torch.Tensor, chain=None):
+        self.b, self.mask_id, self.blocked, self.chain = meta.block_length, meta.mask_token_id, blocked, chain
         self.filt, self.gen = filt, generator
         self.x, self.width = x.clone(), x.shape[0]
         masks = (x == self.mask_id).nonzero()
@@ -101,9 +107,10 @@ class _Row:
             ids, pos = torch.cat([ids, noised]), torch.cat([pos, torch.arange(a, end, device=pos.device)])
         return ids, pos, e - self.n
 
-    def absorb(self, clean: torch.Tensor, noised: torch.Tensor) -> int:
+    def absorb(self, clean: torch.Tensor, noised: torch.Tensor, features=None) -> int:
         """Check the drafts against this call's clean logits (c, V), draw the next token, draft from the noised
-        logits; -> the positions whose cached keys/values stay valid (< the returned count)."""
+        logits (with a draft head: from `features`, this call's (clean, noised) LM-head inputs); -> the positions
+        whose cached keys/values stay valid (< the returned count)."""
         target = self.filt.apply(denoiser_log_probs(clean, self.blocked))  # row i predicts position n + i + 1
         n, e = self.n, self.done + len(self.drafts)
         for i, d in enumerate(self.drafts):
@@ -117,7 +124,10 @@ class _Row:
             p = target[e - 1 - n][None]
             self.x[e] = int(p.argmax()) if self.greedy else int(draw(p, self.gen))
             self.done = e + 1
-            self._draft(noised, e)
+            if self.chain is None:
+                self._draft(noised, e)
+            else:
+                self._draft_chain(features[1], features[0][e - 1 - n], e)
         return e
 
     def _keep(self, upto: int) -> int:
@@ -135,6 +145,19 @@ class _Row:
         tokens = self.q.argmax(-1) if self.greedy else draw(self.q, self.gen)
         self.drafts = tokens.tolist()
 
+    def _draft_chain(self, noised: torch.Tensor, carry: torch.Tensor, e: int) -> None:
+        """Draft e + 1 .. the end of e's block one by one through the draft head: noised (m, D) this call's noised
+        features, carry (D,) the clean feature that drew x_e."""
+        a = e // self.b * self.b
+        q, prev = [], self.x[e]
+        for h in noised[e - a:len(noised) - 1]:
+            carry, logits = self.chain(h, prev, carry)
+            logq = self.filt.apply(denoiser_log_probs(logits[None], self.blocked))
+            prev = (logq.argmax(-1) if self.greedy else draw(logq, self.gen))[0]
+            q.append(logq[0])
+            self.drafts.append(int(prev))
+        self.q = torch.stack(q) if q else None
+
 
 class _Batch:
     """Rows decoded together: one model call per step for all unfinished rows, one cache.
@@ -146,18 +169,25 @@ class _Batch:
     leaves the batch (its cache row is dropped), so later calls compute only the rows still decoding.
     """
 
-    def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None):
-        self.model, self.mask_id = model, meta.mask_token_id
+    def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
+                 head=None):
+        self.model, self.mask_id, self.head = model, meta.mask_token_id, head
         self.noised_causal = meta.noised_attention == "causal"  # a noised row then sees its block up to itself
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
-        self.rows = [_Row(meta, x[r], filt, generator, blocked) for r in range(len(x))]
+        chain = None if head is None else self._chain_step
+        self.rows = [_Row(meta, x[r], filt, generator, blocked, chain) for r in range(len(x))]
         self.cache_arg = cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
         self.kv_pos = torch.zeros((len(self.slots), 0), dtype=torch.long, device=x.device)
         self.kv_ok = torch.zeros((len(self.slots), 0), dtype=torch.bool, device=x.device)
         self.calls = 0
+
+    def _chain_step(self, noised: torch.Tensor, prev: torch.Tensor, carry: torch.Tensor):
+        """One draft through the head: (D,) noised feature, the previous token, (D,) carry -> (feature, logits)."""
+        feature = self.head(noised, self.model.get_input_embeddings()(prev), carry)
+        return feature, head_logits(self.model, feature)
 
     def _drop_finished(self) -> None:
         """Rows that finished since the last call leave the cache and the batch."""
@@ -203,8 +233,9 @@ class _Batch:
         """One model call for every unfinished row; -> the rows that took part."""
         self._drop_finished()
         ids, pos, mask, width_c, counts = self._layout()
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         **{self.cache_arg: self.cache}).logits
+        with captured_features(self.model) if self.head is not None else contextlib.nullcontext([]) as seen:
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                             **{self.cache_arg: self.cache}).logits
         self.calls += 1
         if ids.shape[1] > width_c:  # the noised and padding columns: no later query reads them
             self.cache.crop(-(ids.shape[1] - width_c))  # transformers 5 crops by a negative count to remove
@@ -212,19 +243,21 @@ class _Batch:
         self.kv_ok = torch.cat([self.kv_ok, torch.zeros_like(pos[:, :width_c], dtype=torch.bool)], 1)
         for i, r in enumerate(self.slots):
             (c, m), k = counts[i], self.kv_ok.shape[1] - width_c
-            upto = self.rows[r].absorb(out[i, :c], out[i, width_c:width_c + m])
+            feats = (seen[0][i, :c], seen[0][i, width_c:width_c + m]) if seen else None
+            upto = self.rows[r].absorb(out[i, :c], out[i, width_c:width_c + m], feats)
             self.kv_ok[i, k:k + c] = self.kv_pos[i, k:k + c] < upto  # this call's clean rows up to the kept prefix
         return list(self.slots)
 
 
 def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator | None = None,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                       trace: Trace | None = None) -> tuple[torch.Tensor, int]:
+                       trace: Trace | None = None, draft_head: bool = True) -> tuple[torch.Tensor, int]:
     """Fill the masks of x (B, L) long, each row a prompt followed by masks only -> ((B, L) long, model calls).
 
     temperature / top_k / top_p filter the clean stream's distribution (the output's) and the drafts alike;
     temperature 0 is greedy (ties to the lowest id). eos_id: a row stops at its first generated EOS and its
-    later positions become EOS.
+    later positions become EOS. draft_head: draft through the model's draft head when it has one (attached by
+    the export loader from draft_head.safetensors); False drafts from the noised stream alone.
     """
     check_speculative(meta, getattr(model.config, "_attn_implementation", "sdpa"))
     masked = x == meta.mask_token_id
@@ -232,7 +265,8 @@ def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator 
     if (masked != (torch.arange(x.shape[1], device=x.device)[None] >= first[:, None])).any() or (first == 0).any():
         raise ValueError("speculative decoding continues a prompt: each row must be given tokens (BOS at least) "
                          "then masks only; use the confidence or threshold sampler to infill")
-    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator)
+    head = attached(model) if draft_head else None
+    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator, head)
     if trace is not None:
         trace.start(x)
     while not all(row.finished for row in batch.rows):
