@@ -199,10 +199,15 @@ class HeadError(ValueError):
 
 def collect(model: nn.Module, meta, rows: torch.Tensor, batch: int, ks: list[int]) -> dict[int, Chains]:
     """Chains of every k in `ks`, from the rows (N, L) in batches; the k of a batch cycles through `ks`."""
+    from adapt.metrics import Progress
+
     parts: dict[int, list[Chains]] = {k: [] for k in ks}
-    for i, start in enumerate(range(0, len(rows), batch)):
+    starts = range(0, len(rows), batch)
+    progress = Progress("draft head features", len(starts))
+    for i, start in enumerate(starts):
         k = ks[i % len(ks)]
         parts[k].append(draft_chains(model, meta, rows[start:start + batch], k))
+        progress.update()
     return {k: Chains.cat(p) for k, p in parts.items() if p}
 
 
@@ -215,6 +220,8 @@ def fit(head: DraftHead, model: nn.Module, train: dict[int, Chains], blocked: to
         lr: float, chains_per_step: int, generator: torch.Generator, say=print) -> list[float]:
     """AdamW on the mean KL, minibatches of `chains_per_step` chains of one length, lengths interleaved; -> the
     mean loss of each epoch."""
+    from adapt.metrics import Progress
+
     opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for epoch in range(epochs):
@@ -222,12 +229,14 @@ def fit(head: DraftHead, model: nn.Module, train: dict[int, Chains], blocked: to
                  for idx in torch.randperm(len(c), generator=generator).split(chains_per_step)]
         order = [order[i] for i in torch.randperm(len(order), generator=generator).tolist()]
         total = 0.0
+        progress = Progress(f"draft head epoch {epoch + 1}", len(order), "steps")
         for k, idx in order:
             loss = chain_loss(head, model, train[k].take(idx), blocked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total += float(loss.detach())
+            progress.update()
         losses.append(total / max(len(order), 1))
         say(f"draft head: epoch {epoch + 1}/{epochs}, mean KL {losses[-1]:.4f}")
     return losses

@@ -61,6 +61,7 @@ CONFIGS = [
     ("block export: threshold tau, exact cache", "threshold", {}, "BD", False),
     ("block export: speculative, drafts checked by the clean stream", "speculative", {}, "BD", False),
     ("block export: speculative, without its draft head", "speculative", {"draft_head": False}, "BD", False),
+    ("block export: chain, drafts kept unchecked", "chain", {}, "BD", False),
 ]
 """block "B": semi-AR blocks of --block-length on the whole-sequence model; "BD": the same weights decoded as a
 block-diffusion export of --bd-block-length (its own block length when --model is one) with the exact cache:
@@ -129,9 +130,9 @@ def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
         opts = dict(options, temperature=args.temperature, **({"tau": args.tau} if name == "threshold" else {}))
         block_length = args.block_length if block == "B" else None
         bd = replace(meta, block_length=meta.block_length or args.bd_block_length if block == "BD" else 0)
-        if name == "speculative" and not meta.block_length:
+        if name in ("speculative", "chain") and not meta.block_length:
             bd = replace(bd, clean_attention="causal")
-        steps = None if name == "speculative" else args.steps
+        steps = None if name in ("speculative", "chain") else args.steps
         label = label.replace("tau", f"tau={args.tau}").replace("blocks", f"blocks of {args.block_length}")
         label = label.replace("block export", f"block export b={bd.block_length}")
         timer.seconds = 0.0

@@ -215,3 +215,23 @@ def test_a_broken_head_file_is_refused_when_the_export_loads(tmp_path, tiny_mode
     (folder / HEAD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="does not load as a draft head.*python -m adapt.draft_head"):
         load_diffusion_model(folder)
+
+
+@pytest.mark.parametrize("head", [None, "trained"])
+@torch.no_grad()
+def test_the_chain_sampler_keeps_every_draft_and_calls_once_per_block(head):
+    """check=False (sampler `chain`): one call per block; each block's first token is the clean stream's greedy
+    choice after the chain's own earlier tokens, the rest are the drafts as drawn."""
+    model = model_with(trained_like() if head else None)
+    x = canvas([3], 1 + 3 + 32)  # the prompt fills block 0; eight blocks to generate
+    out, calls = speculative_decode(model, meta(4), x, temperature=0.0, check=False)
+    assert calls == 8 and not (out == MASK).any() and torch.equal(out[0, :4], x[0, :4])
+    set_causal(model, True)
+    logits = model(input_ids=out).logits[0].float()
+    set_causal(model, False)
+    logits[:, MASK:] = -torch.inf
+    firsts = torch.arange(4, 36, 4)
+    assert torch.equal(out[0, firsts], logits[firsts - 1].argmax(-1))
+    assert not torch.equal(out, greedy_causal(model, x))  # the unchecked drafts are not the clean stream's choice
+    b1, calls_b1 = speculative_decode(model, meta(1), x, temperature=0.0, check=False)
+    assert torch.equal(b1, greedy_causal(model, x)) and calls_b1 == 32  # b = 1: nothing drafted, the parent's AR

@@ -197,6 +197,7 @@ SAMPLE_CASES = [  # adapt.sample options -> text the message must hold
     (["--infill", "The <mask>.", "--prompt", "x"], "--infill"),
     (["--trajectory-out", "order.gif"], "order.gif"),
     (["--sampler", "speculative"], "block-diffusion export"),  # a whole-sequence export has no causal stream
+    (["--sampler", "chain"], "block-diffusion export"),  # nor drafts to chain
 ]
 
 

@@ -35,10 +35,13 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 SPECULATIVE = "speculative"
 """Not a family inside a block but a decoder of block exports with a causal clean stream
 (adapt.sampling.speculative): the noised stream drafts, the clean stream checks; `steps` does not apply."""
-SAMPLER_NAMES = (*SAMPLERS, SPECULATIVE)
+CHAIN = "chain"
+"""The speculative decoder with every draft kept unchecked: one call per block, each block's first token from the
+clean stream and the rest drafted one after another (through the export's draft head when it has one); not exact."""
+SAMPLER_NAMES = (*SAMPLERS, SPECULATIVE, CHAIN)
 """Every name `generate` takes."""
 
-_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace", "model", "meta", "eos_id")
+_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace", "model", "meta", "eos_id", "check")
 
 
 @dataclass
@@ -67,7 +70,7 @@ def sampler_options(name: str) -> dict[str, object]:
     """The options (name -> default) a sampler accepts besides the loop arguments."""
     if name not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLER_NAMES)}")
-    fn = speculative_decode if name == SPECULATIVE else SAMPLERS[name]
+    fn = speculative_decode if name in (SPECULATIVE, CHAIN) else SAMPLERS[name]
     params = inspect.signature(fn).parameters
     return {k: p.default for k, p in params.items() if k not in _LOOP_ARGS}
 
@@ -108,13 +111,15 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     adapt.denoiser). eos_id: generated positions after a row's first generated EOS become EOS,
     and block mode stops once every row has one. options: the sampler's own (see `sampler_options`).
     sampler "speculative" decodes a block export with a causal clean stream by drafting with the noised
-    stream and checking with the clean one (adapt.sampling.speculative); `steps` does not apply to it.
+    stream and checking with the clean one (adapt.sampling.speculative); `steps` does not apply to it, nor to
+    "chain", which keeps every draft unchecked (one call per block).
     A block-diffusion export (meta.block_length > 0) is decoded block by block with its exact KV cache
     (adapt.sampling.block_cache); another block_length is refused unless force_block_length.
     """
     _check(denoiser, x, sampler, options)
-    if sampler == SPECULATIVE:
-        return _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory, options)
+    if sampler in (SPECULATIVE, CHAIN):
+        return _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory,
+                                     dict(options, check=sampler == SPECULATIVE))
     meta = getattr(denoiser, "meta", None)
     trained = 0 if meta is None else objectives.meta_class(meta).decode_block(meta)
     if trained and not force_block_length:

@@ -76,8 +76,9 @@ class _Row:
     """The decoding state of one row: its canvas, how much of it is decided, cached and drafted."""
 
     def __init__(self, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
-                 blocked: torch.Tensor, chain=None):
+                 blocked: torch.Tensor, chain=None, check: bool = True):
         self.b, self.mask_id, self.blocked, self.chain = meta.block_length, meta.mask_token_id, blocked, chain
+        self.check = check  # False: every draft is kept unchecked (one call per block; not exact)
         self.filt, self.gen = filt, generator
         self.x, self.width = x.clone(), x.shape[0]
         masks = (x == self.mask_id).nonzero()
@@ -128,6 +129,10 @@ class _Row:
                 self._draft(noised, e)
             else:
                 self._draft_chain(features[1], features[0][e - 1 - n], e)
+            if not self.check:  # kept as drawn: the next call caches them and draws the next block's first token
+                self.x[self.done:self.done + len(self.drafts)] = torch.tensor(self.drafts, dtype=torch.long)
+                self.done += len(self.drafts)
+                self.drafts, self.q = [], None
         return e
 
     def _keep(self, upto: int) -> int:
@@ -170,13 +175,13 @@ class _Batch:
     """
 
     def __init__(self, model, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
-                 head=None):
+                 head=None, check: bool = True):
         self.model, self.mask_id, self.head = model, meta.mask_token_id, head
         self.noised_causal = meta.noised_attention == "causal"  # a noised row then sees its block up to itself
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
         chain = None if head is None else self._chain_step
-        self.rows = [_Row(meta, x[r], filt, generator, blocked, chain) for r in range(len(x))]
+        self.rows = [_Row(meta, x[r], filt, generator, blocked, chain, check) for r in range(len(x))]
         self.cache_arg = cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
@@ -251,13 +256,16 @@ class _Batch:
 
 def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator | None = None,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                       trace: Trace | None = None, draft_head: bool = True) -> tuple[torch.Tensor, int]:
+                       trace: Trace | None = None, draft_head: bool = True,
+                       check: bool = True) -> tuple[torch.Tensor, int]:
     """Fill the masks of x (B, L) long, each row a prompt followed by masks only -> ((B, L) long, model calls).
 
     temperature / top_k / top_p filter the clean stream's distribution (the output's) and the drafts alike;
     temperature 0 is greedy (ties to the lowest id). eos_id: a row stops at its first generated EOS and its
     later positions become EOS. draft_head: draft through the model's draft head when it has one (attached by
-    the export loader from draft_head.safetensors); False drafts from the noised stream alone.
+    the export loader from draft_head.safetensors); False drafts from the noised stream alone. check=False keeps
+    every draft unchecked: one call per block (the `chain` sampler), the output distributed as the drafts, not as
+    the clean stream.
     """
     check_speculative(meta, getattr(model.config, "_attn_implementation", "sdpa"))
     masked = x == meta.mask_token_id
@@ -266,7 +274,7 @@ def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator 
         raise ValueError("speculative decoding continues a prompt: each row must be given tokens (BOS at least) "
                          "then masks only; use the confidence or threshold sampler to infill")
     head = attached(model) if draft_head else None
-    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator, head)
+    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator, head, check)
     if trace is not None:
         trace.start(x)
     while not all(row.finished for row in batch.rows):
