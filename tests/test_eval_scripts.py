@@ -90,7 +90,7 @@ def test_bench_sampling_speed_on_a_tiny_model(tiny_model_dir, tmp_path, capsys):
     result = json.loads(out.read_text())
     assert [r["label"] for r in result["samplers"]] == [
         c[0].replace("tau", "tau=0.9").replace("blocks", "blocks of 2").replace("block export", "block export b=8")
-        for c in bench.CONFIGS]
+        for c in bench.CONFIGS if "draft_head" not in c[2]]  # the row without a draft head: only when there is one
     assert all(r["nfe"] >= 1 for r in result["samplers"]) and len(result["prefix_cache_quality"]) == 4
     assert "overhead target" in capsys.readouterr().out
     # fewer steps than the blocks of 2 the 4 new tokens span: one error line and exit 2, not a traceback
