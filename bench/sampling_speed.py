@@ -27,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
-from adapt.draft_head import attach, attached, load_head  # noqa: E402
+from adapt.draft_head import attach, attached  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
+from adapt.export.loader import load_draft_head  # noqa: E402
 from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
 from adapt.sampling import generate  # noqa: E402
 from adapt.sampling.canvas import prompt_canvas  # noqa: E402
@@ -235,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = load_tokenizer(mcfg)
     model = load_weights(mcfg).to(device).eval()
     if exported_meta(args.model):
-        head = load_head(args.model, model.config.hidden_size)
-        attach(model, None if head is None else head.to(device=device, dtype=model.dtype))
+        attach(model, load_draft_head(args.model, model.config.hidden_size, args.dtype, device))
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)

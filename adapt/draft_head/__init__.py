@@ -137,14 +137,13 @@ class Chains:
 @torch.no_grad()
 def draft_chains(model: nn.Module, meta, x0: torch.Tensor, k: int) -> Chains:
     """The decoder's state at every block of x0 (B, L) whose first k tokens are decided: one forward over [x_t | x_0]
-    under the export's block mask, x_t masking each block from offset k on (block 0 from max(k, 1): BOS is given).
-    -> the chains drafting offsets k + 1 .. b - 1 of every block."""
+    under the export's block mask, x_t masking each block from offset k on. -> the chains drafting offsets
+    k + 1 .. b - 1 of every block (block 0 only for k >= 1: at k = 0 its next token would be BOS, which is given)."""
     from adapt.objectives.block import block_visibility
 
     b, (batch, length) = meta.block_length, x0.shape
     offset = torch.arange(length, device=x0.device) % b
     xt = torch.where(offset[None] >= k, torch.full_like(x0, meta.mask_token_id), x0)
-    xt[:, 0] = x0[:, 0]
     see = block_visibility(length, b, x0.device, clean_causal=True, noised_causal=meta.noised_attention == "causal")
     pos = torch.arange(length, device=x0.device).repeat(2)[None].expand(batch, -1)
     with captured_features(model) as seen:

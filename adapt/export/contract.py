@@ -19,6 +19,7 @@ import yaml
 
 from adapt.cli_types import write_problem
 from adapt.config import Config, from_dict
+from adapt.draft_head import HEAD_FILE
 from adapt.model import DiffusionMeta, ModelLoadError
 
 META_FILE = "diffusion.json"
@@ -30,7 +31,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.mo
 EXPORT_ENTRIES = (META_FILE, RECIPE_FILE, ADAPTER_DIR, "model*.safetensors*", "config.json",
                   "generation_config.json", "tokenizer*", "special_tokens_map.json", "added_tokens.json",
                   "vocab.*", "merges.txt", "spiece.model", "chat_template.*", "README.md", "custom_generate",
-                  "draft_head.safetensors")
+                  HEAD_FILE)
 """Every name an export writes: a folder holding anything else is not (only) an export and is never replaced."""
 AGAIN = "export the run again with `python -m adapt.export RUN_DIR`"
 

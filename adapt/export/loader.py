@@ -79,17 +79,18 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     model = _with_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    attach(model, _draft_head(path, model.config.hidden_size, dtype, device))
+    attach(model, load_draft_head(path, model.config.hidden_size, dtype, device))
     return model.to(device).eval(), tokenizer, meta
 
 
-def _draft_head(path: Path, hidden: int, dtype: str, device):
-    """The export's draft head for the speculative decoder (adapt.draft_head), or None when it has none."""
+def load_draft_head(path: str | Path, hidden: int, dtype: str = "fp32", device: str | torch.device = "cpu"):
+    """The export's draft head for the speculative decoder (adapt.draft_head) on `device` in `dtype`, or None when it
+    has none; ModelLoadError naming the fix when its file does not load."""
     from safetensors import SafetensorError
 
     try:
         head = load_head(path, hidden)
     except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as err:
-        raise ModelLoadError(f"{path / HEAD_FILE} does not load as a draft head ({str(err).splitlines()[0]}); "
+        raise ModelLoadError(f"{Path(path) / HEAD_FILE} does not load as a draft head ({str(err).splitlines()[0]}); "
                              f"train it again with `python -m adapt.draft_head {path}`, or delete it") from None
     return None if head is None else head.to(device=device, dtype=DTYPES[dtype])
