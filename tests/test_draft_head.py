@@ -89,6 +89,27 @@ def test_the_decoders_chain_is_the_head_on_the_training_features(noised):
     assert torch.allclose(row.q, want, atol=1e-5)
 
 
+@torch.no_grad()
+def test_rows_drafted_together_draft_as_each_row_alone():
+    """The head drafts every row's chain in one pass per drafted place; rows with 1, 0 and 2 places to draft
+    (first masks at block offsets 2, 3, 1) draft at every call what each drafts alone."""
+    head = trained_like()
+    model, m = model_with(head), meta(4)
+    x = canvas([5, 6, 8], 16)
+    greedy = TokenFilter(temperature=0.0)
+    batch = _Batch(model, m, x, greedy, None, head)
+    alone = [_Batch(model, m, x[r:r + 1], greedy, None, head) for r in range(len(x))]
+    for call in range(3):
+        for b in [batch, *alone]:
+            b.step()
+        if call == 0:
+            assert [len(row.drafts) for row in batch.rows] == [1, 0, 2]
+        for got, want in zip(batch.rows, [a.rows[0] for a in alone]):
+            assert got.drafts == want.drafts and torch.equal(got.x, want.x) and got.done == want.done
+            assert (got.q is None) == (want.q is None)
+            assert got.q is None or torch.allclose(got.q, want.q, atol=1e-5)
+
+
 def test_chains_hold_the_decoders_state_at_every_offset():
     model, m = model_with(None), meta(4)
     x0 = torch.randint(3, MASK, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -168,12 +189,14 @@ def test_the_command_trains_a_head_the_decoder_then_uses(tmp_path, tiny_model_di
     from adapt.export.contract import destination_problem
     from adapt.draft_head import HEAD_FILE, attached
     from adapt.model import start_token
+    from safetensors.torch import load_file
 
     folder = block_export(tmp_path / "export", tiny_model_dir, corpus_file, tmp_path / "cache")
     out = run_head(folder, "--sequences", 6, "--epochs", 2, "--chains", 8, "--width", 16, "--json",
-                   tmp_path / "head.json")
+                   tmp_path / "head.json", "--dtype", "bf16", "--device", "cpu")  # bf16 features, an fp32 head
     assert out.returncode == 0, out.stderr[-3000:]
     assert (folder / HEAD_FILE).is_file() and "held-out, next token at block offset 0" in out.stdout
+    assert {t.dtype for t in load_file(str(folder / HEAD_FILE)).values()} == {torch.float32}
     report = json.loads((tmp_path / "head.json").read_text())
     assert set(report["heldout_after"]) == {"k=0", "k=1", "k=2"} and len(report["losses"]) == 2
     model, tok, meta = load_diffusion_model(folder)
@@ -184,6 +207,10 @@ def test_the_command_trains_a_head_the_decoder_then_uses(tmp_path, tiny_model_di
     headed, _ = speculative_decode(model, meta, x, temperature=0.0)
     plain, _ = speculative_decode(model, meta, x, temperature=0.0, draft_head=False)
     assert torch.equal(headed, plain)  # exact either way
+    model16, _, _ = load_diffusion_model(folder, "bf16")  # the head runs in the model's dtype
+    assert attached(model16).inp.weight.dtype == torch.bfloat16
+    out16, _ = speculative_decode(model16, meta, x, temperature=0.0)
+    assert not (out16 == meta.mask_token_id).any() and torch.equal(out16[:, :len(ids)], x[:, :len(ids)])
     assert destination_problem(folder, []) is None  # still an export: a new export of the run may replace it
 
 

@@ -51,7 +51,10 @@ class DraftHead(nn.Module):
         nn.init.zeros_(self.out.bias)
 
     def forward(self, noised: torch.Tensor, prev_emb: torch.Tensor, carry: torch.Tensor) -> torch.Tensor:
-        x = torch.cat([noised, prev_emb.to(noised.dtype), carry], -1)
+        """In the head's own dtype (features of a bf16 model feed an fp32 head in training)."""
+        dtype = self.inp.weight.dtype
+        noised = noised.to(dtype)
+        x = torch.cat([noised, prev_emb.to(dtype), carry.to(dtype)], -1)
         return noised + self.out(F.silu(self.inp(self.norm(x))))
 
 
@@ -106,7 +109,8 @@ def captured_features(model: nn.Module):
 
 
 def head_logits(model: nn.Module, features: torch.Tensor) -> torch.Tensor:
-    return model.get_output_embeddings()(features)
+    lm_head = model.get_output_embeddings()
+    return lm_head(features.to(lm_head.weight.dtype))
 
 
 @dataclass
@@ -132,6 +136,9 @@ class Chains:
 
     def take(self, idx: torch.Tensor) -> "Chains":
         return Chains(self.noised[idx], self.prev[idx], self.carry[idx], self.target[idx], self.answer[idx])
+
+    def to(self, device) -> "Chains":
+        return Chains(*(getattr(self, f).to(device) for f in ("noised", "prev", "carry", "target", "answer")))
 
 
 @torch.no_grad()
@@ -181,7 +188,7 @@ def chain_loss(head: DraftHead, model: nn.Module, chains: Chains, blocked: torch
 def acceptance(head: DraftHead | None, model: nn.Module, chains: Chains, blocked: torch.Tensor) -> dict:
     """Per drafted offset s (1 = the token after x_e): the mean sum_x min(p, q) (a draft's chance to be kept at
     T = 1, its earlier drafts given) and how often q's argmax is p's (greedy), with the head or without (None)."""
-    out = {}
+    out, chains = {}, chains.to(model.get_input_embeddings().weight.device)
     for s, f in enumerate(unroll(head, model, chains)):
         q = denoiser_log_probs(head_logits(model, f), blocked).exp()
         p = denoiser_log_probs(head_logits(model, chains.target[:, s]), blocked).exp()
@@ -192,16 +199,20 @@ def acceptance(head: DraftHead | None, model: nn.Module, chains: Chains, blocked
 
 # --- training ---------------------------------------------------------------------------------------------------
 
-def collect(model: nn.Module, meta, rows: torch.Tensor, batch: int, ks: list[int]) -> dict[int, Chains]:
-    """Chains of every k in `ks`, from the rows (N, L) in batches; the k of a batch cycles through `ks`."""
+def collect(model: nn.Module, meta, rows: torch.Tensor, batch: int, ks: list[int],
+            every_k: bool = False) -> dict[int, Chains]:
+    """Chains of every k in `ks`, from the rows (N, L) in batches, computed on the model's device and kept on the
+    CPU; the k of a batch cycles through `ks`, or with every_k each batch gives the chains of every k."""
     from adapt.metrics import Progress
 
+    device = model.get_input_embeddings().weight.device
     parts: dict[int, list[Chains]] = {k: [] for k in ks}
     starts = range(0, len(rows), batch)
     progress = Progress("draft head features", len(starts))
     for i, start in enumerate(starts):
-        k = ks[i % len(ks)]
-        parts[k].append(draft_chains(model, meta, rows[start:start + batch], k))
+        x0 = rows[start:start + batch].to(device)
+        for k in ks if every_k else [ks[i % len(ks)]]:
+            parts[k].append(draft_chains(model, meta, x0, k).to("cpu"))
         progress.update()
     return {k: Chains.cat(p) for k, p in parts.items() if p}
 
@@ -217,7 +228,7 @@ def fit(head: DraftHead, model: nn.Module, train: dict[int, Chains], blocked: to
     mean loss of each epoch."""
     from adapt.metrics import Progress
 
-    opt = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0)
+    opt, device = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0), head.inp.weight.device
     losses = []
     for epoch in range(epochs):
         order = [(k, idx) for k, c in train.items()
@@ -226,7 +237,7 @@ def fit(head: DraftHead, model: nn.Module, train: dict[int, Chains], blocked: to
         total = 0.0
         progress = Progress(f"draft head epoch {epoch + 1}", len(order), "steps")
         for k, idx in order:
-            loss = chain_loss(head, model, train[k].take(idx), blocked)
+            loss = chain_loss(head, model, train[k].take(idx).to(device), blocked)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

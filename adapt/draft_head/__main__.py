@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from adapt.draft_head import DraftHead, collect, draft_chains, fit, heldout_acceptance, save_head
+from adapt.draft_head import DraftHead, collect, fit, heldout_acceptance, save_head
 
 
 class HeadError(ValueError):
@@ -21,7 +21,8 @@ class HeadError(ValueError):
 def parse_args(argv: list[str] | None = None):
     import argparse
 
-    from adapt.cli_types import at_least, seed, text
+    from adapt.cli_types import at_least, device, seed, text
+    from adapt.model import DTYPES
 
     p = argparse.ArgumentParser(prog="python -m adapt.draft_head", description=__doc__.splitlines()[0])
     p.add_argument("model", type=text, help="a block export with a causal clean stream (checkpoints/RUN/final)")
@@ -33,6 +34,10 @@ def parse_args(argv: list[str] | None = None):
     p.add_argument("--batch", type=at_least(1), default=4, help="sequences per feature forward")
     p.add_argument("--chains", type=at_least(1), default=256, help="draft chains per optimizer step")
     p.add_argument("--seed", type=seed, default=0)
+    p.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="where the export runs and the head trains")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES),
+                   help="the export's dtype while it computes the features; the head trains and is saved in fp32")
     p.add_argument("--json", type=text, default="", help="also write the held-out acceptance here")
     return p.parse_args(argv)
 
@@ -73,7 +78,7 @@ def _checked_export(args):
     problem = write_problem(folder) or (write_problem(Path(args.json).parent) if args.json else None)
     if problem:
         raise HeadError(f"{problem}: the head is written into the export folder (and --json where given)")
-    model, tokenizer, meta = load_diffusion_model(folder)
+    model, tokenizer, meta = load_diffusion_model(folder, args.dtype, "sdpa", args.device)
     return model, tokenizer, meta, recipe.data
 
 
@@ -83,7 +88,8 @@ def train_head(args) -> dict:
 
     model, tokenizer, meta, dcfg = _checked_export(args)
     model.requires_grad_(False)
-    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id)
+    blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size, meta.mask_token_id,
+                            device=args.device)
     data = build_sequences(dcfg, tokenizer)
     gen = torch.Generator().manual_seed(args.seed)
     picked = torch.randperm(len(data.train), generator=gen)[:args.sequences].sort().values
@@ -91,10 +97,10 @@ def train_head(args) -> dict:
     ks = list(range(meta.block_length - 1))
     print(f"draft head: features of {len(rows)} training sequences of {rows.shape[1]} tokens", flush=True)
     train = collect(model, meta, rows, args.batch, ks)
-    held = {k: draft_chains(model, meta, data.heldout, k) for k in ks}
+    held = collect(model, meta, torch.as_tensor(data.heldout).long(), args.batch, ks, every_k=True)
     before = heldout_acceptance(None, model, held, blocked)
     torch.manual_seed(args.seed)
-    head = DraftHead(model.config.hidden_size, args.width)
+    head = DraftHead(model.config.hidden_size, args.width).to(args.device)
     losses = fit(head, model, train, blocked, args.epochs, args.lr, args.chains, gen)
     head.eval()
     after = heldout_acceptance(head, model, held, blocked)

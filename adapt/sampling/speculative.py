@@ -22,7 +22,8 @@ different numbers of drafts), in one cache that keeps per row which columns are 
 its own keys, so its output does not depend on the other rows (greedy: tested equal to each row alone).
 With a draft head (adapt.draft_head, trained into the export folder) the drafts of a call are drawn one after
 another, each from the noised row's feature, the token drawn before it and the previous draft's feature, so the
-draft for e + 1 knows x_e; the call and the check are the same.
+draft for e + 1 knows x_e (one head pass per drafted place for all rows of the call); the call and the check
+are the same.
 """
 from __future__ import annotations
 
@@ -76,8 +77,8 @@ class _Row:
     """The decoding state of one row: its canvas, how much of it is decided, cached and drafted."""
 
     def __init__(self, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
-                 blocked: torch.Tensor, chain=None, check: bool = True):
-        self.b, self.mask_id, self.blocked, self.chain = meta.block_length, meta.mask_token_id, blocked, chain
+                 blocked: torch.Tensor, headed: bool = False, check: bool = True):
+        self.b, self.mask_id, self.blocked, self.headed = meta.block_length, meta.mask_token_id, blocked, headed
         self.check = check  # False: every draft is kept unchecked (one call per block; not exact)
         self.filt, self.gen = filt, generator
         self.x, self.width = x.clone(), x.shape[0]
@@ -86,6 +87,7 @@ class _Row:
         self.n, self.done, self.stopped = 0, self.start, False  # positions < n cached; < done decided
         self.drafts: list[int] = []
         self.q: torch.Tensor | None = None  # (len(drafts), V) filtered draft log-probabilities
+        self.pending = None  # with a draft head: (noised features (m, D), carry (D,)) of the chain to draft
 
     @property
     def greedy(self) -> bool:
@@ -125,15 +127,22 @@ class _Row:
             p = target[e - 1 - n][None]
             self.x[e] = int(p.argmax()) if self.greedy else int(draw(p, self.gen))
             self.done = e + 1
-            if self.chain is None:
+            if not self.headed:
                 self._draft(noised, e)
-            else:
-                self._draft_chain(features[1], features[0][e - 1 - n], e)
-            if not self.check:  # kept as drawn: the next call caches them and draws the next block's first token
-                self.x[self.done:self.done + len(self.drafts)] = torch.tensor(self.drafts, dtype=torch.long)
-                self.done += len(self.drafts)
-                self.drafts, self.q = [], None
+                self.settle()
+            else:  # drafted through the head by the batch, every row's chain together (_Batch._draft_chains)
+                a = e // self.b * self.b
+                self.pending = (features[1][e - a:len(noised) - 1], features[0][e - 1 - n])
         return e
+
+    def settle(self) -> None:
+        """After drafting: without the check the drafts are kept as drawn (the next call caches them and draws the
+        next block's first token)."""
+        self.pending = None
+        if not self.check and self.drafts:
+            self.x[self.done:self.done + len(self.drafts)] = torch.tensor(self.drafts, dtype=torch.long)
+            self.done += len(self.drafts)
+            self.drafts, self.q = [], None
 
     def _keep(self, upto: int) -> int:
         """Positions < upto stay cached; the drafts are dropped."""
@@ -150,18 +159,13 @@ class _Row:
         tokens = self.q.argmax(-1) if self.greedy else draw(self.q, self.gen)
         self.drafts = tokens.tolist()
 
-    def _draft_chain(self, noised: torch.Tensor, carry: torch.Tensor, e: int) -> None:
-        """Draft e + 1 .. the end of e's block one by one through the draft head: noised (m, D) this call's noised
-        features, carry (D,) the clean feature that drew x_e."""
-        a = e // self.b * self.b
-        q, prev = [], self.x[e]
-        for h in noised[e - a:len(noised) - 1]:
-            carry, logits = self.chain(h, prev, carry)
-            logq = self.filt.apply(denoiser_log_probs(logits[None], self.blocked))
-            prev = (logq.argmax(-1) if self.greedy else draw(logq, self.gen))[0]
-            q.append(logq[0])
-            self.drafts.append(int(prev))
-        self.q = torch.stack(q) if q else None
+    def add_draft(self, logits: torch.Tensor) -> int:
+        """Draw the next draft of the chain from the head's logits (V,); -> the token."""
+        logq = self.filt.apply(denoiser_log_probs(logits[None], self.blocked))
+        tok = int((logq.argmax(-1) if self.greedy else draw(logq, self.gen))[0])
+        self.q = logq if self.q is None else torch.cat([self.q, logq])
+        self.drafts.append(tok)
+        return tok
 
 
 class _Batch:
@@ -180,8 +184,7 @@ class _Batch:
         self.noised_causal = meta.noised_attention == "causal"  # a noised row then sees its block up to itself
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
-        chain = None if head is None else self._chain_step
-        self.rows = [_Row(meta, x[r], filt, generator, blocked, chain, check) for r in range(len(x))]
+        self.rows = [_Row(meta, x[r], filt, generator, blocked, head is not None, check) for r in range(len(x))]
         self.cache_arg = cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
@@ -189,10 +192,26 @@ class _Batch:
         self.kv_ok = torch.zeros((len(self.slots), 0), dtype=torch.bool, device=x.device)
         self.calls = 0
 
-    def _chain_step(self, noised: torch.Tensor, prev: torch.Tensor, carry: torch.Tensor):
-        """One draft through the head: (D,) noised feature, the previous token, (D,) carry -> (feature, logits)."""
-        feature = self.head(noised, self.model.get_input_embeddings()(prev), carry)
-        return feature, head_logits(self.model, feature)
+    def _draft_chains(self) -> None:
+        """Draft every waiting row's chain through the head: one head and LM-head pass per drafted offset for all
+        of them (a row's draft j reads its noised feature j, the token drawn before it and the previous feature)."""
+        rows = [row for row in self.rows if row.pending is not None]
+        if not rows:
+            return
+        feats = [row.pending[0] for row in rows]
+        carry = torch.stack([row.pending[1] for row in rows])
+        prev = torch.stack([row.x[row.done - 1] for row in rows])
+        emb = self.model.get_input_embeddings()
+        for s in range(max(len(f) for f in feats)):
+            live = [i for i, f in enumerate(feats) if len(f) > s]
+            idx = torch.tensor(live, device=carry.device)
+            f = self.head(torch.stack([feats[i][s] for i in live]), emb(prev[idx]), carry[idx])
+            logits = head_logits(self.model, f)
+            carry[idx] = f.to(carry.dtype)
+            for j, i in enumerate(live):
+                prev[i] = rows[i].add_draft(logits[j])
+        for row in rows:
+            row.settle()
 
     def _drop_finished(self) -> None:
         """Rows that finished since the last call leave the cache and the batch."""
@@ -251,6 +270,7 @@ class _Batch:
             feats = (seen[0][i, :c], seen[0][i, width_c:width_c + m]) if seen else None
             upto = self.rows[r].absorb(out[i, :c], out[i, width_c:width_c + m], feats)
             self.kv_ok[i, k:k + c] = self.kv_pos[i, k:k + c] < upto  # this call's clean rows up to the kept prefix
+        self._draft_chains()
         return list(self.slots)
 
 
