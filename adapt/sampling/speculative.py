@@ -159,9 +159,8 @@ class _Row:
         tokens = self.q.argmax(-1) if self.greedy else draw(self.q, self.gen)
         self.drafts = tokens.tolist()
 
-    def add_draft(self, logq: torch.Tensor) -> int:
-        """Draw the next draft of the chain from the head's filtered log-probabilities (1, V); -> the token."""
-        tok = int((logq.argmax(-1) if self.greedy else draw(logq, self.gen))[0])
+    def add_draft(self, logq: torch.Tensor, tok: int) -> int:
+        """Record the next draft of the chain, drawn from logq (1, V), the head's filtered log-probabilities."""
         self.q = logq if self.q is None else torch.cat([self.q, logq])
         self.drafts.append(tok)
         return tok
@@ -205,10 +204,12 @@ class _Batch:
             live = [i for i, f in enumerate(feats) if len(f) > s]
             idx = torch.tensor(live, device=carry.device)
             f = self.head(torch.stack([feats[i][s] for i in live]), emb(prev[idx]), carry[idx])
-            logq = rows[0].filt.apply(denoiser_log_probs(head_logits(self.model, f), rows[0].blocked))  # shared
+            first = rows[0]  # the rows share the filter, the blocked ids and the generator
+            logq = first.filt.apply(denoiser_log_probs(head_logits(self.model, f), first.blocked))
+            tokens = (logq.argmax(-1) if first.greedy else draw(logq, first.gen)).tolist()
             carry[idx] = f.to(carry.dtype)
             for j, i in enumerate(live):
-                prev[i] = rows[i].add_draft(logq[j:j + 1])
+                prev[i] = rows[i].add_draft(logq[j:j + 1], tokens[j])
         for row in rows:
             row.settle()
 
