@@ -235,13 +235,16 @@ def test_what_it_cannot_train_for_is_one_message_and_exit_2(tmp_path, tiny_model
 
 def test_a_broken_head_file_is_refused_when_the_export_loads(tmp_path, tiny_model_dir, corpus_file):
     from adapt.export import load_diffusion_model
-    from adapt.draft_head import HEAD_FILE
+    from adapt.draft_head import HEAD_FILE, attached
     from adapt.model import ModelLoadError
 
     folder = block_export(tmp_path / "export", tiny_model_dir, corpus_file, tmp_path / "cache")
     (folder / HEAD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="does not load as a draft head.*python -m adapt.draft_head"):
         load_diffusion_model(folder)
+    out = run_head(folder, "--sequences", 2, "--epochs", 1, "--chains", 8, "--width", 16)  # the fix it names works
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert attached(load_diffusion_model(folder)[0]).width == 16
 
 
 @pytest.mark.parametrize("head", [None, "trained"])

@@ -78,7 +78,8 @@ def _checked_export(args):
     problem = write_problem(folder) or (write_problem(Path(args.json).parent) if args.json else None)
     if problem:
         raise HeadError(f"{problem}: the head is written into the export folder (and --json where given)")
-    model, tokenizer, meta = load_diffusion_model(folder, args.dtype, "sdpa", args.device)
+    # the folder's own head (perhaps broken) is never read: the new one replaces it
+    model, tokenizer, meta = load_diffusion_model(folder, args.dtype, "sdpa", args.device, draft_head=False)
     return model, tokenizer, meta, recipe.data
 
 

@@ -58,8 +58,9 @@ def load_weights(mcfg) -> PreTrainedModel:
 
 
 def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa",
-                         device: str | torch.device = "cpu"):
-    """(model, tokenizer, meta) from an exported folder, in eval mode, attention set for diffusion."""
+                         device: str | torch.device = "cpu", draft_head: bool = True):
+    """(model, tokenizer, meta) from an exported folder, in eval mode, attention set for diffusion; with draft_head
+    the folder's draft head, when it has one, attached for the speculative decoder."""
     path = Path(path)
     problem = export_problem(path)
     if problem:
@@ -79,7 +80,8 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     model = _with_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    attach(model, load_draft_head(path, model.config.hidden_size, dtype, device))
+    if draft_head:
+        attach(model, load_draft_head(path, model.config.hidden_size, dtype, device))
     return model.to(device).eval(), tokenizer, meta
 
 

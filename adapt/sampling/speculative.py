@@ -199,12 +199,11 @@ class _Batch:
         feats = [row.pending[0] for row in rows]
         carry = torch.stack([row.pending[1] for row in rows])
         prev = torch.stack([row.x[row.done - 1] for row in rows])
-        emb = self.model.get_input_embeddings()
+        emb, first = self.model.get_input_embeddings(), rows[0]  # rows share the filter, blocked ids and generator
         for s in range(max(len(f) for f in feats)):
             live = [i for i, f in enumerate(feats) if len(f) > s]
             idx = torch.tensor(live, device=carry.device)
             f = self.head(torch.stack([feats[i][s] for i in live]), emb(prev[idx]), carry[idx])
-            first = rows[0]  # the rows share the filter, the blocked ids and the generator
             logq = first.filt.apply(denoiser_log_probs(head_logits(self.model, f), first.blocked))
             tokens = (logq.argmax(-1) if first.greedy else draw(logq, first.gen)).tolist()
             carry[idx] = f.to(carry.dtype)
