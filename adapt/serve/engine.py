@@ -1,0 +1,197 @@
+"""The server's decoding engine: every request row runs the library's own decoder (adapt.sampling.generate) with
+its own random stream, and the model calls of all rows that are waiting are made together, one batched call per
+canvas shape. Rows join and leave between model calls; a row's output is the same request's output alone (its
+sampler, canvas and generator are its own; only the forward is shared).
+
+Threads: one per row (the sampler's own loop, waiting on its model calls) and one that makes the calls. A row whose
+client went away or whose time ran out leaves at its next call. Exports whose decoder keeps a KV cache (block
+diffusion: the exact block cache and the speculative decoder) run their rows one at a time through the same
+decoder, so their output is exact too; their calls are not yet shared between rows.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from adapt.denoiser import Denoiser
+from adapt.sampling import generate
+
+TICK_WAIT_S = 0.005
+"""How long a batched call waits for rows that are between calls (drawing their tokens) before it starts."""
+
+
+class Busy(RuntimeError):
+    """The queue is full: the request is refused (HTTP 429), not absorbed."""
+
+
+class Gone(Exception):
+    """The row's client disconnected or its time ran out: the row leaves at its next model call."""
+
+
+@dataclass
+class Event:
+    """What one model call decided for one row."""
+
+    positions: list[int]
+    """Canvas positions decided since the row's previous event."""
+    tokens: list[int]
+    """Their token ids."""
+    calls: int
+    """The row's model calls so far."""
+    done: bool = False
+    ids: list[int] | None = None
+    """The whole canvas, on the last event."""
+    error: str | None = None
+
+
+@dataclass
+class Job:
+    """One row: a canvas to fill and how."""
+
+    canvas: list[int]
+    """BOS, prompt, masks, suffix."""
+    sampler: str
+    steps: int | None
+    options: dict
+    seed: int
+    eos_id: int | None
+    emit: Callable[[Event], None]
+    deadline: float
+    """time.monotonic() after which the row leaves."""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    calls: int = 0
+    last: torch.Tensor | None = None
+
+
+class RowDenoiser:
+    """The denoiser one row's sampler sees: its calls go to the engine's batched call."""
+
+    def __init__(self, engine: "Engine", job: Job):
+        self.engine, self.job = engine, job
+        self.mask_id, self.device, self.nfe = engine.denoiser.mask_id, engine.denoiser.device, 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        job = self.job
+        if job.cancelled.is_set() or time.monotonic() > job.deadline:
+            raise Gone()
+        self.engine.report(job, x[0])
+        logp = self.engine.call(job, x)
+        self.nfe += 1
+        job.calls += 1
+        return logp
+
+
+class Engine:
+    """Rows in, events out. `submit` refuses past `max_queue` rows waiting or running."""
+
+    def __init__(self, model, meta, max_rows: int = 16, max_queue: int = 64):
+        self.model, self.meta = model, meta
+        self.denoiser = Denoiser(model, meta)
+        self.max_rows, self.max_queue = max_rows, max_queue
+        self.shared = not meta.block_length  # whole-sequence decoders: calls shared between rows
+        self.cv = threading.Condition()
+        self.posted: dict[int, torch.Tensor] = {}
+        self.results: dict[int, torch.Tensor] = {}
+        self.live: set[int] = set()
+        self.slots = threading.Semaphore(max_rows)
+        self.exclusive = threading.Lock()
+        self.admitted = 0
+        self.calls = 0
+        self.stopped = False
+        self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self.thread.start()
+
+    # --- rows -------------------------------------------------------------------------------------------------
+    def submit(self, job: Job) -> None:
+        with self.cv:
+            if self.admitted >= self.max_queue:
+                raise Busy(f"{self.admitted} rows are waiting or decoding (the server's --max-queue)")
+            self.admitted += 1
+        threading.Thread(target=self._row, args=(job,), name="row", daemon=True).start()
+
+    def _row(self, job: Job) -> None:
+        try:
+            with self.slots:
+                ids = self._decode(job)
+            self.report(job, ids)
+            job.emit(Event([], [], job.calls, done=True, ids=ids.tolist()))
+        except Gone:
+            job.emit(Event([], [], job.calls, done=True, error="gone"))
+        except Exception as err:  # a decoder refusal names the option; anything else is the server's
+            job.emit(Event([], [], job.calls, done=True, error=f"{type(err).__name__}: {err}"))
+        finally:
+            with self.cv:
+                self.live.discard(id(job))
+                self.admitted -= 1
+                self.cv.notify_all()
+
+    def _decode(self, job: Job) -> torch.Tensor:
+        x = torch.tensor([job.canvas], dtype=torch.long)
+        gen = torch.Generator().manual_seed(job.seed)
+        if not self.shared:
+            with self.exclusive:
+                res = generate(self.denoiser, x, job.sampler, steps=job.steps, generator=gen, eos_id=job.eos_id,
+                               **job.options)
+            job.calls = res.nfe
+            return res.ids[0].cpu()
+        with self.cv:
+            self.live.add(id(job))
+        res = generate(RowDenoiser(self, job), x, job.sampler, steps=job.steps, generator=gen, eos_id=job.eos_id,
+                       **job.options)
+        return res.ids[0].cpu()
+
+    def report(self, job: Job, x: torch.Tensor) -> None:
+        """Emit the positions of `x` (L,) decided since the row's last report."""
+        x = x.cpu()
+        before = job.last if job.last is not None else torch.tensor(job.canvas)
+        changed = (x != before).nonzero().flatten()
+        job.last = x.clone()
+        if len(changed):
+            job.emit(Event(changed.tolist(), x[changed].tolist(), job.calls))
+
+    # --- the batched model call ---------------------------------------------------------------------------------
+    def call(self, job: Job, x: torch.Tensor) -> torch.Tensor:
+        key = id(job)
+        with self.cv:
+            self.posted[key] = x
+            self.cv.notify_all()
+            while key not in self.results:
+                if self.stopped:
+                    raise Gone()
+                self.cv.wait()
+            return self.results.pop(key)
+
+    def _take(self) -> dict[int, torch.Tensor] | None:
+        with self.cv:
+            while not self.posted and not self.stopped:
+                self.cv.wait()
+            if self.stopped:
+                return None
+            end = time.monotonic() + TICK_WAIT_S
+            while len(self.posted) < len(self.live) and (left := end - time.monotonic()) > 0:
+                self.cv.wait(left)
+            taken, self.posted = self.posted, {}
+            return taken
+
+    def _loop(self) -> None:
+        while (taken := self._take()) is not None:
+            by_shape: dict[tuple, list[int]] = {}
+            for key, x in taken.items():
+                by_shape.setdefault(tuple(x.shape), []).append(key)
+            out = {}
+            for keys in by_shape.values():
+                logp = self.denoiser(torch.cat([taken[k] for k in keys]))
+                self.calls += 1
+                out.update({k: logp[i:i + 1] for i, k in enumerate(keys)})
+            with self.cv:
+                self.results.update(out)
+                self.cv.notify_all()
+
+    def stop(self) -> None:
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
