@@ -163,7 +163,10 @@ class Engine:
                 if self.stopped:
                     raise Gone()
                 self.cv.wait()
-            return self.results.pop(key)
+            out = self.results.pop(key)
+        if isinstance(out, Exception):
+            raise out
+        return out
 
     def _take(self) -> dict[int, torch.Tensor] | None:
         with self.cv:
@@ -184,7 +187,11 @@ class Engine:
                 by_shape.setdefault(tuple(x.shape), []).append(key)
             out = {}
             for keys in by_shape.values():
-                logp = self.denoiser(torch.cat([taken[k] for k in keys]))
+                try:
+                    logp = self.denoiser(torch.cat([taken[k] for k in keys]))
+                except Exception as err:  # every row of the call fails with it; the engine goes on
+                    out.update({k: err for k in keys})
+                    continue
                 self.calls += 1
                 out.update({k: logp[i:i + 1] for i, k in enumerate(keys)})
             with self.cv:
