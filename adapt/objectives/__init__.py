@@ -16,15 +16,16 @@ from adapt.model import DiffusionMeta
 from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, ModelForward, Noised, Objective
 from adapt.objectives.block import BlockDiffusion
 from adapt.objectives.mdlm import MaskedDiffusion
+from adapt.objectives.spec import Decoding, meta_get
 
 OBJECTIVES: dict[str, type] = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
 """name -> objective class (each implements `Objective`); `diffusion.objective` picks one."""
 AUTO = "auto"
 """`diffusion.objective` of recipes written before objectives had names: chosen by the block length."""
 
-__all__ = ["AUTO", "OBJECTIVES", "Attention", "BlockDiffusion", "CardNotes", "Forward", "JointCausal",
-           "MaskedDiffusion", "ModelForward", "Noised", "Objective", "for_meta", "from_config", "make", "meta_class",
-           "objective_name", "selected"]
+__all__ = ["AUTO", "OBJECTIVES", "Attention", "BlockDiffusion", "CardNotes", "Decoding", "Forward", "JointCausal",
+           "MaskedDiffusion", "ModelForward", "Noised", "Objective", "decoding", "for_meta", "from_config", "make",
+           "meta_class", "objective_name", "selected"]
 
 
 class UnknownObjective(ValueError):
@@ -53,9 +54,14 @@ def selected(cfg: Config) -> type:
 def meta_class(meta: DiffusionMeta | dict) -> type:
     """The class of the objective an export was trained with (its diffusion.json; exports written before
     objectives had names are chosen by their block length)."""
-    get = meta.get if isinstance(meta, dict) else lambda k, d=None: getattr(meta, k, d)
-    name = objective_name(get("block_length", 0) or 0, get("objective", "") or AUTO)
+    name = objective_name(meta_get(meta, "block_length", 0) or 0, meta_get(meta, "objective", "") or AUTO)
     return _lookup(name, "the export's diffusion metadata")
+
+
+def decoding(meta: DiffusionMeta | dict) -> Decoding:
+    """How an export must be decoded, as its objective answers from its metadata (a DiffusionMeta or a
+    diffusion.json dict): the block length it needs and whether its clean stream is a causal LM."""
+    return meta_class(meta).decoding(meta)
 
 
 def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):

@@ -176,6 +176,10 @@ class Objective(Protocol):
         """The block length a decoder must use for an export (0: any, the whole sequence by default)."""
 
     @classmethod
+    def decoding(cls, meta):
+        """How an export must be decoded (adapt.objectives.spec.Decoding), from its metadata."""
+
+    @classmethod
     def card(cls, meta: dict) -> CardNotes:
         """What the model card says about this objective, from an export's diffusion.json."""
 

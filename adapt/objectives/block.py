@@ -30,6 +30,7 @@ import torch
 from adapt.attention import document_visibility, to_additive
 from adapt.objectives.base import Attention, CardNotes, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion
+from adapt.objectives.spec import Decoding, meta_get
 
 
 def block_ids(length: int, block: int, device=None) -> torch.Tensor:
@@ -169,7 +170,11 @@ class BlockDiffusion(MaskedDiffusion):
 
     @classmethod
     def decode_block(cls, meta) -> int:
-        return meta.block_length
+        return meta_get(meta, "block_length", 0) or 0
+
+    @classmethod
+    def decoding(cls, meta) -> Decoding:
+        return Decoding(block_length=cls.decode_block(meta), clean_causal=meta_get(meta, "clean_attention") == "causal")
 
     @classmethod
     def card(cls, meta: dict) -> CardNotes:

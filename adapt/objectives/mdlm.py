@@ -21,6 +21,7 @@ from adapt.diffusion import (context_shares, corrupt, diffusion_loss_sum, distil
                              shift_logits, token_nll)
 from adapt.model import DTYPES
 from adapt.objectives.base import Attention, CardNotes, Distill, Forward, JointCausal, Noised
+from adapt.objectives.spec import Decoding
 
 
 def sequence_mask(attention: Attention, length: int, batch: int, device: torch.device, backend: str,
@@ -128,6 +129,10 @@ class MaskedDiffusion:
     @classmethod
     def decode_block(cls, meta) -> int:
         return 0
+
+    @classmethod
+    def decoding(cls, meta) -> Decoding:
+        return Decoding(block_length=0, clean_causal=False)
 
     @classmethod
     def card(cls, meta: dict) -> CardNotes:
