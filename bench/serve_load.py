@@ -5,7 +5,8 @@ and at the largest client count, measured in one run; then a soak with clients t
     python bench/serve_load.py EXPORT [--clients 1 4 16] [--per-client 4] [--max-tokens 32] [--soak 1000]
                                [--sampler NAME] [--json out.json]
 
-The server is started by this script on a free loopback port (`--server-args` pass through). Direct figures use
+Every request sends the prompt of the direct run unless `--mixed` (prompts of several lengths). The server is
+started by this script on a free loopback port (`--server-args` pass through). Direct figures use
 adapt.sampling.generate with the sampler the server would use, on the same canvas; a ratio compares figures of this
 one run only. RSS is the server process's resident memory, read from /proc after the first and last hundred soak
 requests.
@@ -72,7 +73,8 @@ def load(url: str, clients: int, args) -> dict:
     from openai import OpenAI
 
     client = OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=600)
-    jobs = [PROMPTS[(c * args.per_client + i) % len(PROMPTS)] for c in range(clients) for i in range(args.per_client)]
+    prompts = PROMPTS if args.mixed else PROMPTS[:1]
+    jobs = [prompts[(c * args.per_client + i) % len(prompts)] for c in range(clients) for i in range(args.per_client)]
     t0 = time.perf_counter()
     with cf.ThreadPoolExecutor(clients) as pool:
         res = list(pool.map(lambda p: one_request(client, p, args), jobs))
@@ -132,6 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-client", type=int, default=4)
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--sampler", help="the decoder (default: the export's own)")
+    p.add_argument("--mixed", action="store_true",
+                   help="prompts of different lengths (default: every request the direct run's prompt)")
     p.add_argument("--soak", type=int, default=0, help="requests of the soak (0: none)")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[])
     p.add_argument("--json", type=Path)
@@ -141,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         import httpx2
 
         sampler = args.sampler or httpx2.get(url + "/v1/models").json()["data"][0]["diffusion"]["sampler"]
+        load(url, 1, argparse.Namespace(**{**vars(args), "per_client": 1}))  # warm: the first calls pay for setup
         out = {"export": args.export, "sampler": sampler, "max_tokens": args.max_tokens,
                "served": [load(url, c, args) for c in args.clients]}
         if args.soak:
