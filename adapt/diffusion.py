@@ -206,7 +206,7 @@ def context_shares(masked: torch.Tensor, span: int) -> torch.Tensor:
 
 
 def distill_scale(schedule: str, step: int, total_steps: int) -> float:
-    """The distillation weight's factor at optimizer step `step` of `total_steps` (diffusion.distill_schedule):
+    """The distillation weight's factor at optimizer step `step` of `total_steps` (diffusion.distill.schedule):
     1 throughout (constant), or 1 - step / total_steps (linear: 1 at the first step, 1 / total_steps at the last)."""
     return 1.0 if schedule == "constant" else max(0.0, 1.0 - step / total_steps)
 

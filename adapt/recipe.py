@@ -6,7 +6,6 @@ anything loads. The schema itself is `adapt.config`; the resume policy is `adapt
 """
 from __future__ import annotations
 
-import math
 import os
 import re
 import sys
@@ -18,9 +17,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from adapt import objectives
 from adapt.attention import backend_problem
-from adapt.config import Config, ConfigError, check_tree, load_yaml, renamed, values
-from adapt.limits import CHOICES, OPEN_BELOW, RANGES
+from adapt.config import Config, ConfigError, load_yaml, schema, values
 from adapt.export import exported_meta
+from adapt.keys import check_tree, range_problems, renamed
 from adapt.model import ModelLoadError
 
 
@@ -73,18 +72,7 @@ def _read_recipe(path: str | os.PathLike, problems: list[str]) -> dict:
 
 def validate(cfg: Config) -> list[str]:
     """Every out-of-range value and incompatible option combination, as messages."""
-    problems = []
-    leaves = values(cfg)
-    for key, allowed in CHOICES.items():
-        if leaves[key] not in allowed:
-            problems.append(f"`{key}` must be one of {', '.join(map(str, allowed))}; got {leaves[key]!r}")
-    for key, lo, hi in RANGES:
-        v, open_below = leaves[key], key in OPEN_BELOW
-        finite = not isinstance(v, float) or math.isfinite(v)
-        if not (finite and (lo < v if open_below else lo <= v) and (hi is None or v <= hi)):  # NaN fails too
-            bound = (f"finite and {'>' if open_below else '>='} {lo}" if hi is None
-                     else f"in {'(' if open_below else '['}{lo}, {hi}]")
-            problems.append(f"`{key}` must be {bound}; got {v!r}")
+    problems = range_problems(cfg, values(cfg))  # the choices (Literal fields) were checked as the keys were read
     if cfg.dist.offload_param and cfg.dist.zero_stage != 3:
         problems.append("`dist.offload_param` needs `dist.zero_stage=3`")
     if cfg.dist.offload_optimizer and cfg.dist.zero_stage == 0:
@@ -134,7 +122,7 @@ def _objective_problems(cfg: Config) -> list[str]:
     try:
         objective = objectives.selected(cfg)
     except objectives.UnknownObjective as err:
-        return [f"{err}; set diffusion.objective to one of them (auto: by diffusion.block_length)"]
+        return [f"{err}; set diffusion.objective to one of them (auto: by diffusion.block.length)"]
     return objective.recipe_problems(cfg)
 
 
@@ -151,13 +139,7 @@ def _noise_problems(cfg: Config) -> list[str]:
         problems.append("`diffusion.complementary_masks` masks the complement at rate 1 - t, which position-dependent "
                         "masking (rate t ** a_i) does not have; set diffusion.position_masking=0 or "
                         "diffusion.complementary_masks=false")
-    if d.distill_onpolicy and not d.distill_weight:
-        problems.append("`diffusion.distill_onpolicy` shares out the distillation term, which is off; set "
-                        "diffusion.distill_weight > 0, or diffusion.distill_onpolicy=0")
-    if d.distill_schedule != "constant" and not d.distill_weight:
-        problems.append(f"`diffusion.distill_schedule={d.distill_schedule}` scales the distillation term, which is "
-                        f"off; set diffusion.distill_weight > 0, or diffusion.distill_schedule=constant")
-    return problems
+    return problems  # a term whose weight is 0 is off, whatever its other keys say
 
 
 def _exported_model_problems(cfg: Config) -> list[str]:
@@ -169,10 +151,10 @@ def _exported_model_problems(cfg: Config) -> list[str]:
     if meta is None:
         return []
     problems = []
-    if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "parent":
-        problems.append("`diffusion.distill_teacher=parent` needs the causal parent, but `model.name_or_path` is an "
-                        "exported diffusion model whose parent is not part of it; set diffusion.distill_weight=0, or "
-                        "diffusion.distill_teacher=clean with a causal clean stream (block diffusion)")
+    if cfg.diffusion.distill.weight and cfg.diffusion.distill.teacher == "parent":
+        problems.append("`diffusion.distill.teacher=parent` needs the causal parent, but `model.name_or_path` is an "
+                        "exported diffusion model whose parent is not part of it; set diffusion.distill.weight=0, or "
+                        "diffusion.distill.teacher=clean with a causal clean stream (block diffusion)")
     if cfg.attention.anneal_steps > 0:
         problems.append("`model.name_or_path` is an exported diffusion model (trained with non-causal attention); "
                         "set `attention.anneal_steps=0` (annealing from causal again would undo the adaptation)")
@@ -186,7 +168,7 @@ def _exported_model_problems(cfg: Config) -> list[str]:
     if trained is not chosen:
         problems.append(f"`diffusion.objective` selects {chosen.name} but the exported model was trained with "
                         f"{trained.name}; set `diffusion.objective={trained.name}`"
-                        + (f" diffusion.block_length={meta.block_length}" if meta.block_length else ""))
+                        + (f" diffusion.block.length={meta.block_length}" if meta.block_length else ""))
     else:
         problems += trained.export_problems(cfg, meta)
     return problems
@@ -216,10 +198,12 @@ def load_config(recipe: str | os.PathLike | None, overrides: list[str] = ()) -> 
     """Merge schema defaults, the recipe YAML and `key=value` overrides; raise ConfigError listing all problems."""
     problems: list[str] = []
     tree = _read_recipe(recipe, problems) if recipe is not None else {}
-    tree = check_tree(Config, renamed(tree, problems, _note), "", problems)
-    cli = check_tree(Config, renamed(_parse_overrides(list(overrides), problems), problems, _note), "", problems)
+    tree = renamed(tree, problems, _note)
+    cli = renamed(_parse_overrides(list(overrides), problems), problems, _note)
+    base = schema(tree, cli)  # the sections of the recipe's objective
+    tree, cli = check_tree(base, tree, "", problems), check_tree(base, cli, "", problems)
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Config), tree, cli)
+        merged = OmegaConf.merge(OmegaConf.structured(base), tree, cli)
         cfg: Config = OmegaConf.to_object(merged)
     except (OmegaConfBaseException, ValueError, TypeError, OverflowError) as err:  # what the schema walk missed
         raise ConfigError(problems + [str(err).splitlines()[0]]) from None

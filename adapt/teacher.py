@@ -1,4 +1,4 @@
-"""The parent as distillation teacher (`diffusion.distill_teacher=parent`): its causal logits of the clean sequence,
+"""The parent as distillation teacher (`diffusion.distill.teacher=parent`): its causal logits of the clean sequence,
 row i-1 predicting token i, computed without gradient in one extra forward per micro-batch.
 
 Under LoRA the parent is the model itself with its adapters disabled (peft's `disable_adapter`: no second copy;
@@ -27,7 +27,7 @@ class ParentTeacher:
         """The run's teacher, or None when the term is off or its teacher is the clean stream. Call it before LoRA
         wraps `model` and before any update (the copy is the parent as loaded, with the mask token added)."""
         d = cfg.diffusion
-        if not d.distill_weight or d.distill_teacher != "parent":
+        if not d.distill.weight or d.distill.teacher != "parent":
             return None
         if cfg.lora.enabled:
             return cls(None, device)

@@ -62,7 +62,7 @@ class State:
     """The training objective (adapt.objectives); it also gives the held-out bound."""
     log: MetricsLog
     teacher: ParentTeacher | None = None
-    """The parent as distillation teacher (diffusion.distill_teacher=parent), else None."""
+    """The parent as distillation teacher (diffusion.distill.teacher=parent), else None."""
     step: int = 0
     stop_requested: bool = False
     skipped: int = 0
@@ -304,7 +304,7 @@ def _micro_sums(state: State, step: int, x0: torch.Tensor, part, attention: Atte
                              attention)
     distill = obj.distill_sum(logits, teacher, part)
     if distill is not None:
-        sums["distill"] = distill * distill_scale(state.cfg.diffusion.distill_schedule, step, state.cfg.train.max_steps)
+        sums["distill"] = distill * distill_scale(state.cfg.diffusion.distill.schedule, step, state.cfg.train.max_steps)
     if joint is not None:
         sums["ar"] = joint.loss_sum(x0, rows, attention.docs, causal_logits)
     return sums

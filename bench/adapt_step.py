@@ -18,7 +18,7 @@ Each variant runs in its own process (same model, batch, dtype, attention backen
                  recipe's) read from the same 2L forward's clean rows; reported against `block`
   blockkd        the block step with distillation from the parent at every masked position (a frozen copy of the
                  parent: one more forward of L positions without gradient); reported against `block`
-  blockopd       the same taught on policy (diffusion.distill_onpolicy=1: the parent scores the model's drafts in
+  blockopd       the same taught on policy (diffusion.distill.onpolicy=1: the parent scores the model's drafts in
                  a forward of 2L positions without gradient); reported against `block`
 `--only` runs a subset (`causal` is always run: it is every ratio's baseline).
 Peak memory is torch.cuda.max_memory_allocated on GPU; on CPU it is the peak resident set size
@@ -41,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 VARIANTS = ("causal", "anneal", "bidirectional", "block", "ar", "kd", "blockar", "blockkd", "blockopd")
 BLOCK = ("block", "blockar", "blockkd", "blockopd")
-DISTILL = ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked"]
+DISTILL = ["diffusion.distill.weight=1", "diffusion.distill.teacher=parent", "diffusion.distill.positions=masked"]
 AR_WEIGHT = 0.3
 """diffusion.ar_loss_weight of the `ar` variant."""
 
@@ -84,13 +84,13 @@ def _state(args):
     from adapt.teacher import ParentTeacher
     from adapt.train import State, _optimizer, lr_lambda
 
-    block = [f"diffusion.block_length={args.block_length}", "attention.anneal_steps=0",
-             f"diffusion.clean_attention={args.clean_attention}"] \
+    block = [f"diffusion.block.length={args.block_length}", "attention.anneal_steps=0",
+             f"diffusion.block.clean_attention={args.clean_attention}"] \
         if args.variant in BLOCK else ["attention.anneal_steps=2"]
     if args.variant in ("ar", "blockar"):
         block.append(f"diffusion.ar_loss_weight={AR_WEIGHT}")
     if args.variant in ("kd", "blockkd", "blockopd"):
-        block += DISTILL + (["diffusion.distill_onpolicy=1"] if args.variant == "blockopd" else [])
+        block += DISTILL + (["diffusion.distill.onpolicy=1"] if args.variant == "blockopd" else [])
     cfg = load_config(None, [f"model.name_or_path={args.model}", f"model.dtype={args.dtype}",
                              f"model.attn_implementation={args.attn}", f"data.seq_length={args.length}",
                              f"train.micro_batch_size={args.batch}", "dist.zero_stage=0",

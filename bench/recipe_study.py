@@ -29,13 +29,13 @@ from adapt.checkpoint import final_dir  # noqa: E402
 from adapt.export import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-NO_TEACHER = ["diffusion.distill_weight=0", "diffusion.distill_teacher=clean", "diffusion.distill_positions=frontier",
-              "diffusion.distill_schedule=constant"]
+NO_TEACHER = ["diffusion.distill.weight=0", "diffusion.distill.teacher=clean", "diffusion.distill.positions=frontier",
+              "diffusion.distill.schedule=constant"]
 """The default recipe's teacher switched off: every variant starts from the recipe the study measured against
 (`kdp1m+kdlin` is today's default, docs/decisions.md 2026-12-07)."""
 SCREEN = ["train.save_every=0", "train.eval_t_samples=1", "train.eval_before=none", "run.sample_length=0",
           "train.log_every=10", *NO_TEACHER]
-_BLOCK4 = ["diffusion.objective=block", "diffusion.block_length=4", "attention.anneal_steps=0",
+_BLOCK4 = ["diffusion.objective=block", "diffusion.block.length=4", "attention.anneal_steps=0",
            "attention.anneal_schedule=blocks"]
 VARIANTS = {
     "base": [],
@@ -48,7 +48,7 @@ VARIANTS = {
     "window": ["attention.anneal_schedule=window"],
     "curriculum": ["attention.anneal_schedule=blocks"],
     "noshift": ["diffusion.shift=false"],
-    "cleancausal": ["diffusion.clean_attention=causal"],
+    "cleancausal": ["diffusion.block.clean_attention=causal"],
     "ar0.3": ["diffusion.ar_loss_weight=0.3"],
     "ar0.1": ["diffusion.ar_loss_weight=0.1"],
     "ar0.3eqtime": ["diffusion.ar_loss_weight=0.3", "train.max_steps={eq}", "attention.anneal_steps={eqhalf}"],
@@ -75,28 +75,28 @@ VARIANTS = {
     "full": ["lora.enabled=false", "optim.lr=2e-4"],
     "r64": ["lora.r=64", "lora.alpha=128"],
     "cosine": ["optim.min_lr_ratio=0.1"],
-    **{f"b{b}": ["diffusion.objective=block", f"diffusion.block_length={b}", "attention.anneal_schedule=blocks"]
+    **{f"b{b}": ["diffusion.objective=block", f"diffusion.block.length={b}", "attention.anneal_schedule=blocks"]
        for b in (1, 2, 4, 8, 16, 64)},
-    "kd1f": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=frontier"],
-    "kd1m": ["diffusion.distill_weight=1.0", "diffusion.distill_positions=masked"],
-    "kd0.3m": ["diffusion.distill_weight=0.3", "diffusion.distill_positions=masked"],
-    "kd3f": ["diffusion.distill_weight=3.0", "diffusion.distill_positions=frontier"],
-    **{f"kdp{w}m": ["diffusion.distill_weight=" + w, "diffusion.distill_positions=masked",
-                    "diffusion.distill_teacher=parent"] for w in ("0.3", "1", "3")},
-    "onpol0.5": ["diffusion.distill_onpolicy=0.5"],
-    "onpol1": ["diffusion.distill_onpolicy=1.0"],
-    "kdlin": ["diffusion.distill_schedule=linear"],  # the distillation weight falling linearly to 0 at the last step
-    "kdctx": ["diffusion.distill_positions=context"],  # each masked position's term times its seen share of x_<i
+    "kd1f": ["diffusion.distill.weight=1.0", "diffusion.distill.positions=frontier"],
+    "kd1m": ["diffusion.distill.weight=1.0", "diffusion.distill.positions=masked"],
+    "kd0.3m": ["diffusion.distill.weight=0.3", "diffusion.distill.positions=masked"],
+    "kd3f": ["diffusion.distill.weight=3.0", "diffusion.distill.positions=frontier"],
+    **{f"kdp{w}m": ["diffusion.distill.weight=" + w, "diffusion.distill.positions=masked",
+                    "diffusion.distill.teacher=parent"] for w in ("0.3", "1", "3")},
+    "onpol0.5": ["diffusion.distill.onpolicy=0.5"],
+    "onpol1": ["diffusion.distill.onpolicy=1.0"],
+    "kdlin": ["diffusion.distill.schedule=linear"],  # the distillation weight falling linearly to 0 at the last step
+    "kdctx": ["diffusion.distill.positions=context"],  # each masked position's term times its seen share of x_<i
     "full0.25": ["diffusion.full_mask_share=0.25"],
-    "noisedcausal": ["diffusion.noised_attention=causal"],
+    "noisedcausal": ["diffusion.block.noised_attention=causal"],
     # the anchors' recipes at equal tokens, from their papers' settings with this code (b = 4 for the block ones):
     "diffullama": ["attention.anneal_schedule=random"],  # whole sequence, random attention annealing, shift
-    "sdar": [*_BLOCK4, "diffusion.clean_attention=block"],  # plain block diffusion
-    "bd3lm": [*_BLOCK4, "diffusion.clean_attention=block", "diffusion.t_min=0.45", "diffusion.t_max=0.95"],
-    "fastdllm2": [*_BLOCK4, "diffusion.clean_attention=block", "diffusion.complementary_masks=true"],
-    "opdlm": [*_BLOCK4, "diffusion.clean_attention=causal", "diffusion.distill_weight=1",
-              "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked", "diffusion.distill_onpolicy=1"],
-    "idlm": [*_BLOCK4, "diffusion.clean_attention=causal", "diffusion.noised_attention=causal",
+    "sdar": [*_BLOCK4, "diffusion.block.clean_attention=block"],  # plain block diffusion
+    "bd3lm": [*_BLOCK4, "diffusion.block.clean_attention=block", "diffusion.t_min=0.45", "diffusion.t_max=0.95"],
+    "fastdllm2": [*_BLOCK4, "diffusion.block.clean_attention=block", "diffusion.complementary_masks=true"],
+    "opdlm": [*_BLOCK4, "diffusion.block.clean_attention=causal", "diffusion.distill.weight=1",
+              "diffusion.distill.teacher=parent", "diffusion.distill.positions=masked", "diffusion.distill.onpolicy=1"],
+    "idlm": [*_BLOCK4, "diffusion.block.clean_attention=causal", "diffusion.block.noised_attention=causal",
              "diffusion.ar_loss_weight=1"],  # causal masks among the noised tokens, and the causal (AR) loss
     "mb2": ["train.micro_batch_size=2", "train.max_steps={2steps}", "attention.anneal_steps={steps}",
             "optim.warmup_steps={warmup2}"],

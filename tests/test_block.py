@@ -134,21 +134,21 @@ def test_curriculum():
 
 def test_recipe_checks():
     with pytest.raises(ConfigError, match="does not divide"):
-        load_config(None, ["diffusion.block_length=5", "attention.anneal_schedule=blocks"])
+        load_config(None, ["diffusion.block.length=5", "attention.anneal_schedule=blocks"])
     with pytest.raises(ConfigError, match="anneal_schedule=blocks"):
-        load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=random"])
+        load_config(None, ["diffusion.block.length=8", "attention.anneal_schedule=random"])
     with pytest.raises(ConfigError, match="flash_attention_2"):
-        load_config(None, ["diffusion.block_length=8", "attention.anneal_steps=0",
+        load_config(None, ["diffusion.block.length=8", "attention.anneal_steps=0",
                            "model.attn_implementation=flash_attention_2"])
-    with pytest.raises(ConfigError, match="diffusion.clean_attention"):
-        load_config(None, ["diffusion.clean_attention=bidirectional"])
-    with pytest.raises(ConfigError, match="diffusion.noised_attention"):
-        load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks",
-                           "diffusion.noised_attention=block"])
+    with pytest.raises(ConfigError, match="diffusion.block.clean_attention"):
+        load_config(None, ["diffusion.block.clean_attention=bidirectional"])
+    with pytest.raises(ConfigError, match="diffusion.block.noised_attention"):
+        load_config(None, ["diffusion.block.length=8", "attention.anneal_schedule=blocks",
+                           "diffusion.block.noised_attention=block"])
     with pytest.raises(ConfigError, match="whole-sequence objective has none"):  # mdlm has no noised block
-        load_config(None, ["diffusion.noised_attention=causal"])
-    cfg = load_config(None, ["diffusion.block_length=8", "attention.anneal_schedule=blocks"])
-    assert cfg.diffusion.block_length == 8
+        load_config(None, ["diffusion.block.noised_attention=causal"])
+    cfg = load_config(None, ["diffusion.block.length=8", "attention.anneal_schedule=blocks"])
+    assert cfg.diffusion.block.length == 8
 
 
 def test_the_noised_attention_is_recorded_checked_and_described():
@@ -157,8 +157,8 @@ def test_the_noised_attention_is_recorded_checked_and_described():
 
     from adapt.model import DiffusionMeta
 
-    base = ["diffusion.block_length=4", "attention.anneal_schedule=blocks", "diffusion.clean_attention=causal"]
-    cfg = load_config(None, [*base, "diffusion.noised_attention=causal"])
+    base = ["diffusion.block.length=4", "attention.anneal_schedule=blocks", "diffusion.block.clean_attention=causal"]
+    cfg = load_config(None, [*base, "diffusion.block.noised_attention=causal"])
     meta = DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, **BlockDiffusion.meta_fields(cfg))
     assert meta.noised_attention == "causal" and BlockDiffusion.export_problems(cfg, meta) == []
     assert DiffusionMeta.from_json(meta.to_json(), "test").noised_attention == "causal"
@@ -246,7 +246,7 @@ def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, 
     from adapt.export import read_meta
 
     common = ("train.max_steps=2", "train.save_every=0", "train.eval_t_samples=2", "data.seq_length=64",
-              "data.heldout_sequences=3", "diffusion.block_length=8", "run.sample_length=15")
+              "data.heldout_sequences=3", "diffusion.block.length=8", "run.sample_length=15")
     launch(tmp_path / "a", tiny_model_dir, corpus_file, *common, "attention.anneal_schedule=blocks",
            "attention.anneal_steps=1")
     export = tmp_path / "a" / "debug" / "final"
@@ -260,7 +260,7 @@ def test_block_adapt_then_sft_through_the_entry_point(tmp_path, tiny_model_dir, 
     launch(tmp_path / "s", export, sft, *common, "stage=sft", "attention.anneal_steps=0")
     assert read_meta(tmp_path / "s" / "debug" / "final").block_length == 8
     out = launch(tmp_path / "s2", export, sft, *common, "stage=sft", "attention.anneal_steps=0",
-                 "diffusion.block_length=4", check=False)
+                 "diffusion.block.length=4", check=False)
     assert out.returncode == 2 and "block_length=8" in out.stderr
 
 

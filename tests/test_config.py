@@ -1,10 +1,12 @@
 """Recipe schema: every recipe loads, precedence, one error listing every problem, resume safety."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import string
 import tempfile
 from pathlib import Path
+from typing import Literal, get_origin, get_type_hints
 
 import pytest
 import yaml
@@ -13,8 +15,8 @@ from hypothesis import strategies as st
 
 from adapt.checkpoint import resume_conflicts
 from adapt.config import Config, ConfigError, from_dict, to_dict, to_yaml
-from adapt.limits import CHOICES, RANGES
 from adapt.config import values as _values
+from adapt.keys import ranges
 from adapt.recipe import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,9 +49,16 @@ def test_every_recipe_loads(recipe, monkeypatch):
     # the recipe's own values made it into the dataclasses
     tree = yaml.safe_load(recipe.read_text())
     values = _values(cfg)
-    for section, body in tree.items():
-        for key, value in (body or {}).items() if isinstance(body, dict) else []:
-            assert values[f"{section}.{key}"] == value, f"{section}.{key}"
+    for key, value in _leaves(tree).items():
+        assert values[key] == value, key
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """A recipe's values by dotted key (`diffusion.block.length` -> 4)."""
+    out = {}
+    for key, value in tree.items():
+        out.update(_leaves(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return out
 
 
 def test_precedence_defaults_recipe_dotlist(tmp_path):
@@ -101,12 +110,23 @@ def test_out_of_range(override, key):
 
 
 def test_every_number_has_a_range():
-    """No number reaches torch unchecked: every int and float key is in RANGES or CHOICES, every int bounded above."""
-    ranges = {key: hi for key, _, hi in RANGES}
+    """No number reaches torch unchecked: every int and float key declares a range or is a Literal of choices, every
+    int bounded above."""
+    declared = {key: hi for key, (_, hi, _) in ranges(Config()).items()}
+    choices = set(_choices(Config()))
     for key, default in _values(Config()).items():
         if isinstance(default, (int, float)) and not isinstance(default, bool):
-            assert key in ranges or key in CHOICES, key
-            assert not isinstance(default, int) or key in CHOICES or ranges[key] is not None, key
+            assert key in declared or key in choices, key
+            assert not isinstance(default, int) or key in choices or declared[key] is not None, key
+
+
+def _choices(cfg, prefix: str = ""):
+    """The dotted keys of the Literal[...] fields of a config."""
+    for f, kind in zip(dataclasses.fields(cfg), get_type_hints(type(cfg)).values()):
+        if dataclasses.is_dataclass(getattr(cfg, f.name)):
+            yield from _choices(getattr(cfg, f.name), f"{prefix}{f.name}.")
+        elif get_origin(kind) is Literal:
+            yield f"{prefix}{f.name}"
 
 
 @pytest.mark.parametrize("name", ["../escape", "/abs/run", "", ".", "..", "a/b/c", "a\\b", ".hidden", "-x", "a b"])

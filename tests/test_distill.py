@@ -1,4 +1,4 @@
-"""The distillation term (`diffusion.distill_*`): tau^2 KL(teacher || model) at the frontier or every masked
+"""The distillation term (`diffusion.distill.*`): tau^2 KL(teacher || model) at the frontier or every masked
 position, against direct computations; zero where the model already is its teacher (the unconverted parent at
 b = 1); the training step's gradient is the diffusion loss's plus the term's; bad values are refused by name."""
 from __future__ import annotations
@@ -15,8 +15,9 @@ from test_joint_loss import Engine, diffusion_part, make_state
 from adapt.config import ConfigError
 from adapt.diffusion import (blocked_vocab, context_shares, distill_kl, frontier_positions, prediction_logits,
                              shift_logits)
+from adapt import objectives
 from adapt.objectives import Attention, BlockDiffusion, ModelForward, Noised
-from adapt.objectives.base import Distill
+from adapt.objectives.distill import Distill
 from adapt.model import set_causal
 from adapt.recipe import load_config
 from adapt.train import global_batch, step_attention, train_step
@@ -159,8 +160,8 @@ def _reference_step(ref, w: float, count: float, sums, noised, pair) -> float:
 
 def test_step_gradient_is_diffusion_plus_the_distillation_term(tmp_path):
     w = 0.7
-    opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0")
-    state = make_state(tmp_path, *opts, f"diffusion.distill_weight={w}", "diffusion.distill_positions=masked")
+    opts = ("diffusion.block.length=4", "diffusion.block.clean_attention=causal", "attention.anneal_steps=0")
+    state = make_state(tmp_path, *opts, f"diffusion.distill.weight={w}", "diffusion.distill.positions=masked")
     out = train_step(state, 2)
     assert state.engine.calls == 2  # the teacher's rows come from the step's own forward: no extra call
     ref = make_state(tmp_path, *opts)
@@ -219,7 +220,7 @@ def test_step_gradient_with_the_frozen_parent_as_teacher(tmp_path):
     from adapt.teacher import ParentTeacher
 
     w = 0.5
-    opts = (f"diffusion.distill_weight={w}", "diffusion.distill_teacher=parent", "diffusion.distill_positions=masked")
+    opts = (f"diffusion.distill.weight={w}", "diffusion.distill.teacher=parent", "diffusion.distill.positions=masked")
     state = make_state(tmp_path, *opts)
     state.teacher = ParentTeacher.build(state.cfg, state.engine.module, torch.device("cpu"))
     frozen = {n: p.clone() for n, p in state.teacher.frozen.named_parameters()}
@@ -250,11 +251,11 @@ def test_step_gradient_with_the_frozen_parent_as_teacher(tmp_path):
 def test_a_linear_schedule_scales_the_term_by_the_steps_left(tmp_path):
     """distill_schedule=linear at step 2 of 4 trains as the constant term at half the weight (1 - 2 / 4): the same
     gradient, the logged term halved; at full weight the gradient differs, so the comparison can fail."""
-    opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0",
-            "diffusion.distill_positions=masked", "train.max_steps=4")
-    linear = make_state(tmp_path, *opts, "diffusion.distill_weight=1", "diffusion.distill_schedule=linear")
-    half = make_state(tmp_path, *opts, "diffusion.distill_weight=0.5")
-    full = make_state(tmp_path, *opts, "diffusion.distill_weight=1")
+    opts = ("diffusion.block.length=4", "diffusion.block.clean_attention=causal", "attention.anneal_steps=0",
+            "diffusion.distill.positions=masked", "train.max_steps=4")
+    linear = make_state(tmp_path, *opts, "diffusion.distill.weight=1", "diffusion.distill.schedule=linear")
+    half = make_state(tmp_path, *opts, "diffusion.distill.weight=0.5")
+    full = make_state(tmp_path, *opts, "diffusion.distill.weight=1")
     outs = [train_step(s, 2) for s in (linear, half, full)]
     grads = [s.engine.summed_grads() for s in (linear, half, full)]
     assert max(float((grads[0][n] - grads[1][n]).abs().max()) for n in grads[1]) < 1e-6
@@ -264,16 +265,15 @@ def test_a_linear_schedule_scales_the_term_by_the_steps_left(tmp_path):
 
 
 @pytest.mark.parametrize("bad, key", [
-    (["diffusion.distill_schedule=linear"], "distill_schedule=linear` scales the distillation term, which is off"),
-    (["diffusion.distill_weight=1", "diffusion.block_length=4", "diffusion.clean_attention=causal",
-      "diffusion.distill_schedule=cosine"], "distill_schedule"),
-    (["diffusion.distill_weight=-0.5"], "distill_weight"),
-    (["diffusion.distill_weight=.nan"], "distill_weight"),
-    (["diffusion.distill_weight=1", "diffusion.distill_top_k=-1"], "distill_top_k"),
-    (["diffusion.distill_weight=1", "diffusion.distill_temperature=0"], "distill_temperature"),
-    (["diffusion.distill_weight=1", "diffusion.distill_positions=everywhere"], "distill_positions"),
-    (["diffusion.distill_weight=1"], "distill_teacher=clean"),  # the whole-sequence objective has no clean stream
-    (["diffusion.distill_weight=1", "diffusion.block_length=4", "attention.anneal_schedule=blocks"],
+    (["diffusion.distill.weight=1", "diffusion.block.length=4", "diffusion.block.clean_attention=causal",
+      "diffusion.distill.schedule=cosine"], "distill.schedule"),
+    (["diffusion.distill.weight=-0.5"], "distill.weight"),
+    (["diffusion.distill.weight=.nan"], "distill.weight"),
+    (["diffusion.distill.weight=1", "diffusion.distill.top_k=-1"], "distill.top_k"),
+    (["diffusion.distill.weight=1", "diffusion.distill.temperature=0"], "distill.temperature"),
+    (["diffusion.distill.weight=1", "diffusion.distill.positions=everywhere"], "distill.positions"),
+    (["diffusion.distill.weight=1"], "distill.teacher=clean"),  # the whole-sequence objective has no clean stream
+    (["diffusion.distill.weight=1", "diffusion.block.length=4", "attention.anneal_schedule=blocks"],
      "clean_attention=causal"),  # the block clean stream sees the token it would teach
 ])
 def test_bad_values_are_refused_by_name(bad, key):
@@ -286,11 +286,11 @@ def test_the_parent_of_an_exported_diffusion_model_is_refused(tmp_path, tiny_mod
     from test_sft import exported
 
     folder = exported(tmp_path / "export", tiny_model_dir)
-    with pytest.raises(ConfigError, match="distill_teacher=parent` needs the causal parent"):
+    with pytest.raises(ConfigError, match="distill.teacher=parent` needs the causal parent"):
         load_config(None, [f"model.name_or_path={folder}", "attention.anneal_steps=0",
-                           "diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
-    fresh = load_config(None, ["diffusion.distill_weight=1", "diffusion.distill_teacher=parent"])
-    assert fresh.diffusion.distill_teacher == "parent"  # from the causal parent itself: accepted
+                           "diffusion.distill.weight=1", "diffusion.distill.teacher=parent"])
+    fresh = load_config(None, ["diffusion.distill.weight=1", "diffusion.distill.teacher=parent"])
+    assert fresh.diffusion.distill.teacher == "parent"  # from the causal parent itself: accepted
 
 
 # --- on-policy distillation (OPDLM) -------------------------------------------------------------------
@@ -351,9 +351,9 @@ def test_step_with_half_the_rows_on_policy(tmp_path):
     of the step and one of the teacher on the drafted row; the gradient is the diffusion loss's plus the term's
     with the on-policy teacher on the first row and the clean stream on the second."""
     w = 1.0
-    opts = ("diffusion.block_length=4", "diffusion.clean_attention=causal", "attention.anneal_steps=0",
-            f"diffusion.distill_weight={w}", "diffusion.distill_positions=masked")
-    state = make_state(tmp_path, *opts, "diffusion.distill_onpolicy=0.5")
+    opts = ("diffusion.block.length=4", "diffusion.block.clean_attention=causal", "attention.anneal_steps=0",
+            f"diffusion.distill.weight={w}", "diffusion.distill.positions=masked")
+    state = make_state(tmp_path, *opts, "diffusion.distill.onpolicy=0.5")
     out = train_step(state, 2)
     assert state.engine.calls == 4  # 2 micro-batches x (the step's forward + the teacher's)
     ref = make_state(tmp_path, *opts)
@@ -383,14 +383,23 @@ def test_step_with_half_the_rows_on_policy(tmp_path):
 
 
 @pytest.mark.parametrize("bad, key", [
-    (["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_onpolicy=1.5"],
-     "distill_onpolicy"),
-    (["diffusion.distill_weight=1", "diffusion.distill_teacher=parent", "diffusion.distill_onpolicy=-0.1"],
-     "distill_onpolicy"),
-    (["diffusion.distill_onpolicy=0.5"], "distill_weight > 0"),  # a share of a term that is off
-    (["diffusion.objective=block", "diffusion.block_length=4", "attention.anneal_steps=0",
-      "diffusion.distill_onpolicy=0.5"], "distill_weight > 0"),  # for either objective
+    (["diffusion.distill.weight=1", "diffusion.distill.teacher=parent", "diffusion.distill.onpolicy=1.5"],
+     "distill.onpolicy"),
+    (["diffusion.distill.weight=1", "diffusion.distill.teacher=parent", "diffusion.distill.onpolicy=-0.1"],
+     "distill.onpolicy"),
 ])
 def test_bad_onpolicy_shares_are_refused(bad, key):
     with pytest.raises(ConfigError, match=key):
         load_config(None, bad)
+
+
+@pytest.mark.parametrize("off", [
+    ["diffusion.distill.weight=0", "diffusion.distill.schedule=linear"],
+    ["diffusion.distill.onpolicy=0.5", "diffusion.distill.teacher=parent", "diffusion.distill.positions=masked"],
+    ["diffusion.objective=block", "diffusion.block.length=4", "attention.anneal_steps=0", "diffusion.distill_weight=0",
+     "diffusion.distill_schedule=linear", "diffusion.distill_onpolicy=1"],  # the old names too
+])
+def test_a_weight_of_zero_switches_the_term_off_whatever_its_other_keys_say(off):
+    cfg = load_config(None, off)
+    assert cfg.diffusion.distill.weight == 0
+    assert objectives.selected(cfg).options(cfg)["distill"] is None

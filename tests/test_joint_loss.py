@@ -104,11 +104,11 @@ def test_weight_zero_is_the_step_of_before(tmp_path, overrides):
 @pytest.mark.parametrize("block", [0, 4])
 def test_joint_gradient_is_diffusion_plus_alpha_causal_ce(tmp_path, block):
     alpha = 0.3
-    state = make_state(tmp_path, f"diffusion.ar_loss_weight={alpha}", f"diffusion.block_length={block}",
+    state = make_state(tmp_path, f"diffusion.ar_loss_weight={alpha}", f"diffusion.block.length={block}",
                        loss_mask=True)
     out = train_step(state, 1)
     assert state.engine.calls == 4  # a diffusion and a causal forward per micro-batch
-    ref = make_state(tmp_path, f"diffusion.block_length={block}", loss_mask=True)
+    ref = make_state(tmp_path, f"diffusion.block.length={block}", loss_mask=True)
     sums, count, idx = diffusion_part(ref, 1)
     x0, eligible = ref.data.train[idx], ref.data.train_loss_mask[idx]
     set_causal(ref.engine.module, True)  # the model's own causal attention, no mask of ours
@@ -121,7 +121,7 @@ def test_joint_gradient_is_diffusion_plus_alpha_causal_ce(tmp_path, block):
     assert max(float((got[n] - want[n]).abs().max()) for n in want) < 1e-6
     assert out["ar_loss"] == pytest.approx(ce.item(), rel=1e-6)
     assert out["loss"] == pytest.approx(sum(s.item() for s in sums) / count, rel=1e-6)
-    plain = make_state(tmp_path, f"diffusion.block_length={block}", loss_mask=True)
+    plain = make_state(tmp_path, f"diffusion.block.length={block}", loss_mask=True)
     train_step(plain, 1)  # without the term the gradient differs: the comparison above can fail
     assert max(float((plain.engine.summed_grads()[n] - want[n]).abs().max()) for n in want) > 1e-4
 

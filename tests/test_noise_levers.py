@@ -104,7 +104,7 @@ def test_the_levers_keep_the_loss_an_unbiased_bound(lever):
 
 
 def test_the_recipe_keys_reach_the_objective_and_are_checked():
-    cfg = load_config(None, ["diffusion.block_length=4", "attention.anneal_steps=0", "diffusion.t_min=0.3",
+    cfg = load_config(None, ["diffusion.block.length=4", "attention.anneal_steps=0", "diffusion.t_min=0.3",
                              "diffusion.t_max=0.8", "diffusion.t_per_block=true", "diffusion.complementary_masks=true"])
     made = objectives.from_config(cfg, DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK), BLOCKED)
     assert (made.t_range, made.t_per_block, made.complementary) == ((0.3, 0.8), True, True)

@@ -143,6 +143,6 @@ def test_the_block_recipe_is_the_default_job_with_blocks():
     for part in TRAINING_PARTS:
         assert getattr(block, part) == getattr(default, part), part
     assert block.train == default.train
-    assert block.diffusion.block_length == 4 and block.diffusion.clean_attention == "causal"
-    assert block.diffusion.noised_attention == "causal"
+    assert block.diffusion.block.length == 4 and block.diffusion.block.clean_attention == "causal"
+    assert block.diffusion.block.noised_attention == "causal"
     assert (block.diffusion.t_min, block.diffusion.t_max) == (0.45, 0.95)

@@ -18,7 +18,8 @@ import torch
 import yaml
 
 from adapt.cli_types import write_problem
-from adapt.config import Config, from_dict
+from adapt import objectives
+from adapt.config import Config, from_dict, schema
 from adapt.draft_head import HEAD_FILE
 from adapt.model import DiffusionMeta, ModelLoadError
 
@@ -46,7 +47,22 @@ def read_meta(folder: str | Path) -> DiffusionMeta:
     if not path.is_file():
         raise ModelLoadError(f"{folder} has no {META_FILE}: it is not an exported diffusion model; "
                              f"export one with `python -m adapt.export RUN_DIR`")
-    return DiffusionMeta.from_json(path.read_text(), str(path))
+    meta = DiffusionMeta.from_json(path.read_text(), str(path))
+    unknown = sorted(set(meta.extra) - _objective_fields(meta))
+    if unknown:
+        raise ModelLoadError(f"{path} is not valid diffusion metadata (fields {', '.join(unknown)} are none of its "
+                             f"objective's); re-export the model with `python -m adapt.export RUN_DIR`")
+    return meta
+
+
+def _objective_fields(meta: DiffusionMeta) -> set[str]:
+    """The fields the export's objective records (its `meta_fields` for the default values of its keys); every
+    field when the objective is not registered here (its own error comes where it is built)."""
+    try:
+        objective = objectives.meta_class(meta)
+    except objectives.UnknownObjective:
+        return set(meta.extra)
+    return set(objective.meta_fields(schema({"diffusion": {"objective": objective.name}})))
 
 
 def exported_meta(name_or_path: str | Path) -> DiffusionMeta | None:

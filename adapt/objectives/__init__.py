@@ -11,12 +11,11 @@ from __future__ import annotations
 
 import torch
 
-from adapt.config import Config
-from adapt.model import DiffusionMeta
 from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, ModelForward, Noised, Objective
 from adapt.objectives.block import BlockDiffusion
 from adapt.objectives.mdlm import MaskedDiffusion
 from adapt.objectives.spec import Decoding, meta_get
+from adapt.model import DiffusionMeta
 
 OBJECTIVES: dict[str, type] = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
 """name -> objective class (each implements `Objective`); `diffusion.objective` picks one."""
@@ -46,9 +45,9 @@ def _lookup(name: str, where: str) -> type:
     return OBJECTIVES[name]
 
 
-def selected(cfg: Config) -> type:
-    """The class of a recipe's objective (`diffusion.objective`, or `auto`: by `diffusion.block_length`)."""
-    return _lookup(objective_name(cfg.diffusion.block_length, cfg.diffusion.objective), "diffusion.objective")
+def selected(cfg) -> type:
+    """The class of a recipe's objective (`diffusion.objective`, or `auto`: by `diffusion.block.length`)."""
+    return _lookup(objective_name(cfg.diffusion.block.length, cfg.diffusion.objective), "diffusion.objective")
 
 
 def meta_class(meta: DiffusionMeta | dict) -> type:
@@ -64,7 +63,7 @@ def decoding(meta: DiffusionMeta | dict) -> Decoding:
     return meta_class(meta).decoding(meta)
 
 
-def from_config(cfg: Config, meta: DiffusionMeta, blocked: torch.Tensor):
+def from_config(cfg, meta: DiffusionMeta, blocked: torch.Tensor):
     """The recipe's objective for training and its evaluation."""
     return selected(cfg).from_config(cfg, meta, blocked)
 

@@ -95,18 +95,6 @@ class JointCausal:
         return float("nan") if bad else total / self.count
 
 
-@dataclass(frozen=True)
-class Distill:
-    """The distillation term's options (diffusion.distill_*; adapt.diffusion.distill_kl)."""
-
-    weight: float
-    positions: str = "frontier"
-    teacher: str = "clean"
-    top_k: int = 0
-    temperature: float = 1.0
-    onpolicy: float = 0.0
-
-
 @dataclass
 class CardNotes:
     """What an export's model card says about its objective (adapt.export.card)."""

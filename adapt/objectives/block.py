@@ -23,14 +23,33 @@ through the head (`logits_to_keep`), never the clean half's other rows.
 """
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from typing import Literal
 
 import torch
 
-from adapt.attention import document_visibility, to_additive
+from adapt.attention import block_visible, document_visibility, to_additive
+from adapt.limits import SIZE_MAX, ranged
 from adapt.objectives.base import Attention, CardNotes, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion
 from adapt.objectives.spec import Decoding, meta_get
+
+
+@dataclass
+class BlockConfig:
+    """Block diffusion's recipe keys (`diffusion.block.*`)."""
+
+    length: int = ranged(0, 0, SIZE_MAX)
+    """Blocks of this many tokens, bidirectional inside, causal across (BD3-LM); 0 = the whole sequence (masked
+    diffusion over data.seq_length tokens). Must divide data.seq_length."""
+    clean_attention: Literal["block", "causal"] = "block"
+    """The clean stream: block (BD3-LM: clean block k attends clean blocks <= k) or causal (each clean token attends
+    the clean tokens up to itself: the parent's own computation, so the decoder's cache holds the parent's keys and
+    values at the start)."""
+    noised_attention: Literal["bidirectional", "causal"] = "bidirectional"
+    """The noised block: bidirectional (each noised token attends its whole block) or causal (I-DLM: it attends its
+    block up to itself, so a masked token after visible ones is read as the parent reads it; the bound stays an ELBO,
+    and the decoders use the same mask)."""
 
 
 def block_ids(length: int, block: int, device=None) -> torch.Tensor:
@@ -40,16 +59,13 @@ def block_ids(length: int, block: int, device=None) -> torch.Tensor:
 
 def block_visibility(length: int, block: int, device=None, clean_causal: bool = False,
                      noised_causal: bool = False) -> torch.Tensor:
-    """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column). With `noised_causal` a noised
-    query sees its own block only up to itself (the on-policy teacher's view of a drafted block)."""
-    k = block_ids(length, block, device)
-    q_b, kv_b = k[:, None], k[None, :]
-    pos = torch.arange(length, device=device)
-    own_block = (q_b == kv_b) & (pos[None, :] <= pos[:, None]) if noised_causal else q_b == kv_b
-    noised = torch.cat([own_block, kv_b < q_b], dim=1)  # noised queries: own noised block, earlier clean blocks
-    own = pos[None, :] <= pos[:, None] if clean_causal else kv_b <= q_b
-    clean = torch.cat([torch.zeros(length, length, dtype=torch.bool, device=device), own], dim=1)
-    return torch.cat([noised, clean], dim=0)
+    """(2L, 2L) bool over [x_t | x_0]: True where query (row) may attend key (column), by `block_visible`. With
+    `noised_causal` a noised query sees its own block only up to itself (the on-policy teacher's view of a drafted
+    block)."""
+    i = torch.arange(2 * length, device=device)
+    pos, clean = i % length, i >= length
+    return block_visible(pos[:, None], pos[None, :], clean[:, None], clean[None, :], block, clean_causal,
+                         noised_causal)
 
 
 def source_rows(length: int, block: int, shift: bool, device=None) -> torch.Tensor:
@@ -67,12 +83,7 @@ def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, devic
     from torch.nn.attention.flex_attention import create_block_mask
 
     def visible(b, h, q, kv):
-        qb, kb = (q % length) // block, (kv % length) // block
-        q_noised, kv_noised = q < length, kv < length
-        clean_ok = (kv <= q) if clean_causal else (kb <= qb)
-        own = (qb == kb) & (kv <= q) if noised_causal else qb == kb
-        ok = (q_noised & kv_noised & own) | (q_noised & ~kv_noised & (kb < qb)) | (
-            ~q_noised & ~kv_noised & clean_ok)
+        ok = block_visible(q % length, kv % length, q >= length, kv >= length, block, clean_causal, noised_causal)
         if doc_ids is not None:
             ok = ok & (doc_ids[b, q % length] == doc_ids[b, kv % length])
         return ok
@@ -87,6 +98,7 @@ class BlockDiffusion(MaskedDiffusion):
     normalisers and the estimator are the masked-diffusion ones; the forward and the shift differ."""
 
     name = "block"
+    sections = {**MaskedDiffusion.sections, "block": BlockConfig}
 
     def __init__(self, *args, block_length: int, clean_causal: bool = False, noised_causal: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -95,9 +107,10 @@ class BlockDiffusion(MaskedDiffusion):
 
     @classmethod
     def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "BlockDiffusion":
-        return cls(meta.mask_token_id, cfg.diffusion.shift, blocked, block_length=cfg.diffusion.block_length,
-                   clean_causal=cfg.diffusion.clean_attention == "causal",
-                   noised_causal=cfg.diffusion.noised_attention == "causal", **cls.options(cfg))
+        block = cfg.diffusion.block
+        return cls(meta.mask_token_id, cfg.diffusion.shift, blocked, block_length=block.length,
+                   clean_causal=block.clean_attention == "causal", noised_causal=block.noised_attention == "causal",
+                   **cls.options(cfg))
 
     @classmethod
     def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "BlockDiffusion":
@@ -107,33 +120,32 @@ class BlockDiffusion(MaskedDiffusion):
 
     @classmethod
     def meta_fields(cls, cfg) -> dict:
-        return super().meta_fields(cfg) | {"block_length": cfg.diffusion.block_length,
-                                           "clean_attention": cfg.diffusion.clean_attention,
-                                           "noised_attention": cfg.diffusion.noised_attention}
+        block = cfg.diffusion.block
+        return super().meta_fields(cfg) | {"block_length": block.length, "clean_attention": block.clean_attention,
+                                           "noised_attention": block.noised_attention}
 
     @classmethod
     def recipe_problems(cls, cfg) -> list[str]:
         """The block length must divide the sequence; the model is annealed only by growing blocks; the mask over
         [x_t | x_0] needs a backend that takes one."""
-        b, length = cfg.diffusion.block_length, cfg.data.seq_length
+        b, length, d = cfg.diffusion.block.length, cfg.data.seq_length, cfg.diffusion
         if b <= 0:
-            return [f"`diffusion.objective={cls.name}` needs blocks: set diffusion.block_length to a divisor of "
+            return [f"`diffusion.objective={cls.name}` needs blocks: set diffusion.block.length to a divisor of "
                     f"data.seq_length={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
                     f"whole sequence"]
         problems = []
         if length % b:
-            problems.append(f"`diffusion.block_length={b}` does not divide `data.seq_length={length}`; choose a "
-                            f"divisor (e.g. {max(d for d in range(1, min(b, length) + 1) if length % d == 0)}) or "
-                            f"diffusion.block_length=0 for the whole sequence")
+            problems.append(f"`diffusion.block.length={b}` does not divide `data.seq_length={length}`; choose a "
+                            f"divisor (e.g. {max(k for k in range(1, min(b, length) + 1) if length % k == 0)}) or "
+                            f"diffusion.block.length=0 for the whole sequence")
         if cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
-            problems.append(f"block diffusion (`diffusion.block_length={b}`) anneals by growing the block length: set "
+            problems.append(f"block diffusion (`diffusion.block.length={b}`) anneals by growing the block length: set "
                             f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from "
                             f"the start")
-        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean" \
-                and cfg.diffusion.clean_attention != "causal":
-            problems.append("`diffusion.distill_teacher=clean` needs a causal clean stream (the block clean stream "
-                            "sees the token it would teach); set diffusion.clean_attention=causal, or "
-                            "diffusion.distill_teacher=parent")
+        if d.distill.weight and d.distill.teacher == "clean" and d.block.clean_attention != "causal":
+            problems.append("`diffusion.distill.teacher=clean` needs a causal clean stream (the block clean stream "
+                            "sees the token it would teach); set diffusion.block.clean_attention=causal, or "
+                            "diffusion.distill.teacher=parent")
         if cfg.model.attn_implementation == "flash_attention_2":
             problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
                             "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
@@ -141,24 +153,18 @@ class BlockDiffusion(MaskedDiffusion):
 
     @classmethod
     def export_problems(cls, cfg, meta) -> list[str]:
-        problems = []
-        if meta.block_length != cfg.diffusion.block_length:
-            problems.append(f"`diffusion.block_length={cfg.diffusion.block_length}` but the exported model was "
-                            f"trained with block_length={meta.block_length}; set "
-                            f"`diffusion.block_length={meta.block_length}`")
-        if meta.clean_attention != cfg.diffusion.clean_attention:
-            problems.append(f"`diffusion.clean_attention={cfg.diffusion.clean_attention}` but the exported block "
-                            f"model was trained with clean_attention={meta.clean_attention}; set "
-                            f"`diffusion.clean_attention={meta.clean_attention}`")
-        if meta.noised_attention != cfg.diffusion.noised_attention:
-            problems.append(f"`diffusion.noised_attention={cfg.diffusion.noised_attention}` but the exported block "
-                            f"model was trained with noised_attention={meta.noised_attention}; set "
-                            f"`diffusion.noised_attention={meta.noised_attention}`")
+        block, problems = cfg.diffusion.block, []
+        for key, field in (("length", "block_length"), ("clean_attention", "clean_attention"),
+                           ("noised_attention", "noised_attention")):
+            mine, trained = getattr(block, key), getattr(meta, field)
+            if mine != trained:
+                problems.append(f"`diffusion.block.{key}={mine}` but the exported block model was trained with "
+                                f"{field}={trained}; set `diffusion.block.{key}={trained}`")
         return problems
 
     @classmethod
     def anneal_target(cls, cfg, length: int) -> int:
-        return min(cfg.diffusion.block_length, length)
+        return min(cfg.diffusion.block.length, length)
 
     @classmethod
     def forward_positions(cls, cfg, length: int) -> int:

@@ -20,7 +20,8 @@ from adapt.diffusion import (context_shares, corrupt, diffusion_loss_sum, distil
                              maskable_positions, normaliser, position_exponents, prediction_logits, sample_t,
                              shift_logits, token_nll)
 from adapt.model import DTYPES
-from adapt.objectives.base import Attention, CardNotes, Distill, Forward, JointCausal, Noised
+from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, Noised
+from adapt.objectives.distill import Distill, DistillConfig
 from adapt.objectives.spec import Decoding
 
 
@@ -41,6 +42,8 @@ class MaskedDiffusion:
     """Masked diffusion over the whole sequence; implements `adapt.objectives.base.Objective`."""
 
     name = "mdlm"
+    sections = {"distill": DistillConfig}
+    """The recipe sections under `diffusion` this objective reads (key -> dataclass; adapt.config.schema)."""
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
@@ -71,9 +74,7 @@ class MaskedDiffusion:
         return dict(eps=d.eps, t_sampling=d.t_sampling, loss_norm=d.loss_norm, backend=cfg.model.attn_implementation,
                     dtype=cfg.model.dtype, ar_weight=d.ar_loss_weight, position_masking=d.position_masking,
                     t_range=(d.t_min, d.t_max), t_per_block=d.t_per_block, complementary=d.complementary_masks,
-                    full_mask_share=d.full_mask_share,
-                    distill=Distill(d.distill_weight, d.distill_positions, d.distill_teacher, d.distill_top_k,
-                                    d.distill_temperature, d.distill_onpolicy) if d.distill_weight else None)
+                    full_mask_share=d.full_mask_share, distill=d.distill if d.distill.weight else None)
 
     @classmethod
     def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "MaskedDiffusion":
@@ -90,20 +91,21 @@ class MaskedDiffusion:
     @classmethod
     def recipe_problems(cls, cfg) -> list[str]:
         problems = []
-        if cfg.diffusion.block_length:
+        block = cfg.diffusion.block
+        if block.length:
             problems.append(f"`diffusion.objective={cls.name}` trains over the whole sequence, but "
-                            f"`diffusion.block_length={cfg.diffusion.block_length}`; set diffusion.block_length=0, "
+                            f"`diffusion.block.length={block.length}`; set diffusion.block.length=0, "
                             f"or diffusion.objective=block for block diffusion")
-        if cfg.diffusion.distill_weight and cfg.diffusion.distill_teacher == "clean":
-            problems.append("`diffusion.distill_teacher=clean` reads the clean stream of block diffusion, which masked "
-                            "diffusion over the whole sequence does not run; set diffusion.distill_teacher=parent "
-                            "(the parent's own forward), or diffusion.objective=block diffusion.block_length=4 "
-                            "diffusion.clean_attention=causal, or diffusion.distill_weight=0")
-        if cfg.diffusion.noised_attention != "bidirectional":
-            problems.append(f"`diffusion.noised_attention={cfg.diffusion.noised_attention}` shapes the noised block of "
+        if cfg.diffusion.distill.weight and cfg.diffusion.distill.teacher == "clean":
+            problems.append("`diffusion.distill.teacher=clean` reads the clean stream of block diffusion, which masked "
+                            "diffusion over the whole sequence does not run; set diffusion.distill.teacher=parent "
+                            "(the parent's own forward), or diffusion.objective=block diffusion.block.length=4 "
+                            "diffusion.block.clean_attention=causal, or diffusion.distill.weight=0")
+        if block.noised_attention != "bidirectional":
+            problems.append(f"`diffusion.block.noised_attention={block.noised_attention}` shapes the noised block of "
                             f"block diffusion; the whole-sequence objective has none: set "
-                            f"diffusion.noised_attention=bidirectional, or diffusion.objective=block "
-                            f"diffusion.block_length=4")
+                            f"diffusion.block.noised_attention=bidirectional, or diffusion.objective=block "
+                            f"diffusion.block.length=4")
         if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
                 and cfg.attention.anneal_steps > 0:
             problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
