@@ -3,13 +3,35 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import signal
 import sys
 
 from adapt.checkpoint import CheckpointError
 from adapt.config import ConfigError
 from adapt.data import DataError
 from adapt.model import ModelLoadError
-from adapt.train import TrainingError
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue; the message says why and what to try."""
+
+
+class StoppedBeforeStart(BaseException):
+    """A stop signal (Ctrl-C, SIGTERM) arrived before this launch's first optimizer step (loading, the evaluation
+    before training): there is nothing new to save, so the launch stops at once. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` on the way up swallows it; cleanup (the run's LOCK) runs."""
+
+    def __init__(self, signum: int):
+        self.signum = signum
+        super().__init__(f"stopped by {signal.Signals(signum).name} before the first training step of this launch: "
+                         f"nothing new was trained or saved, and every complete checkpoint is intact. Rerun the same "
+                         f"command to resume from the last complete checkpoint (or to start, when there is none)")
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal number, the shell's code for a process its signal ended (130 for Ctrl-C)."""
+        return 128 + self.signum
+
 
 USER_ERRORS = (ConfigError, CheckpointError, DataError, ModelLoadError, TrainingError)
 

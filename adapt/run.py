@@ -28,7 +28,7 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     from adapt.errors import friendly
-    from adapt.train import StoppedBeforeStart
+    from adapt.errors import StoppedBeforeStart
 
     try:
         with friendly():

@@ -8,11 +8,9 @@ uninterrupted run would have done, with no RNG state to carry.
 """
 from __future__ import annotations
 
-import math
-import re
 import signal
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,33 +20,14 @@ from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_v
 from adapt.config import Config, ConfigError, to_yaml
 from adapt.data import Sequences, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt, distill_scale
+from adapt.errors import StoppedBeforeStart, TrainingError
 from adapt.export import exported_meta, load_weights, save_base
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
 from adapt.objectives import Attention, ModelForward, Objective
+from adapt.optim import build_optimizer, lr_lambda
 from adapt.recipe import model_problems
 from adapt.teacher import ParentTeacher, teacher_logits
-
-
-class TrainingError(RuntimeError):
-    """Training cannot continue; the message says why and what to try."""
-
-
-class StoppedBeforeStart(BaseException):
-    """A stop signal (Ctrl-C, SIGTERM) arrived before this launch's first optimizer step (loading, the evaluation
-    before training): there is nothing new to save, so the launch stops at once. A BaseException, like
-    KeyboardInterrupt, so that no `except Exception` on the way up swallows it; cleanup (the run's LOCK) runs."""
-
-    def __init__(self, signum: int):
-        self.signum = signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} before the first training step of this launch: "
-                         f"nothing new was trained or saved, and every complete checkpoint is intact. Rerun the same "
-                         f"command to resume from the last complete checkpoint (or to start, when there is none)")
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number, the shell's code for a process its signal ended (130 for Ctrl-C)."""
-        return 128 + self.signum
 
 
 @dataclass
@@ -71,58 +50,6 @@ class State:
     def forward(self) -> ModelForward:
         """The model call under DeepSpeed: forward(ids, mask) -> logits."""
         return ModelForward(self.engine, distributed.device())
-
-
-def _optimizer(cfg: Config, model: torch.nn.Module):
-    """AdamW (DeepSpeedCPUAdam under optimizer offload) over the trainable parameters, in `lr_groups`."""
-    params = lr_groups(cfg, model)
-    kw = dict(lr=cfg.optim.lr, betas=(cfg.optim.beta1, cfg.optim.beta2), weight_decay=cfg.optim.weight_decay)
-    return distributed.adamw(params, cfg.dist.offload_optimizer, **kw)
-
-
-_LAYER = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)\.")
-"""The decoder-layer index in a parameter name (`model.layers.3.`, peft's `base_model.model.model.layers.3.`)."""
-
-
-def lr_groups(cfg: Config, model: torch.nn.Module) -> list[dict]:
-    """The trainable parameters as optimizer groups, one per learning-rate scale (RND1-style layer-wise rates):
-    decoder layer l of N gets lr * optim.layer_lr_decay^(N-1-l), the input embeddings and the output head (the
-    mask token's row included, and peft's trainable-token delta) lr * optim.embedding_lr_scale, the rest lr.
-    The unscaled group comes first (the rate logged); the defaults give one group of every parameter. The
-    scheduler's LambdaLR multiplies each group's rate by the same factor."""
-    names = [n for n, _ in model.named_parameters()]
-    depth = 1 + max((int(m.group(1)) for n in names if (m := _LAYER.search(n))), default=-1)
-    decay, emb = cfg.optim.layer_lr_decay, cfg.optim.embedding_lr_scale
-    if decay != 1.0 and depth == 0:
-        raise TrainingError(f"optim.layer_lr_decay={decay} needs decoder layers named `layers.<i>` (or h.<i>, "
-                            f"blocks.<i>); {type(model).__name__} has none: set optim.layer_lr_decay=1")
-    heads = [model.get_input_embeddings(), model.get_output_embeddings()]
-    embedding = {id(p) for m in heads if m is not None for p in m.parameters()}
-    groups: dict[float, list] = {1.0: []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        layer = _LAYER.search(name)
-        scale = 1.0
-        if id(p) in embedding:
-            scale = emb
-        elif layer:
-            scale = decay ** (depth - 1 - int(layer.group(1)))
-        groups.setdefault(scale, []).append(p)
-    order = [1.0] + sorted((s for s in groups if s != 1.0), reverse=True)
-    return [{"params": groups[s], "lr": cfg.optim.lr * s} for s in order if groups[s]]
-
-
-def lr_lambda(cfg: Config):
-    """Linear warmup to the peak, then cosine to min_lr_ratio * peak at max_steps."""
-    warm, total, floor = cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.min_lr_ratio
-
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / (warm + 1)
-        progress = min(1.0, (step - warm) / max(1, total - warm))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
 
 
 def setup(cfg: Config, build_data: Callable[[Config, object], Sequences]) -> State:
@@ -150,8 +77,8 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
     if problems:
         raise ConfigError(problems)
     exported = exported_meta(cfg.model.name_or_path)
-    meta = replace(prepare_diffusion(model, tokenizer, cfg.model, exported),
-                   **objectives.selected(cfg).meta_fields(cfg))
+    meta = prepare_diffusion(model, tokenizer, cfg.model, exported)
+    meta = meta.with_fields(objectives.selected(cfg).meta_fields(cfg))  # an objective's own fields in meta.extra
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     teacher = ParentTeacher.build(cfg, model, distributed.device())  # before LoRA wraps it and any update
@@ -161,7 +88,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
         torch.manual_seed(cfg.train.seed)  # peft draws A from the global RNG: the same on every rank and run
         model = apply_lora(model, cfg.lora, meta)
     data = build_data(cfg, tokenizer)  # one rank per cache folder prepares it (a file lock), the others wait
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
     blocked = blocked_vocab(rows, meta.real_vocab_size, meta.mask_token_id, device=distributed.device())

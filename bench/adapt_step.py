@@ -82,7 +82,8 @@ def _state(args):
     from adapt.metrics import MetricsLog
     from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
     from adapt.teacher import ParentTeacher
-    from adapt.train import State, _optimizer, lr_lambda
+    from adapt.optim import build_optimizer, lr_lambda
+    from adapt.train import State
 
     block = [f"diffusion.block.length={args.block_length}", "attention.anneal_steps=0",
              f"diffusion.block.clean_attention={args.clean_attention}"] \
@@ -101,7 +102,7 @@ def _state(args):
     meta = add_mask_token(model, tok, cfg.model)
     set_causal(model, args.variant == "causal")
     teacher = ParentTeacher.build(cfg, model, distributed.device())  # the parent's frozen copy, or None
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     engine = distributed.initialize(model, opt, sched, distributed.ds_config(cfg))
     gen = torch.Generator().manual_seed(0)

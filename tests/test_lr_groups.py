@@ -10,7 +10,8 @@ import torch
 from conftest import tiny_llama
 
 from adapt.recipe import load_config
-from adapt.train import TrainingError, _optimizer, lr_groups, lr_lambda
+from adapt.errors import TrainingError
+from adapt.optim import build_optimizer, lr_groups, lr_lambda
 
 V = 40
 LR = 1e-3
@@ -49,7 +50,7 @@ def test_rates_follow_the_formula(tie):
 def test_scheduler_scales_every_group():
     model = tiny_llama(V)
     cfg = cfg_of("optim.layer_lr_decay=0.8", "optim.embedding_lr_scale=0.1")
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
     base = [g["lr"] for g in lr_groups(cfg, model)]
     for step in range(4):
@@ -76,13 +77,13 @@ def test_defaults_are_the_one_group_of_before():
     model = tiny_llama(V)
     before = copy.deepcopy(model)
     cfg = cfg_of()
-    opt = _optimizer(cfg, model)
+    opt = build_optimizer(cfg, model)
     (group,) = opt.param_groups
     assert [id(p) for p in group["params"]] == [id(p) for p in model.parameters()] and group["lr"] == LR
     old = torch.optim.AdamW([p for p in before.parameters() if p.requires_grad], lr=LR, betas=(0.9, 0.95),
                             weight_decay=0.0)  # the optimizer as it was built before the groups
     decayed = copy.deepcopy(before)
-    other = _optimizer(cfg_of("optim.layer_lr_decay=0.5"), decayed)
+    other = build_optimizer(cfg_of("optim.layer_lr_decay=0.5"), decayed)
     ids = torch.randint(0, V, (2, 12), generator=torch.Generator().manual_seed(0))
     losses = {"new": [], "old": [], "decayed": []}
     for _ in range(3):
