@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sample(args: argparse.Namespace) -> None:
     from adapt.export import load_diffusion_model
     from adapt.denoiser import Denoiser
+    from adapt.draft_head import load_draft_head
 
     if args.trajectory_out:
         from adapt.trajectory import check_path
@@ -186,6 +187,7 @@ def _sample(args: argparse.Namespace) -> None:
         except ValueError as err:
             raise SampleError(str(err)) from None
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, args.attn, args.device)
+    head = load_draft_head(args.model, model)
     positions = getattr(model.config, "max_position_embeddings", None) or MAX_CANVAS
     check_lengths(args, positions)
     row = build_input(argparse.Namespace(**{**vars(args), "num_samples": 1}), tokenizer, start_token(tokenizer),
@@ -198,7 +200,7 @@ def _sample(args: argparse.Namespace) -> None:
     try:
         result = generate(Denoiser(model, meta), x, args.sampler, args.steps, torch.Generator().manual_seed(args.seed),
                           args.block_length, args.prefix_cache, tokenizer.eos_token_id if args.stop_at_eos else None,
-                          args.trajectory or bool(args.trajectory_out), args.force_block_length,
+                          args.trajectory or bool(args.trajectory_out), args.force_block_length, head,
                           **sampler_kwargs(args, meta.eps))
     except ValueError as err:
         raise SampleError(str(err)) from None

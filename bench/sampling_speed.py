@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
 from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
-from adapt.draft_head import attach, attached  # noqa: E402
+from adapt.draft_head import load_draft_head  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
-from adapt.export.loader import load_draft_head  # noqa: E402
 from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
 from adapt.sampling import generate  # noqa: E402
 from adapt.sampling.canvas import prompt_canvas  # noqa: E402
@@ -120,15 +119,17 @@ class ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def run_samplers(model, meta, x: torch.Tensor, args) -> list[dict]:
+def run_samplers(model, meta, x: torch.Tensor, args, head=None) -> list[dict]:
+    """One row per configuration; `head` is the export's draft head (the speculative rows draft through it)."""
     rows, generated = [], int((x == meta.mask_token_id).sum())
     timer = ForwardTimer(model, x.device)
     for label, name, options, block, cache in CONFIGS:
         if args.only and not any(word in label for word in args.only):
             continue
-        if "draft_head" in options and attached(model) is None:
+        if "draft_head" in options and head is None:
             continue
         opts = dict(options, temperature=args.temperature, **({"tau": args.tau} if name == "threshold" else {}))
+        opts["draft_head"] = None if opts.get("draft_head", True) is False else head
         block_length = args.block_length if block == "B" else None
         bd = replace(meta, block_length=meta.block_length or args.bd_block_length if block == "BD" else 0)
         if name in ("speculative", "chain") and not meta.block_length:
@@ -235,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     mcfg = ModelConfig(name_or_path=args.model, dtype=args.dtype)
     tokenizer = load_tokenizer(mcfg)
     model = load_weights(mcfg).to(device).eval()
-    if exported_meta(args.model):
-        attach(model, load_draft_head(args.model, model.config.hidden_size, args.dtype, device))
+    head = load_draft_head(args.model, model) if exported_meta(args.model) else None
     ids = tokenizer(TEXT, add_special_tokens=False).input_ids
     start = start_token(tokenizer)
     prompt = torch.tensor([[start, *ids[:args.prompt_tokens]]] * args.batch, device=device)
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     x = prompt_canvas(start, meta.mask_token_id, args.length, ids[:args.prompt_tokens], (), args.batch).to(device)
     fwd = bare_forward_seconds(model, x, args.repeats)
     try:
-        rows = run_samplers(model, meta, x, args)
+        rows = run_samplers(model, meta, x, args, head)
     except ValueError as err:  # e.g. fewer --steps than the blocks the new tokens span
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -42,6 +42,7 @@ from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
 from adapt import objectives, rng
+from adapt.draft_head import load_draft_head
 from adapt.export import load_diffusion_model, read_recipe
 from adapt.cli_types import text_problem
 from adapt.denoiser import Denoiser
@@ -102,6 +103,7 @@ class DiffusionLM(LM):
         loaded = loaded or load_diffusion_model(pretrained, dtype=dtype, device=device or "cpu")
         self.model, self.tokenizer, self.meta = loaded
         self.denoiser = Denoiser(self.model, self.meta)  # the samplers' call (generate_until)
+        self.draft_head = load_draft_head(pretrained, self.model) if pretrained else None  # speculative and chain
         backend = getattr(self.model.config, "_attn_implementation", None) or "sdpa"
         self.objective = objectives.for_meta(self.meta, self.denoiser.blocked, backend, dtype)
         self.forward = ModelForward(self.model, self.denoiser.device)  # the bound's call (loglikelihood)
@@ -217,7 +219,7 @@ class DiffusionLM(LM):
         x = torch.tensor([[self.start_id] + ctx + [self.meta.mask_token_id] * n])
         eos = self.tokenizer.eos_token_id
         ids = generate(self.denoiser, x, sampler=self.sampler, steps=self.steps or n,
-                       generator=self._generator(context), eos_id=eos,
+                       generator=self._generator(context), eos_id=eos, draft_head=self.draft_head,
                        temperature=temperature).ids[0, 1 + len(ctx):].tolist()
         ids = ids[:ids.index(eos)] if eos in ids else ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -18,6 +18,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel
 
 from adapt import objectives, rng
+from adapt.draft_head import load_draft_head
 from adapt.export import load_diffusion_model, load_weights, read_recipe
 from adapt.config import DataConfig, ModelConfig
 from adapt.denoiser import Denoiser
@@ -47,6 +48,8 @@ class EvalContext:
     """Overrides meta.parent (an HF folder, hub id, .gguf or embedded:...)."""
     judge_path: str = ""
     """Judge causal LM for generative perplexity; empty = the parent."""
+    draft_head: object = None
+    """The export's draft head (adapt.draft_head), which the speculative and chain samplers draft through; None."""
     _parent: PreTrainedModel | None = field(default=None, repr=False)
     _judge: Judge | None = field(default=None, repr=False)
     _bound: tuple | None = field(default=None, repr=False)
@@ -123,13 +126,14 @@ def context_from_args(args: argparse.Namespace) -> EvalContext:
     model, tokenizer, meta = load_diffusion_model(args.model_dir, dtype=args.dtype, device=args.device)
     return EvalContext(Path(args.model_dir), model, tokenizer, meta, Denoiser(model, meta),
                        data_config(args.model_dir, args.data_files, args.cache_dir), args.dtype, args.seed,
-                       args.parent, args.judge)
+                       args.parent, args.judge, load_draft_head(args.model_dir, model))
 
 
 def diffusion_sample(ctx: EvalContext, x: torch.Tensor, sampler: str, steps: int, generator: torch.Generator,
                      **options) -> tuple[torch.Tensor, int]:
     """Fill the mask positions of x (B, L) with a sampler -> ((B, L) ids on CPU, model calls made)."""
-    out = generate(ctx.denoiser, x, sampler=sampler, steps=steps, generator=generator, **options)
+    out = generate(ctx.denoiser, x, sampler=sampler, steps=steps, generator=generator, draft_head=ctx.draft_head,
+                   **options)
     return out.ids.cpu(), out.nfe
 
 

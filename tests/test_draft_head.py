@@ -9,8 +9,8 @@ from conftest import tiny_llama
 from test_speculative import BOS, MASK, V, canvas, greedy_causal, meta
 
 from adapt.diffusion import blocked_vocab, denoiser_log_probs
-from adapt.draft_head import (DraftHead, acceptance, attach, chain_loss, draft_chains, fit, head_logits, load_head,
-                              save_head, unroll)
+from adapt.draft_head import (DraftHead, acceptance, chain_loss, draft_chains, fit, head_logits, load_draft_head,
+                              load_head, save_head, unroll)
 from adapt.model import set_causal
 from adapt.sampling.categorical import TokenFilter
 from adapt.sampling.speculative import _Batch, speculative_decode
@@ -27,9 +27,9 @@ def trained_like(seed: int = 3) -> DraftHead:
 
 
 def model_with(head):
+    """The tiny model the heads draft for (the head itself travels apart: speculative_decode(..., draft_head=))."""
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
-    attach(model, head)
     return model
 
 
@@ -37,8 +37,9 @@ def model_with(head):
 def test_an_untrained_head_drafts_as_the_noised_stream(noised):
     x = canvas([5, 2], 27)
     plain, calls = speculative_decode(model_with(None), meta(4, noised=noised), x, temperature=0.0)
-    headed, calls_head = speculative_decode(model_with(DraftHead(HIDDEN, 16)), meta(4, noised=noised), x,
-                                            temperature=0.0)
+    untrained = DraftHead(HIDDEN, 16)
+    headed, calls_head = speculative_decode(model_with(untrained), meta(4, noised=noised), x, temperature=0.0,
+                                            draft_head=untrained)
     assert torch.equal(plain, headed) and calls == calls_head
     head = DraftHead(HIDDEN, 16)
     batch = _Batch(model_with(head), meta(4, noised=noised), x[:1], TokenFilter(), torch.Generator().manual_seed(0),
@@ -52,13 +53,14 @@ def test_an_untrained_head_drafts_as_the_noised_stream(noised):
 @pytest.mark.parametrize("b", [4, 5])
 def test_any_head_keeps_the_output_the_clean_streams_and_changes_the_drafts(b):
     x = canvas([5, 2, 9], 31)
-    model = model_with(trained_like())
-    out, _ = speculative_decode(model, meta(b), x, temperature=0.0)
+    trained = trained_like()
+    model = model_with(trained)
+    out, _ = speculative_decode(model, meta(b), x, temperature=0.0, draft_head=trained)
     assert torch.equal(out, greedy_causal(model, x))
-    sampled, _ = speculative_decode(model, meta(b), x, torch.Generator().manual_seed(1))
+    sampled, _ = speculative_decode(model, meta(b), x, torch.Generator().manual_seed(1), draft_head=trained)
     given = x != MASK
     assert torch.equal(sampled[given], x[given]) and not (sampled == MASK).any()
-    off, _ = speculative_decode(model, meta(b), x, temperature=0.0, draft_head=False)
+    off, _ = speculative_decode(model, meta(b), x, temperature=0.0)
     assert torch.equal(off, out)
     with_head = _Batch(model, meta(b), x[:1], TokenFilter(), None, trained_like())
     without = _Batch(model, meta(b), x[:1], TokenFilter(), None)
@@ -187,7 +189,7 @@ def test_the_command_trains_a_head_the_decoder_then_uses(tmp_path, tiny_model_di
 
     from adapt.export import load_diffusion_model
     from adapt.export.contract import destination_problem
-    from adapt.draft_head import HEAD_FILE, attached
+    from adapt.export.contract import HEAD_FILE
     from adapt.model import start_token
     from safetensors.torch import load_file
 
@@ -200,16 +202,18 @@ def test_the_command_trains_a_head_the_decoder_then_uses(tmp_path, tiny_model_di
     report = json.loads((tmp_path / "head.json").read_text())
     assert set(report["heldout_after"]) == {"k=0", "k=1", "k=2"} and len(report["losses"]) == 2
     model, tok, meta = load_diffusion_model(folder)
-    assert attached(model) is not None and attached(model).width == 16
+    head = load_draft_head(folder, model)
+    assert head is not None and head.width == 16
     ids = [start_token(tok), *tok("The cat sat", add_special_tokens=False).input_ids]
     x = torch.full((1, len(ids) + 16), meta.mask_token_id)
     x[0, :len(ids)] = torch.tensor(ids)
-    headed, _ = speculative_decode(model, meta, x, temperature=0.0)
-    plain, _ = speculative_decode(model, meta, x, temperature=0.0, draft_head=False)
+    headed, _ = speculative_decode(model, meta, x, temperature=0.0, draft_head=head)
+    plain, _ = speculative_decode(model, meta, x, temperature=0.0)
     assert torch.equal(headed, plain)  # exact either way
     model16, _, _ = load_diffusion_model(folder, "bf16")  # the head runs in the model's dtype
-    assert attached(model16).inp.weight.dtype == torch.bfloat16
-    out16, _ = speculative_decode(model16, meta, x, temperature=0.0)
+    head16 = load_draft_head(folder, model16)
+    assert head16.inp.weight.dtype == torch.bfloat16
+    out16, _ = speculative_decode(model16, meta, x, temperature=0.0, draft_head=head16)
     assert not (out16 == meta.mask_token_id).any() and torch.equal(out16[:, :len(ids)], x[:, :len(ids)])
     assert destination_problem(folder, []) is None  # still an export: a new export of the run may replace it
 
@@ -235,16 +239,16 @@ def test_what_it_cannot_train_for_is_one_message_and_exit_2(tmp_path, tiny_model
 
 def test_a_broken_head_file_is_refused_when_the_export_loads(tmp_path, tiny_model_dir, corpus_file):
     from adapt.export import load_diffusion_model
-    from adapt.draft_head import HEAD_FILE, attached
+    from adapt.export.contract import HEAD_FILE
     from adapt.model import ModelLoadError
 
     folder = block_export(tmp_path / "export", tiny_model_dir, corpus_file, tmp_path / "cache")
     (folder / HEAD_FILE).write_bytes(b"not a safetensors file")
     with pytest.raises(ModelLoadError, match="does not load as a draft head.*python -m adapt.draft_head"):
-        load_diffusion_model(folder)
+        load_draft_head(folder, load_diffusion_model(folder)[0])
     out = run_head(folder, "--sequences", 2, "--epochs", 1, "--chains", 8, "--width", 16)  # the fix it names works
     assert out.returncode == 0, out.stderr[-3000:]
-    assert attached(load_diffusion_model(folder)[0]).width == 16
+    assert load_draft_head(folder, load_diffusion_model(folder)[0]).width == 16
 
 
 @pytest.mark.parametrize("head", [None, "trained"])
@@ -252,9 +256,10 @@ def test_a_broken_head_file_is_refused_when_the_export_loads(tmp_path, tiny_mode
 def test_the_chain_sampler_keeps_every_draft_and_calls_once_per_block(head):
     """check=False (sampler `chain`): one call per block; each block's first token is the clean stream's greedy
     choice after the chain's own earlier tokens, the rest are the drafts as drawn."""
-    model = model_with(trained_like() if head else None)
+    head = trained_like() if head else None
+    model = model_with(head)
     x = canvas([3], 1 + 3 + 32)  # the prompt fills block 0; eight blocks to generate
-    out, calls = speculative_decode(model, meta(4), x, temperature=0.0, check=False)
+    out, calls = speculative_decode(model, meta(4), x, temperature=0.0, check=False, draft_head=head)
     assert calls == 8 and not (out == MASK).any() and torch.equal(out[0, :4], x[0, :4])
     set_causal(model, True)
     logits = model(input_ids=out).logits[0].float()
@@ -263,5 +268,5 @@ def test_the_chain_sampler_keeps_every_draft_and_calls_once_per_block(head):
     firsts = torch.arange(4, 36, 4)
     assert torch.equal(out[0, firsts], logits[firsts - 1].argmax(-1))
     assert not torch.equal(out, greedy_causal(model, x))  # the unchecked drafts are not the clean stream's choice
-    b1, calls_b1 = speculative_decode(model, meta(1), x, temperature=0.0, check=False)
+    b1, calls_b1 = speculative_decode(model, meta(1), x, temperature=0.0, check=False, draft_head=head)
     assert torch.equal(b1, greedy_causal(model, x)) and calls_b1 == 32  # b = 1: nothing drafted, the parent's AR

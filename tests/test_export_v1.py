@@ -31,7 +31,10 @@ def loaded(request, tmp_path_factory, tokenizer_dir):
     from adapt.export import load_diffusion_model
 
     folder = old_export(tmp_path_factory.mktemp(f"v1_{request.param}"), tokenizer_dir, request.param)
-    return request.param, load_diffusion_model(folder)
+    from adapt.draft_head import load_draft_head
+
+    model, tok, meta = load_diffusion_model(folder)
+    return request.param, (model, tok, meta, load_draft_head(folder, model))  # the head made its outputs
 
 
 def test_old_export_decodes_the_ids_it_gave(loaded):
@@ -39,7 +42,7 @@ def test_old_export_decodes_the_ids_it_gave(loaded):
     from adapt.sampling import generate
     from adapt.sampling.canvas import prompt_canvas
 
-    variant, (model, tok, meta) = loaded
+    variant, (model, tok, meta, head) = loaded
     assert meta.block_length == (4 if variant == "block" else 0)
     prompt = tok(PROMPT, add_special_tokens=False).input_ids
     x = prompt_canvas(tok.bos_token_id, meta.mask_token_id, 12, prefix=prompt, batch=2)
@@ -49,5 +52,6 @@ def test_old_export_decodes_the_ids_it_gave(loaded):
         _, sampler, options = key.split("/", 2)
         gen = torch.Generator().manual_seed(7)
         steps = None if sampler in ("speculative", "chain") else 6
-        got = generate(Denoiser(model, meta), x, sampler, steps=steps, generator=gen, **json.loads(options))
+        got = generate(Denoiser(model, meta), x, sampler, steps=steps, generator=gen, draft_head=head,
+                       **json.loads(options))
         assert (got.ids.tolist(), got.nfe) == (want["ids"], want["nfe"]), key

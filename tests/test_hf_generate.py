@@ -287,7 +287,7 @@ def test_block_cache_equals_uncached_forward(block_export, clean, noised):
     rows = [torch.tensor([1, *range(50, 59)]), torch.tensor([1, 60, 61])]  # 2 full blocks + 2; 3 tokens
     x, valid, pos, starts = hg.layout(rows, 9, meta["mask_token_id"], 1, b)
     assert x.shape[1] % b == 0 and starts == [0, 8]  # the short row is padded by whole blocks
-    den = hg.Denoiser(model, meta, valid, pos)
+    den = hg.CanvasModel(model, meta, valid, pos)
     state = hg.BlockCache(den, x, b)
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -128,5 +128,5 @@ def test_block_spans_and_step_split():
 def test_stop_after_eos_only_touches_generated_positions():
     x = torch.tensor([[1, 5, 2, 6, 7, 8], [1, 5, 6, 7, 8, 9]])
     generated = torch.tensor([[False, True, True, True, True, False]] * 2)
-    out = stop_after_eos(x, generated, eos_id=2)
+    out = stop_after_eos(x, generated, [2])
     assert out.tolist() == [[1, 5, 2, 2, 2, 8], [1, 5, 6, 7, 8, 9]]

@@ -122,3 +122,24 @@ def test_every_eval_script_shares_the_one_main():
         text, rel = path.read_text(), str(path.relative_to(ROOT))
         if '__name__ == "__main__"' in text and rel not in own_main:
             assert "SCRIPT = Script(" in text and "run_script(SCRIPT, argv)" in text, rel
+
+
+def top_level_names(path: Path) -> set[str]:
+    """The functions and classes a file defines at its top level."""
+    tree = ast.parse(path.read_text())
+    return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
+
+
+def test_the_library_and_the_shipped_decoder_share_each_primitive_once():
+    """Each decoding primitive the library's samplers and the decoder shipped in every export share is written once,
+    in the shipped file (self-contained: torch, transformers and the standard library only), and imported by the
+    library. `generate` is exempt: transformers calls the shipped one by that name, the library's is its own entry."""
+    shipped = ROOT / "adapt" / "export" / "hf_generate" / "generate.py"
+    library = [*sorted((ROOT / "adapt" / "sampling").glob("*.py")), ROOT / "adapt" / "denoiser.py"]
+    twice = {f"{p.relative_to(ROOT)}: {name}" for p in library
+             for name in (top_level_names(p) & top_level_names(shipped)) - {"generate"}}
+    assert not twice, f"defined both in the shipped decoder and in the library: {sorted(twice)}"
+    nodes = list(ast.walk(ast.parse(shipped.read_text())))
+    imports = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+    imports |= {(n.module or "").split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
+    assert imports <= {"__future__", "dataclasses", "inspect", "json", "math", "os", "torch", "transformers"}, imports

@@ -79,7 +79,7 @@ def _checked_export(args):
     if problem:
         raise HeadError(f"{problem}: the head is written into the export folder (and --json where given)")
     # the folder's own head (perhaps broken) is never read: the new one replaces it
-    model, tokenizer, meta = load_diffusion_model(folder, args.dtype, "sdpa", args.device, draft_head=False)
+    model, tokenizer, meta = load_diffusion_model(folder, args.dtype, "sdpa", args.device)
     return model, tokenizer, meta, recipe.data
 
 

@@ -14,13 +14,24 @@
     hf_generate/    the decoder shipped as custom_generate/generate.py (runs without this package)
 
 This package reads the run folder (its base/ and checkpoints, laid out by adapt.checkpoint) and writes base/ at the
-start of a run; resumable checkpoints are adapt.checkpoint's.
+start of a run; resumable checkpoints are adapt.checkpoint's. Its names load on first use, so importing the shipped
+decoder (adapt.export.hf_generate.generate, which the library's attention masks and samplers share) loads nothing
+else.
 """
-from adapt.export.contract import (ADAPTER_DIR, META_FILE, RECIPE_FILE, WEIGHTS_FILE, exported_meta, read_meta,
-                                   read_recipe, save_meta)
-from adapt.export.loader import export_problem, load_diffusion_model, load_weights
-from adapt.export.writer import export, export_tag, save_base, write_hf_extras
+from __future__ import annotations
 
-__all__ = ["ADAPTER_DIR", "META_FILE", "RECIPE_FILE", "WEIGHTS_FILE", "export", "export_problem", "export_tag",
-           "exported_meta", "load_diffusion_model", "load_weights", "read_meta", "read_recipe", "save_base",
-           "save_meta", "write_hf_extras"]
+import importlib
+
+_HOME = {**dict.fromkeys(("ADAPTER_DIR", "META_FILE", "RECIPE_FILE", "WEIGHTS_FILE", "exported_meta", "read_meta",
+                          "read_recipe", "save_meta"), "contract"),
+         **dict.fromkeys(("export_problem", "load_diffusion_model", "load_weights"), "loader"),
+         **dict.fromkeys(("export", "export_tag", "save_base", "write_hf_extras"), "writer")}
+"""Each public name -> the module that defines it."""
+
+__all__ = sorted(_HOME)
+
+
+def __getattr__(name: str):
+    if name not in _HOME:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)

@@ -20,13 +20,14 @@ import yaml
 from adapt.cli_types import write_problem
 from adapt import objectives
 from adapt.config import Config, from_dict, schema
-from adapt.draft_head import HEAD_FILE
 from adapt.model import DiffusionMeta, ModelLoadError
 
 META_FILE = "diffusion.json"
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_DIR = "adapter"
 WEIGHTS_FILE = "model.safetensors"
+HEAD_FILE = "draft_head.safetensors"
+"""The speculative decoder's draft head, trained into an export by `python -m adapt.draft_head` (optional)."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 """At least one of these holds a tokenizer's vocabulary (fast, sentencepiece, BPE)."""
 EXPORT_ENTRIES = (META_FILE, RECIPE_FILE, ADAPTER_DIR, "model*.safetensors*", "config.json",

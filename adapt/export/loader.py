@@ -10,7 +10,6 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from adapt.attention import usable_backend
-from adapt.draft_head import HEAD_FILE, attach, load_head
 from adapt.checkpoint import BASE_DIR, CHECKPOINTS_DIR, base_dir, ckpt_root, final_dir
 from adapt.export.contract import ADAPTER_DIR, META_FILE, WEIGHTS_FILE, contents_problem, exported_meta, read_meta
 from adapt.model import DTYPES, ModelLoadError, load_causal_lm, set_causal
@@ -58,9 +57,9 @@ def load_weights(mcfg) -> PreTrainedModel:
 
 
 def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementation: str = "sdpa",
-                         device: str | torch.device = "cpu", draft_head: bool = True):
-    """(model, tokenizer, meta) from an exported folder, in eval mode, attention set for diffusion; with draft_head
-    the folder's draft head, when it has one, attached for the speculative decoder."""
+                         device: str | torch.device = "cpu"):
+    """(model, tokenizer, meta) from an exported folder, in eval mode, attention set for diffusion. The folder's draft
+    head, when it has one, is read apart (adapt.draft_head.load_draft_head) and handed to the speculative decoder."""
     path = Path(path)
     problem = export_problem(path)
     if problem:
@@ -80,19 +79,5 @@ def load_diffusion_model(path: str | Path, dtype: str = "fp32", attn_implementat
     model = _with_adapter(model, path)
     set_causal(model, not meta.bidirectional)
     tokenizer = AutoTokenizer.from_pretrained(path)
-    if draft_head:
-        attach(model, load_draft_head(path, model.config.hidden_size, dtype, device))
     return model.to(device).eval(), tokenizer, meta
 
-
-def load_draft_head(path: str | Path, hidden: int, dtype: str = "fp32", device: str | torch.device = "cpu"):
-    """The export's draft head for the speculative decoder (adapt.draft_head) on `device` in `dtype`, or None when it
-    has none; ModelLoadError naming the fix when its file does not load."""
-    from safetensors import SafetensorError
-
-    try:
-        head = load_head(path, hidden)
-    except (SafetensorError, OSError, RuntimeError, KeyError, ValueError) as err:
-        raise ModelLoadError(f"{Path(path) / HEAD_FILE} does not load as a draft head ({str(err).splitlines()[0]}); "
-                             f"train it again with `python -m adapt.draft_head {path}`, or delete it") from None
-    return None if head is None else head.to(device=device, dtype=DTYPES[dtype])

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from adapt import objectives
+from adapt.draft_head import DraftHead
 from adapt.sampling.ancestral import ancestral_sample
 from adapt.sampling.blocks import sample_blocks, stop_after_eos
 from adapt.sampling.confidence import confidence_sample
@@ -41,7 +42,8 @@ clean stream and the rest drafted one after another (through the export's draft 
 SAMPLER_NAMES = (*SAMPLERS, SPECULATIVE, CHAIN)
 """Every name `generate` takes."""
 
-_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace", "model", "meta", "eos_id", "check")
+_LOOP_ARGS = ("denoiser", "x", "steps", "generator", "active", "trace", "model", "meta", "eos_id", "check",
+              "draft_head")
 
 
 @dataclass
@@ -101,7 +103,7 @@ def _with_prefix_cache(denoiser):
 def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int | None = None,
              generator: torch.Generator | None = None, block_length: int | None = None,
              prefix_cache: bool = False, eos_id: int | None = None, trajectory: bool = False,
-             force_block_length: bool = False, **options) -> SampleResult:
+             force_block_length: bool = False, draft_head: DraftHead | None = None, **options) -> SampleResult:
     """Fill the mask positions of x (B, L) long with the named sampler.
 
     steps: sampler steps (the model is called at most this often, plus one call per prefix-cache
@@ -112,16 +114,18 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     and block mode stops once every row has one. options: the sampler's own (see `sampler_options`).
     sampler "speculative" decodes a block export with a causal clean stream by drafting with the noised
     stream and checking with the clean one (adapt.sampling.speculative); `steps` does not apply to it, nor to
-    "chain", which keeps every draft unchecked (one call per block).
+    "chain", which keeps every draft unchecked (one call per block). draft_head: the export's draft head
+    (adapt.draft_head.load_draft_head) those two draft through; None drafts from the noised stream; other samplers
+    do not use it.
     A block-diffusion export (meta.block_length > 0) is decoded block by block with its exact KV cache
     (adapt.sampling.block_cache); another block_length is refused unless force_block_length.
     """
     _check(denoiser, x, sampler, options)
     if sampler in (SPECULATIVE, CHAIN):
         return _generate_speculative(denoiser, x, generator, block_length, eos_id, trajectory,
-                                     dict(options, check=sampler == SPECULATIVE))
+                                     dict(options, check=sampler == SPECULATIVE, draft_head=draft_head))
     meta = getattr(denoiser, "meta", None)
-    trained = 0 if meta is None else objectives.meta_class(meta).decode_block(meta)
+    trained = 0 if meta is None else objectives.decoding(meta).block_length
     if trained and not force_block_length:
         if block_length not in (None, 0, trained):
             raise ValueError(f"this is a block-diffusion export trained with blocks of {trained} tokens: decoding "
@@ -143,7 +147,7 @@ def generate(denoiser, x: torch.Tensor, sampler: str = "ancestral", steps: int |
     else:
         ids = fn(den, x, steps, generator, trace=trace, **options)
     if eos_id is not None:
-        ids = stop_after_eos(ids, generated, eos_id)
+        ids = stop_after_eos(ids, generated, [eos_id])
     nfe = den.nfe - nfe0
     if den is not denoiser:
         denoiser.nfe += nfe
@@ -183,9 +187,10 @@ def _generate_speculative(denoiser, x, generator, block_length, eos_id, trajecto
     meta = getattr(denoiser, "meta", None)
     if meta is None or not hasattr(denoiser, "model"):
         raise ValueError("speculative decoding needs an adapt.denoiser.Denoiser (a model and its metadata)")
-    if block_length not in (None, 0, meta.block_length):
-        raise ValueError(f"speculative decoding drafts whole blocks of the export's own length "
-                         f"({meta.block_length}); omit block_length")
+    own = objectives.decoding(meta).block_length
+    if block_length not in (None, 0, own):
+        raise ValueError(f"speculative decoding drafts whole blocks of the export's own length ({own}); "
+                         f"omit block_length")
     trace = Trace()
     ids, calls = speculative_decode(denoiser.model, meta, x.to(denoiser.device), generator, eos_id=eos_id,
                                     trace=trace, **options)

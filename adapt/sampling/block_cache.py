@@ -15,8 +15,9 @@ from typing import Callable
 
 import torch
 
+from adapt import objectives
 from adapt.export.hf_generate import generate as hf
-from adapt.sampling.blocks import split_steps, stop_after_eos
+from adapt.export.hf_generate.generate import split_steps, stop_after_eos
 from adapt.sampling.loop import Trace
 
 
@@ -29,7 +30,7 @@ class BlockCachedDenoiser:
 
     def __init__(self, model: torch.nn.Module, meta, cached: bool = True):
         self.model, self.meta, self.mask_id, self.shift = model, meta, meta.mask_token_id, False  # rows aligned here
-        self.b, self.cached, self.block = meta.block_length, cached, 0
+        self.b, self.cached, self.block = objectives.decoding(meta).block_length, cached, 0
         self._state: hf.BlockCache | None = None
 
     @property
@@ -45,7 +46,7 @@ class BlockCachedDenoiser:
         valid = torch.zeros(x.shape, dtype=torch.bool, device=x.device)
         valid[:, :width] = True
         pos = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
-        den = hf.Denoiser(self.model, asdict(self.meta), valid, pos)
+        den = hf.CanvasModel(self.model, asdict(self.meta), valid, pos)
         self._state = hf.BlockCache(den, x, self.b, cached=self.cached)
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
@@ -83,7 +84,7 @@ def sample_block_cached(sampler: Callable[..., torch.Tensor], den: BlockCachedDe
         if (active & (x == den.mask_id)).any():
             x = sampler(den, x, n, generator, active=active, trace=trace, **options)
         if eos_id is not None:
-            x = stop_after_eos(x, generated, eos_id)
+            x = stop_after_eos(x, generated, [eos_id])
         if k == todo[-1] or not (generated & (x == den.mask_id))[:, (k + 1) * b:].any():
             break
         den.commit(x, k + 1)

@@ -13,37 +13,10 @@ from typing import Callable
 
 import torch
 
+from adapt.export.hf_generate.generate import block_spans, split_steps, stop_after_eos
 from adapt.sampling.loop import Trace
 
-
-def block_spans(fill: torch.Tensor, block_length: int) -> list[tuple[int, int]]:
-    """fill (B, L) bool positions to generate -> [(start, end)) column ranges of the blocks, left to right."""
-    if block_length < 1:
-        raise ValueError(f"block_length must be >= 1, got {block_length}")
-    cols = fill.any(0).nonzero().flatten()
-    if len(cols) == 0:
-        return []
-    first, last = int(cols[0]), int(cols[-1]) + 1
-    return [(a, min(a + block_length, last)) for a in range(first, last, block_length)]
-
-
-def split_steps(steps: int, blocks: int) -> list[int]:
-    """Share `steps` among `blocks` as evenly as possible (earlier blocks get the remainder)."""
-    if steps < blocks:
-        raise ValueError(f"{steps} steps cannot cover {blocks} blocks (one step each at least); "
-                         f"raise steps or block_length")
-    return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
-
-
-def stop_after_eos(x: torch.Tensor, generated: torch.Tensor, eos_id: int) -> torch.Tensor:
-    """Set every generated position after a row's first generated EOS to EOS -> (B, L) long.
-
-    x (B, L) long; generated (B, L) bool marks positions that were masked at the start (given
-    positions are never changed).
-    """
-    is_eos = generated & (x == eos_id)
-    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    return torch.where(after & generated, torch.full_like(x, eos_id), x)
+__all__ = ["block_spans", "sample_blocks", "split_steps", "stop_after_eos"]
 
 
 def sample_blocks(sampler: Callable[..., torch.Tensor], denoiser, x: torch.Tensor, steps: int, block_length: int,
@@ -63,5 +36,5 @@ def sample_blocks(sampler: Callable[..., torch.Tensor], denoiser, x: torch.Tenso
             denoiser.update_prefix(x)
         x = sampler(denoiser, x, n, generator, active=active, trace=trace, **options)
         if eos_id is not None:
-            x = stop_after_eos(x, generated.to(x.device), eos_id)
+            x = stop_after_eos(x, generated.to(x.device), [eos_id])
     return x

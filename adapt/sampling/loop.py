@@ -17,7 +17,10 @@ from typing import Callable
 
 import torch
 
+from adapt.export.hf_generate.generate import top_ranked, transfer_counts
 from adapt.sampling.categorical import TokenFilter, draw
+
+__all__ = ["Propose", "Step", "Trace", "bernoulli", "denoise_loop", "top_ranked", "transfer_counts"]
 
 
 @dataclass
@@ -102,25 +105,3 @@ def bernoulli(prob: torch.Tensor | float, masked: torch.Tensor, generator: torch
     """(B, L) bool: each masked position independently True with probability `prob` (scalar or (B, L))."""
     u = torch.rand(masked.shape, generator=generator, dtype=torch.float64).to(masked.device)
     return (u < prob) & masked
-
-
-def transfer_counts(n: torch.Tensor, steps: int) -> torch.Tensor:
-    """(B,) positions to fill -> (B, steps) how many to commit at each step (LLaDA's schedule).
-
-    Each step commits n // steps, and the first n % steps steps one more, so row b is done after
-    exactly `steps` steps (or after n_b steps when n_b < steps).
-    """
-    k = torch.arange(steps, device=n.device)
-    return (n[:, None] // steps) + (k[None, :] < (n[:, None] % steps)).long()
-
-
-def top_ranked(score: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
-    """(B, L) bool: in each row the `count[b]` allowed positions with the highest score.
-
-    score (B, L) float, allowed (B, L) bool, count (B,) long. Ties are broken by position (leftmost first).
-    """
-    score = score.masked_fill(~allowed, -torch.inf)
-    order = score.argsort(dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(score.shape[1], device=score.device)
-                                            .expand_as(order).contiguous())
-    return (rank < count[:, None]) & allowed

@@ -32,9 +32,10 @@ import contextlib
 import torch
 from transformers import DynamicCache
 
-from adapt.attention import to_additive
+from adapt import objectives
+from adapt.attention import block_visible, to_additive
 from adapt.diffusion import blocked_vocab, denoiser_log_probs
-from adapt.draft_head import attached, captured_features, head_logits
+from adapt.draft_head import DraftHead, captured_features, head_logits
 from adapt.model import cache_kwarg
 from adapt.sampling.categorical import TokenFilter, draw, uniform
 from adapt.sampling.loop import Trace
@@ -42,13 +43,14 @@ from adapt.sampling.loop import Trace
 
 def check_speculative(meta, backend: str) -> None:
     """Raise ValueError naming why this model cannot be decoded speculatively."""
-    if not meta.block_length:
+    decoding = objectives.decoding(meta)
+    if not decoding.block_length:
         raise ValueError("speculative decoding needs a block-diffusion export (diffusion.json block_length > 0): "
                          "a whole-sequence model has no causal stream to check drafts with; use another sampler")
-    if meta.clean_attention != "causal":
-        raise ValueError(f"speculative decoding needs an export trained with diffusion.clean_attention=causal (its "
-                         f"clean stream is then a causal LM); this one's is {meta.clean_attention!r}, whose clean "
-                         f"rows see later tokens of their block; use the confidence or threshold sampler")
+    if not decoding.clean_causal:
+        raise ValueError("speculative decoding needs an export trained with diffusion.clean_attention=causal (its "
+                         "clean stream is then a causal LM); this one's clean rows see later tokens "
+                         "of their block; use the confidence or threshold sampler")
     if backend not in ("sdpa", "eager"):
         raise ValueError(f"speculative decoding passes 4D attention masks, which attn_implementation={backend!r} "
                          f"cannot take; load the model with sdpa or eager")
@@ -76,9 +78,9 @@ def accept_or_correct(p: torch.Tensor, q: torch.Tensor, d: int, generator: torch
 class _Row:
     """The decoding state of one row: its canvas, how much of it is decided, cached and drafted."""
 
-    def __init__(self, meta, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
+    def __init__(self, b: int, mask_id: int, x: torch.Tensor, filt: TokenFilter, generator: torch.Generator | None,
                  blocked: torch.Tensor, headed: bool = False, check: bool = True):
-        self.b, self.mask_id, self.blocked, self.headed = meta.block_length, meta.mask_token_id, blocked, headed
+        self.b, self.mask_id, self.blocked, self.headed = b, mask_id, blocked, headed
         self.check = check  # False: every draft is kept unchecked (one call per block; not exact)
         self.filt, self.gen = filt, generator
         self.x, self.width = x.clone(), x.shape[0]
@@ -180,9 +182,11 @@ class _Batch:
                  head=None, check: bool = True):
         self.model, self.mask_id, self.head = model, meta.mask_token_id, head
         self.noised_causal = meta.noised_attention == "causal"  # a noised row then sees its block up to itself
+        self.b = objectives.decoding(meta).block_length
         blocked = blocked_vocab(model.get_output_embeddings().weight.shape[0], meta.real_vocab_size,
                                 meta.mask_token_id, device=x.device)
-        self.rows = [_Row(meta, x[r], filt, generator, blocked, head is not None, check) for r in range(len(x))]
+        self.rows = [_Row(self.b, self.mask_id, x[r], filt, generator, blocked, head is not None, check)
+                     for r in range(len(x))]
         self.cache_arg = cache_kwarg(model)
         self.cache = DynamicCache(config=model.config)
         self.slots = [r for r, row in enumerate(self.rows) if not row.finished]  # the rows in the cache, in order
@@ -231,23 +235,18 @@ class _Batch:
         ids = torch.full((batch, q), self.mask_id, dtype=torch.long, device=device)
         pos = torch.zeros((batch, q), dtype=torch.long, device=device)
         kind = torch.zeros((batch, q), dtype=torch.long, device=device)  # 0 padding, 1 clean, 2 noised
-        block_start = torch.zeros((batch, 1), dtype=torch.long, device=device)
         counts = {}
         for s, (tok, at, c) in parts.items():
             m = len(tok) - c
             cols = slice(width_c, width_c + m)
             ids[s, :c], pos[s, :c], kind[s, :c] = tok[:c], at[:c], 1
             ids[s, cols], pos[s, cols], kind[s, cols] = tok[c:], at[c:], 2
-            block_start[s] = at[c] if m else 0
             counts[s] = (c, m)
-        clean_q, noised_q = kind[:, :, None] == 1, kind[:, :, None] == 2
         key_pos = torch.cat([self.kv_pos, pos], 1)[:, None, :]
-        key_ok = torch.cat([self.kv_ok, kind == 1], 1)[:, None, :]  # cached valid columns and this call's clean rows
-        fresh_noised = torch.cat([torch.zeros_like(self.kv_ok), kind == 2], 1)[:, None, :]  # this call's noised keys
-        if self.noised_causal:
-            fresh_noised = fresh_noised & (key_pos <= pos[:, :, None])
-        see = (clean_q & key_ok & (key_pos <= pos[:, :, None])) | (
-            noised_q & ((key_ok & (key_pos < block_start[:, :, None])) | fresh_noised))
+        key_clean = torch.cat([torch.ones_like(self.kv_ok), kind == 1], 1)[:, None, :]  # the cache holds clean keys
+        usable = torch.cat([self.kv_ok, kind > 0], 1)[:, None, :]  # valid cached columns, this call's real rows
+        see = block_visible(pos[:, :, None], key_pos, kind[:, :, None] == 1, key_clean, self.b, clean_causal=True,
+                            noised_causal=self.noised_causal) & usable & (kind > 0)[:, :, None]
         see[:, torch.arange(q), self.kv_pos.shape[1] + torch.arange(q)] |= True  # every query sees itself
         return ids, pos, to_additive(see, self.model.dtype), width_c, counts
 
@@ -275,14 +274,14 @@ class _Batch:
 
 def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator | None = None,
                        temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int | None = None,
-                       trace: Trace | None = None, draft_head: bool = True,
+                       trace: Trace | None = None, draft_head: DraftHead | None = None,
                        check: bool = True) -> tuple[torch.Tensor, int]:
     """Fill the masks of x (B, L) long, each row a prompt followed by masks only -> ((B, L) long, model calls).
 
     temperature / top_k / top_p filter the clean stream's distribution (the output's) and the drafts alike;
     temperature 0 is greedy (ties to the lowest id). eos_id: a row stops at its first generated EOS and its
-    later positions become EOS. draft_head: draft through the model's draft head when it has one (attached by
-    the export loader from draft_head.safetensors); False drafts from the noised stream alone. check=False keeps
+    later positions become EOS. draft_head: draft through this head (the export's, from
+    adapt.draft_head.load_draft_head); None drafts from the noised stream alone. check=False keeps
     every draft unchecked: one call per block (the `chain` sampler), the output distributed as the drafts, not as
     the clean stream.
     """
@@ -292,8 +291,7 @@ def speculative_decode(model, meta, x: torch.Tensor, generator: torch.Generator 
     if (masked != (torch.arange(x.shape[1], device=x.device)[None] >= first[:, None])).any() or (first == 0).any():
         raise ValueError("speculative decoding continues a prompt: each row must be given tokens (BOS at least) "
                          "then masks only; use the confidence or threshold sampler to infill")
-    head = attached(model) if draft_head else None
-    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator, head, check)
+    batch = _Batch(model, meta, x, TokenFilter(temperature, top_k, top_p), generator, draft_head, check)
     if trace is not None:
         trace.start(x)
     while not all(row.finished for row in batch.rows):

@@ -83,6 +83,7 @@ def defaults(model, meta) -> dict:
 def start(args: argparse.Namespace) -> None:
     import uvicorn
 
+    from adapt.draft_head import load_draft_head
     from adapt.export import load_diffusion_model
     from adapt.export.loader import export_problem
     from adapt.serve.app import Served, create_app
@@ -100,7 +101,8 @@ def start(args: argparse.Namespace) -> None:
         print(f"warning: serving on {args.host} with no API key: anyone who reaches this address can use it; "
               f"pass --api-key or set {KEY_ENV}", file=sys.stderr)
     model, tokenizer, meta = load_diffusion_model(args.model, args.dtype, "sdpa", args.device)
-    engine = Engine(model, meta, max_rows=args.max_batch, max_queue=args.max_queue)
+    engine = Engine(model, meta, max_rows=args.max_batch, max_queue=args.max_queue,
+                    draft_head=load_draft_head(args.model, model))
     served = Served(args.name or Path(args.model).resolve().name, tokenizer, meta, engine, defaults(model, meta),
                     args.max_tokens, args.max_n, args.timeout, args.api_key)
     host, port = sock.getsockname()[:2]

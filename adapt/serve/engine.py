@@ -88,8 +88,8 @@ class RowDenoiser:
 class Engine:
     """Rows in, events out. `submit` refuses past `max_queue` rows waiting or running."""
 
-    def __init__(self, model, meta, max_rows: int = 16, max_queue: int = 64):
-        self.model, self.meta = model, meta
+    def __init__(self, model, meta, max_rows: int = 16, max_queue: int = 64, draft_head=None):
+        self.model, self.meta, self.draft_head = model, meta, draft_head  # the head: speculative and chain rows
         self.denoiser = Denoiser(model, meta)
         self.max_rows, self.max_queue = max_rows, max_queue
         self.shared = not meta.block_length  # whole-sequence decoders: calls shared between rows
@@ -135,7 +135,7 @@ class Engine:
         if not self.shared:
             with self.exclusive:
                 res = generate(self.denoiser, x, job.sampler, steps=job.steps, generator=gen, eos_id=job.eos_id,
-                               **job.options)
+                               draft_head=self.draft_head, **job.options)
             job.calls = res.nfe
             return res.ids[0].cpu()
         with self.cv:

@@ -1,32 +1,23 @@
 """Masked-diffusion decoding of an adapt-diffusion export in plain transformers (torch and transformers only).
 
-An export carries this file as custom_generate/generate.py; loaded with trust_remote_code=True,
-transformers makes it the model's `generate` (without it, `generate` decodes left to right):
+An export carries this file as custom_generate/generate.py; with trust_remote_code=True transformers makes it the
+model's `generate` (without it, `generate` decodes left to right):
 
     model = AutoModelForCausalLM.from_pretrained(EXPORT, trust_remote_code=True)
     ids = model.generate(**tok("The cat", return_tensors="pt"), max_new_tokens=64)
 
-diffusion.json beside the weights gives mask_token_id, real_vocab_size (ids >= it and the mask id are
-never predicted), shift (logits at i-1 predict token i; position 0, BOS, is never predicted),
-bidirectional, block_length (> 0: a block-diffusion export) and clean_attention. Options (generation-config keys or
-keyword arguments, merged as model.generation_config < generation_config < kwargs): `OPTIONS` below, and
-max_new_tokens / max_length, do_sample (False = greedy, ties to the lowest id), temperature, top_k, top_p,
-eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate. Samplers: confidence (LLaDA:
-the most confident positions, n // steps per step and one more in the first n % steps) and threshold
+diffusion.json beside the weights gives mask_token_id, real_vocab_size (ids >= it and the mask id are never
+predicted), shift (logits at i-1 predict token i; position 0, BOS, never is), bidirectional, block_length (> 0: a
+block-diffusion export), clean_attention and noised_attention. Options (model.generation_config < generation_config
+< kwargs): `OPTIONS`, max_new_tokens / max_length, do_sample (False = greedy, ties to the lowest id), temperature,
+top_k, top_p, eos_token_id, pad_token_id, num_return_sequences, return_dict_in_generate. Samplers: confidence
+(LLaDA: the most confident positions, n // steps per step, one more in the first n % steps) and threshold
 (Fast-dLLM: every position with confidence >= diffusion_tau, and at least that share, so >= 1).
-
-BOS is put in front of rows that do not start with it (the model was trained with BOS at position 0;
-a tokenizer call often does not add it); the result is the given input_ids, then the new ids. Padded
-rows are compacted by the attention mask; mask ids in a prompt are filled too. After a row's first EOS
-new positions are pad_token_id, and columns where every row stopped are cut, as in transformers.
-
-Block exports (block b): blocks of b from BOS, block i attends blocks <= i, bidirectional inside (causal if
-noised_attention is "causal"; a clean block causal inside if clean_attention is "causal"). The current block
-attends a KV cache of clean blocks and itself; the prompt's complete blocks and each finished block enter the
-cache in the next block's first call (clean rows first, which never see that block), whose last clean row predicts
-its first token: exactly an uncached forward under the block mask, one call per block step. Every forward gets an
-explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by name, and `model.generate(ids)`
-passes ids positionally.
+BOS is put in front of rows that lack it; the result is the given input_ids (padded rows compacted by the attention
+mask, mask ids in a prompt filled), then the new ids: pad_token_id after a row's first EOS, columns where every row
+stopped cut, as in transformers. Block exports decode block by block (`BlockCache`: an exact KV cache of the clean
+blocks). Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by
+name. The library (adapt.sampling, adapt.attention) imports its shared primitives from here, so each exists once.
 """
 from __future__ import annotations
 
@@ -34,6 +25,7 @@ import inspect
 import json
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -43,7 +35,7 @@ OPTIONS = {"diffusion_sampler": "confidence", "diffusion_steps": 0, "diffusion_b
 """Diffusion options: sampler (confidence | threshold); steps in total, shared among blocks (0 = one per new
 token); semi-AR block length of a whole-sequence export (0 = none; block exports use their own); tau of
 the threshold sampler; confidence (prob | margin | entropy); cache (block exports; False recomputes)."""
-SAMPLERS, CONFIDENCES = ("confidence", "threshold"), ("prob", "margin", "entropy")
+SAMPLERS = ("confidence", "threshold")
 META_FILE, ADAPTER = "diffusion.json", "adapter"
 _HARMLESS = {"tokenizer", "use_cache", "synced_gpus", "assistant_tokenizer", "use_model_defaults"}
 """Keyword arguments transformers or its pipeline may pass that decoding does not need."""
@@ -108,54 +100,74 @@ def merged_options(model, generation_config=None, kwargs: dict | None = None) ->
     if (o.get("num_beams") or 1) > 1:
         problems.append("beam search (num_beams > 1) does not apply to diffusion decoding")
     sampling = bool(o.get("do_sample"))  # greedy = temperature 0, no filter
-    o["temperature"] = float(o["temperature"]) if sampling and o.get("temperature") is not None else float(sampling)
-    o["top_k"] = int(o.get("top_k") or 0) if sampling else 0
-    o["top_p"] = float(o["top_p"]) if sampling and o.get("top_p") is not None else 1.0
-    if o["temperature"] < 0 or o["top_k"] < 0 or not 0 < o["top_p"] <= 1:
-        problems.append(f"need temperature >= 0, top_k >= 0, 0 < top_p <= 1; got {o['temperature']}, "
-                        f"{o['top_k']}, {o['top_p']}")
+    try:
+        o["filter"] = TokenFilter(float(o["temperature"]) if sampling and o.get("temperature") is not None
+                                  else float(sampling), int(o.get("top_k") or 0) if sampling else 0,
+                                  float(o["top_p"]) if sampling and o.get("top_p") is not None else 1.0)
+    except ValueError as err:
+        problems.append(str(err))
     if problems:
         raise DecodeError("; ".join(problems))
     return o
 
 
-# --- distributions (rows of log-probabilities (N, V)) --------------------------------------------
-
-def filtered(logp: torch.Tensor, o: dict) -> torch.Tensor:
-    """(N, V) log-probabilities -> renormalised after temperature / top-k / top-p (temperature 0 as 1)."""
-    t, k, p = o["temperature"], o["top_k"], o["top_p"]
-    if t in (0.0, 1.0) and k == 0 and p == 1.0:
-        return logp
-    if t > 0 and t != 1.0:
-        logp = logp / t
-    if 0 < k < logp.shape[-1]:
-        logp = logp.masked_fill(logp < logp.topk(k, dim=-1).values[..., -1:], -math.inf)
-    if p < 1.0:  # nucleus: drop a token once the strictly more likely ones reach p
-        sorted_logp, order = logp.sort(dim=-1, descending=True)
-        probs = torch.softmax(sorted_logp, dim=-1)
-        drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= p)
-        logp = logp.masked_fill(drop, -math.inf)
-    return torch.log_softmax(logp, dim=-1)
+CONFIDENCES = ("prob", "margin", "entropy")
 
 
-def draw(logp: torch.Tensor, o: dict) -> torch.Tensor:
-    """One id per row (N,): argmax when greedy (ties -> lowest id), else inverse-CDF sampling with one
-    float64 uniform per row from torch's global CPU generator (seed it with torch.manual_seed)."""
-    rows = filtered(logp, o)
-    if o["temperature"] == 0:
-        return rows.argmax(-1)
-    cdf = rows.exp().double().cumsum(-1)
-    u = torch.rand((logp.shape[0], 1), dtype=torch.float64).to(logp.device) * cdf[:, -1:]
+@dataclass(frozen=True)
+class TokenFilter:
+    """How a token is drawn from p_theta(x0_i | x_t): temperature (0 = greedy: argmax of the filtered rows), top_k
+    (0 = off), top_p (1 = off: keep the smallest set of tokens whose probability reaches top_p)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0, top_k >= 0 (0 = off), 0 < top_p <= 1; got {self.temperature}, "
+                             f"{self.top_k}, {self.top_p}")
+
+    def apply(self, logp: torch.Tensor) -> torch.Tensor:
+        """(N, V) log-probabilities -> float32, renormalised after the filter (temperature 0 filters as 1)."""
+        logp = logp.float()
+        if self.temperature in (0.0, 1.0) and self.top_k == 0 and self.top_p == 1.0:
+            return logp
+        if self.temperature > 0 and self.temperature != 1.0:
+            logp = logp / self.temperature
+        if 0 < self.top_k < logp.shape[-1]:
+            logp = logp.masked_fill(logp < logp.topk(self.top_k, dim=-1).values[..., -1:], -math.inf)
+        if self.top_p < 1.0:  # nucleus: drop a token once the strictly more likely ones reach top_p
+            sorted_logp, order = logp.sort(dim=-1, descending=True)
+            probs = torch.softmax(sorted_logp, dim=-1)
+            drop = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, probs.cumsum(-1) - probs >= self.top_p)
+            logp = logp.masked_fill(drop, -math.inf)
+        return torch.log_softmax(logp, dim=-1)
+
+
+def draw(logp: torch.Tensor, generator: torch.Generator | None = None, filt: TokenFilter = TokenFilter()):
+    """One id per row (N,) after the filter: argmax when greedy (ties -> lowest id), else inverse-CDF sampling with
+    one float64 uniform per row from a CPU generator (None: torch's global one), so a seed draws alike on any device."""
+    if logp.shape[0] == 0:
+        return torch.zeros(0, dtype=torch.long, device=logp.device)
+    if filt.temperature == 0:
+        return filt.apply(logp).argmax(-1)
+    cdf = filt.apply(logp).exp().double().cumsum(-1)
+    u = torch.rand((logp.shape[0], 1), generator=generator, dtype=torch.float64).to(logp.device) * cdf[:, -1:]
     return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_max(logp.shape[-1] - 1)
 
 
 def confidence(logp: torch.Tensor, kind: str) -> torch.Tensor:
-    """(N, V) -> (N,): top probability, top1 - top2 margin, or negative entropy."""
+    """(N, V) -> (N,): top probability (LLaDA), top1 - top2 margin or negative entropy (Dream), from the
+    distribution, not the drawn token (so which positions commit does not depend on the draws)."""
     if kind == "prob":
         return logp.max(-1).values.exp()
     if kind == "margin":
-        return logp.topk(2, dim=-1).values.exp().diff(dim=-1).neg().squeeze(-1)
-    return (logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+        top2 = logp.topk(2, dim=-1).values.exp()
+        return top2[:, 0] - top2[:, 1]
+    if kind == "entropy":
+        return (logp.exp() * logp.clamp_min(torch.finfo(logp.dtype).min)).sum(-1)
+    raise ValueError(f"unknown confidence {kind!r}; use one of {', '.join(CONFIDENCES)}")
 
 
 def transfer_counts(n: torch.Tensor, steps: int) -> torch.Tensor:
@@ -174,9 +186,10 @@ def top_ranked(score: torch.Tensor, allowed: torch.Tensor, count: torch.Tensor) 
 
 
 def split_steps(steps: int, blocks: int) -> list[int]:
+    """Share `steps` among `blocks` as evenly as possible (earlier blocks get the remainder)."""
     if steps < blocks:
-        raise DecodeError(f"{steps} diffusion_steps cannot cover {blocks} blocks (one step each at least); "
-                          f"raise diffusion_steps or the block length")
+        raise DecodeError(f"{steps} steps cannot cover {blocks} blocks (one step each at least); raise the steps "
+                          f"(diffusion_steps) or the block length")
     return [steps // blocks + (i < steps % blocks) for i in range(blocks)]
 
 
@@ -187,9 +200,7 @@ def stop_after_eos(x: torch.Tensor, generated: torch.Tensor, eos: list[int]) -> 
     return torch.where(after & generated, torch.full_like(x, eos[0]), x)
 
 
-# --- the denoising loop ------------------------------------------------------------------------
-
-class Denoiser:
+class CanvasModel:
     """Model calls on a canvas x (B, W) with explicit masks; `calls` counts them."""
 
     def __init__(self, model, meta: dict, valid: torch.Tensor, pos: torch.Tensor):
@@ -223,7 +234,7 @@ class Denoiser:
         return torch.log_softmax(logits, dim=-1)
 
 
-def denoise(den: Denoiser, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: int, o: dict) -> torch.Tensor:
+def denoise(den: CanvasModel, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: int, o: dict) -> torch.Tensor:
     """Fill positions `fill` (B, W) of x (B, W) in `steps` steps -> new x; other positions never change.
 
     rows_of(x, masked) -> (N, V) logits predicting the masked positions (one model call). The
@@ -237,7 +248,7 @@ def denoise(den: Denoiser, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: 
         if rows is None:
             rows = den.log_probs(rows_of(x, masked))
         score = torch.full(masked.shape, -torch.inf, device=x.device)
-        score[masked] = confidence(filtered(rows, o), o["diffusion_confidence"]).float()
+        score[masked] = confidence(o["filter"].apply(rows), o["diffusion_confidence"]).float()
         count = transfer_counts(initial, steps)[:, k]
         if o["diffusion_sampler"] == "threshold":
             reveal = ((score >= o["diffusion_tau"]) & masked) | top_ranked(score, masked, count.clamp_min(1))
@@ -245,13 +256,15 @@ def denoise(den: Denoiser, rows_of, x: torch.Tensor, fill: torch.Tensor, steps: 
             reveal = top_ranked(score, masked, count)
         reveal &= masked
         if reveal.any():
-            x[reveal] = draw(rows[reveal[masked]], o)
+            x[reveal] = draw(rows[reveal[masked]], None, o["filter"])
             rows = None
     return x
 
 
 def block_spans(fill: torch.Tensor, length: int) -> list[tuple[int, int]]:
     """Column ranges [a, b) of `length` from the first to the last position to fill (whole span if 0)."""
+    if length < 0:
+        raise DecodeError(f"a block length must be >= 0 (0 = the whole span), got {length}")
     cols = fill.any(0).nonzero().flatten()
     if len(cols) == 0:
         return []
@@ -260,7 +273,7 @@ def block_spans(fill: torch.Tensor, length: int) -> list[tuple[int, int]]:
     return [(a, min(a + length, last)) for a in range(first, last, length)]
 
 
-def decode_whole(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
+def decode_whole(den: CanvasModel, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
     """A whole-sequence export: every step is one forward over the canvas; optional semi-AR blocks."""
     visible = den.valid[:, None, :].expand(-1, x.shape[1], -1)
     if not den.meta["bidirectional"]:  # an export taken mid-anneal was trained causal
@@ -284,10 +297,22 @@ def decode_whole(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> tor
     return x
 
 
+def block_visible(q_pos, k_pos, q_clean, k_clean, block: int, clean_causal: bool = False, noised_causal: bool = False):
+    """Block diffusion's attention rule, elementwise over broadcastable tensors: may the query at position q_pos, of
+    the clean stream if q_clean (else the noised one), attend the key at k_pos (clean if k_clean)? A noised query
+    sees the clean blocks before its own and its own noised block (up to itself if noised_causal); a clean query
+    sees the clean blocks up to its own (the clean keys up to itself if clean_causal). The training masks, the flex
+    mask, the block cache here and the speculative decoder's calls all ask this."""
+    q_blk, k_blk = q_pos // block, k_pos // block
+    clean = k_pos <= q_pos if clean_causal else k_blk <= q_blk
+    own = (q_blk == k_blk) & (k_pos <= q_pos) if noised_causal else q_blk == k_blk
+    return (q_clean & k_clean & clean) | (~q_clean & k_clean & (k_blk < q_blk)) | (~q_clean & ~k_clean & own)
+
+
 class BlockCache:
     """Block-causal state of a block export: the clean keys/values of blocks < `done`; column c is in block c // b."""
 
-    def __init__(self, den: Denoiser, x: torch.Tensor, b: int, cached: bool = True):
+    def __init__(self, den: CanvasModel, x: torch.Tensor, b: int, cached: bool = True):
         self.den, self.b, self.cached, self.causal = den, b, cached, den.meta.get("clean_attention") == "causal"
         self.noised_causal = den.meta.get("noised_attention") == "causal"
         self.blk = torch.arange(x.shape[1], device=x.device) // b
@@ -295,13 +320,11 @@ class BlockCache:
         self.done, self.pending, self.last = 0, 0, None  # blocks cached; blocks clean; (B, V) last cached logits
 
     def mask(self, q0: int, q1: int, k1: int) -> torch.Tensor:
-        """(B, 1, q1 - q0, k1) additive: query c sees valid key j iff block(j) <= block(c) (and itself)."""
-        qb, kb = self.blk[q0:q1], self.blk[:k1]
-        q, j = torch.arange(q0, q1, device=qb.device)[:, None], torch.arange(k1, device=qb.device)[None, :]
-        see = kb[None, :] <= qb[:, None]
-        # causal rows see keys j <= c only: a causal clean stream's (blocks before the last query's, the current one)
-        # and a causal noised block's (the current block)
-        see = torch.where(((qb < qb[-1]) & self.causal | (qb == qb[-1]) & self.noised_causal)[:, None], j <= q, see)
+        """(B, 1, q1 - q0, k1) additive: query c sees itself and the valid keys `block_visible` allows (the last
+        query's block is the noised one being filled, the blocks before it clean)."""
+        q, j = torch.arange(q0, q1, device=self.blk.device)[:, None], torch.arange(k1, device=self.blk.device)[None, :]
+        current = self.blk[q1 - 1]  # the block being filled is noised; the blocks before it are clean
+        see = block_visible(q, j, self.blk[q] < current, self.blk[j] < current, self.b, self.causal, self.noised_causal)
         return self.den.additive((self.den.valid[:, None, :k1] & see) | (q == j))
 
     def commit(self, x: torch.Tensor, upto: int) -> None:
@@ -330,7 +353,7 @@ class BlockCache:
         return torch.cat([before[:, None].to(out.dtype), out[:, :-1]], 1)
 
 
-def decode_blocks(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
+def decode_blocks(den: CanvasModel, x: torch.Tensor, o: dict, eos: list[int]) -> torch.Tensor:
     """A block-diffusion export: block by block, committed blocks in an exact KV cache."""
     b = den.meta["block_length"]
     state = BlockCache(den, x, b, cached=bool(o["diffusion_cache"]))
@@ -356,8 +379,6 @@ def decode_blocks(den: Denoiser, x: torch.Tensor, o: dict, eos: list[int]) -> to
         state.commit(x, k + 1)
     return x
 
-
-# --- prompts in, ids out -------------------------------------------------------------------------
 
 def layout(rows: list[torch.Tensor], new: int, mask_id: int, fill_id: int, block: int):
     """Canvas (B, W) of [BOS, prompt, new masks] rows, its valid (B, W) and position ids, and each row's start.
@@ -395,11 +416,8 @@ def _prompts(input_ids, attention_mask, bos: int) -> tuple[list[torch.Tensor], l
 
 @torch.no_grad()
 def generate(*args, model=None, input_ids=None, attention_mask=None, generation_config=None, **kwargs):
-    """Diffusion decoding in transformers' calling convention -> (B * num_return_sequences, P + new) ids.
-
-    Accepts generate(model=m, input_ids=ids), m.generate(ids) (transformers binds model=m), generate(m, ids),
-    and transformers' `inputs=` name.
-    """
+    """Diffusion decoding in transformers' calling convention -> (B * num_return_sequences, P + new) ids; takes
+    generate(model=m, input_ids=ids), m.generate(ids) (transformers binds model=m), generate(m, ids) and `inputs=`."""
     args = list(args)
     model = model if model is not None or not args or not isinstance(args[0], torch.nn.Module) else args.pop(0)
     input_ids = input_ids if input_ids is not None or not args else args.pop(0)
@@ -426,7 +444,7 @@ def generate(*args, model=None, input_ids=None, attention_mask=None, generation_
         raise DecodeError(f"nothing to generate: set max_new_tokens >= 1 (got {new} new tokens)")
     rows, cols, added = _prompts(input_ids, attention_mask, bos)
     x, valid, pos, starts = layout(rows, new, meta["mask_token_id"], bos, meta["block_length"])
-    den = Denoiser(model, meta, valid.to(device), pos.to(device))
+    den = CanvasModel(model, meta, valid.to(device), pos.to(device))
     x = (decode_blocks if meta["block_length"] else decode_whole)(den, x.to(device), o, eos).cpu()
     out = _assemble(x, input_ids, rows, cols, added, starts, new, eos, o.get("pad_token_id")).to(device)
     if o.get("return_dict_in_generate"):
