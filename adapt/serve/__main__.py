@@ -55,6 +55,7 @@ def bind(host: str, port: int) -> socket.socket:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        sock.listen(2048)  # connections made before the app is up wait in the backlog instead of being refused
     except OSError as err:
         raise ServeError(f"cannot listen on {host}:{port} ({err.strerror or err}); pick another --port (0 = any "
                          f"free one) or stop what holds it") from None
