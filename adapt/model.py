@@ -117,7 +117,10 @@ def _split(values: dict, into: dict) -> dict:
     """`into` (DiffusionMeta's keyword arguments) updated with `values`: its fields by name, any other key in extra."""
     names = {f.name for f in fields(DiffusionMeta)} - {"extra"}
     for key, value in values.items():
-        (into if key in names else into["extra"])[key] = value
+        if key == "extra" and isinstance(value, dict):  # asdict(meta) keeps them apart; to_json writes them flat
+            into["extra"].update(value)
+        else:
+            (into if key in names else into["extra"])[key] = value
     return into
 
 
