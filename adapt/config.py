@@ -303,7 +303,8 @@ def schema(*trees: Any) -> Config:
     cls = objectives.OBJECTIVES.get(objectives.objective_name(block if isinstance(block, int) else 0, str(name)))
     if cls is None:
         return Config()
-    return Config(diffusion=DiffusionConfig(**{key: section() for key, section in cls.sections.items()}))
+    sections = objectives.spec_of(cls).sections
+    return Config(diffusion=DiffusionConfig(**{key: section() for key, section in sections.items()}))
 
 
 def from_dict(tree: dict) -> Config:

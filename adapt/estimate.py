@@ -131,15 +131,15 @@ def activations(shape: Shape, cfg: Config, checkpointing: bool) -> dict[str, flo
     p = 2 if cfg.model.dtype == "bf16" else 4
     b, s = cfg.train.micro_batch_size, cfg.data.seq_length
     logit_rows = s  # block diffusion runs [x_t | x_0] (2L positions) but computes logits for L rows only
-    objective = objectives.selected(cfg)
-    s = objective.forward_positions(cfg, s)
+    spec = objectives.spec_for(cfg)
+    s = spec.forward_positions(cfg, s)
     per_token = p * (6 * shape.hidden + 2 * shape.kv_hidden + 4 * shape.intermediate)
     if cfg.model.attn_implementation == "eager":
         per_token += shape.heads * s * 6
     layer = b * s * per_token
     out = {"layers": (shape.layers * b * s * p * shape.hidden + layer) if checkpointing else shape.layers * layer,
            "logits": b * logit_rows * shape.vocab_rows * (2 * p + 3 * 4)}
-    dense_mask = (cfg.attention.anneal_steps > 0 or objective.always_masked(cfg)) \
+    dense_mask = (cfg.attention.anneal_steps > 0 or spec.always_masked(cfg)) \
         and cfg.model.attn_implementation in ("sdpa", "eager") \
         or cfg.attention.document_mask and cfg.model.attn_implementation != "flash_attention_2"
     out["mask"] = b * s * s * p if dense_mask else 0

@@ -120,10 +120,10 @@ def _run_name_problems(name: str) -> list[str]:
 def _objective_problems(cfg: Config) -> list[str]:
     """The objective must be a registered name, and the recipe one it can train with (its own checks)."""
     try:
-        objective = objectives.selected(cfg)
+        spec = objectives.spec_for(cfg)
     except objectives.UnknownObjective as err:
         return [f"{err}; set diffusion.objective to one of them (auto: by diffusion.block.length)"]
-    return objective.recipe_problems(cfg)
+    return spec.recipe_problems(cfg)
 
 
 def _noise_problems(cfg: Config) -> list[str]:
@@ -162,10 +162,10 @@ def _exported_model_problems(cfg: Config) -> list[str]:
         problems.append(f"`diffusion.shift={cfg.diffusion.shift}` but the exported model was trained with "
                         f"shift={meta.shift}; set `diffusion.shift={str(meta.shift).lower()}`")
     try:
-        trained, chosen = objectives.meta_class(meta), objectives.selected(cfg)
+        trained, chosen = objectives.spec_for_meta(meta), objectives.spec_for(cfg)
     except objectives.UnknownObjective as err:
         return problems + [str(err)]
-    if trained is not chosen:
+    if trained.objective is not chosen.objective:
         problems.append(f"`diffusion.objective` selects {chosen.name} but the exported model was trained with "
                         f"{trained.name}; set `diffusion.objective={trained.name}`"
                         + (f" diffusion.block.length={meta.block_length}" if meta.block_length else ""))

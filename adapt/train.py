@@ -78,7 +78,8 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
         raise ConfigError(problems)
     exported = exported_meta(cfg.model.name_or_path)
     meta = prepare_diffusion(model, tokenizer, cfg.model, exported)
-    meta = meta.with_fields(objectives.selected(cfg).meta_fields(cfg))  # an objective's own fields in meta.extra
+    spec = objectives.spec_for(cfg)
+    meta = meta.with_fields(spec.meta_fields(cfg))  # an objective's own fields in meta.extra
     set_causal(model, False)  # from here on the masks we pass decide what is visible
     rows = model.get_output_embeddings().weight.shape[0]  # before peft wraps the head, before ZeRO-3 partitions it
     teacher = ParentTeacher.build(cfg, model, distributed.device())  # before LoRA wraps it and any update
@@ -99,7 +100,7 @@ def _build_state(cfg: Config, build_data: Callable[[Config, object], Sequences])
         checkpoint.config_file(run_dir).write_text(to_yaml(cfg))
         save_base(run_dir, model, tokenizer, meta)
     log = MetricsLog(run_dir, cfg.run.tensorboard, distributed.is_main())
-    state = State(cfg, engine, tokenizer, meta, data, objectives.from_config(cfg, meta, blocked), log, teacher)
+    state = State(cfg, engine, tokenizer, meta, data, spec.build(cfg, meta, blocked), log, teacher)
     if tag is not None:
         client = distributed.load(engine, checkpoint.ckpt_root(run_dir), tag)
         state.step = int(client["step"])
@@ -144,7 +145,7 @@ def step_attention(cfg: Config, step: int) -> Attention:
     r, length, schedule = (anneal_ratio(step, cfg.attention.anneal_steps), cfg.data.seq_length,
                            cfg.attention.anneal_schedule)
     if schedule == "blocks":  # the block length grows to the objective's target (LLaDA 2.0's warmup)
-        block = curriculum_block(objectives.selected(cfg).anneal_target(cfg, length), length, r)
+        block = curriculum_block(objectives.spec_for(cfg).anneal_target(cfg, length), length, r)
         return Attention(None if block >= length else block_causal(length, block), r, schedule, block=block)
     visible = step_visibility(length, r, schedule, rng.generator(cfg.train.seed, "attention", step))
     return Attention(visible, r, schedule)

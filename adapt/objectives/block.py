@@ -30,9 +30,9 @@ import torch
 
 from adapt.attention import block_visible, document_visibility, to_additive
 from adapt.limits import SIZE_MAX, ranged
-from adapt.objectives.base import Attention, CardNotes, Forward, Noised
-from adapt.objectives.mdlm import MaskedDiffusion
-from adapt.objectives.spec import Decoding, meta_get
+from adapt.objectives.base import Attention, Forward, Noised
+from adapt.objectives.mdlm import MaskedDiffusion, MaskedDiffusionSpec
+from adapt.objectives.spec import CardNotes, Decoding, meta_get
 
 
 @dataclass
@@ -93,11 +93,83 @@ def block_mask_flex(length: int, block: int, doc_ids: torch.Tensor | None, devic
                              BLOCK_SIZE=min(128, 2 * length))
 
 
+class BlockDiffusionSpec(MaskedDiffusionSpec):
+    """What is asked of block diffusion before a model exists; implements `adapt.objectives.spec.Spec` for
+    `objective`, the registered run-time class (BlockDiffusion or a subclass)."""
+
+    def recipe_problems(self, cfg) -> list[str]:
+        """The block length must divide the sequence; the model is annealed only by growing blocks; the mask over
+        [x_t | x_0] needs a backend that takes one."""
+        b, length, d = cfg.diffusion.block.length, cfg.data.seq_length, cfg.diffusion
+        if b <= 0:
+            return [f"`diffusion.objective={self.name}` needs blocks: set diffusion.block.length to a divisor of "
+                    f"data.seq_length={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
+                    f"whole sequence"]
+        problems = []
+        if length % b:
+            problems.append(f"`diffusion.block.length={b}` does not divide `data.seq_length={length}`; choose a "
+                            f"divisor (e.g. {max(k for k in range(1, min(b, length) + 1) if length % k == 0)}) or "
+                            f"diffusion.block.length=0 for the whole sequence")
+        if cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
+            problems.append(f"block diffusion (`diffusion.block.length={b}`) anneals by growing the block length: set "
+                            f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from "
+                            f"the start")
+        if d.distill.weight and d.distill.teacher == "clean" and d.block.clean_attention != "causal":
+            problems.append("`diffusion.distill.teacher=clean` needs a causal clean stream (the block clean stream "
+                            "sees the token it would teach); set diffusion.block.clean_attention=causal, or "
+                            "diffusion.distill.teacher=parent")
+        if cfg.model.attn_implementation == "flash_attention_2":
+            problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
+                            "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
+        return problems
+
+    def export_problems(self, cfg, meta) -> list[str]:
+        block, problems = cfg.diffusion.block, []
+        for key, field in (("length", "block_length"), ("clean_attention", "clean_attention"),
+                           ("noised_attention", "noised_attention")):
+            mine, trained = getattr(block, key), getattr(meta, field)
+            if mine != trained:
+                problems.append(f"`diffusion.block.{key}={mine}` but the exported block model was trained with "
+                                f"{field}={trained}; set `diffusion.block.{key}={trained}`")
+        return problems
+
+    def anneal_target(self, cfg, length: int) -> int:
+        return min(cfg.diffusion.block.length, length)
+
+    def forward_positions(self, cfg, length: int) -> int:
+        return 2 * length  # [x_t | x_0]; logits for L rows only
+
+    def always_masked(self, cfg) -> bool:
+        return True
+
+    def decode_block(self, meta) -> int:
+        return meta_get(meta, "block_length", 0) or 0
+
+    def decoding(self, meta) -> Decoding:
+        return Decoding(block_length=self.decode_block(meta),
+                        clean_causal=meta_get(meta, "clean_attention") == "causal")
+
+    def card(self, meta: dict) -> CardNotes:
+        block = meta.get("block_length") or 0
+        causal = meta.get("clean_attention") == "causal"
+        inside = "causal" if meta.get("noised_attention") == "causal" else "bidirectional"
+        return CardNotes(
+            tags=("block-diffusion",),
+            attention=(f"block diffusion with blocks of {block} tokens: attention is {inside} inside a block and "
+                       f"causal across blocks, and text is generated block by block with an exact key/value cache"
+                       + ("; committed blocks are read causally, as the parent reads text" if causal else "")),
+            plain_forward=(" A plain forward pass of this block-diffusion model is not its diffusion forward: that "
+                           "needs the block-causal mask that `generate` builds."),
+            limits=(f"\n- This is a block-diffusion model (blocks of {block}): a plain forward without its "
+                    f"block-causal mask is neither its diffusion forward nor a causal LM."))
+
+
 class BlockDiffusion(MaskedDiffusion):
     """Masked diffusion inside blocks of `block_length`, causal across blocks. The noising, weights,
     normalisers and the estimator are the masked-diffusion ones; the forward and the shift differ."""
 
     name = "block"
+    spec_class = BlockDiffusionSpec
     sections = {**MaskedDiffusion.sections, "block": BlockConfig}
 
     def __init__(self, *args, block_length: int, clean_causal: bool = False, noised_causal: bool = False, **kwargs):
@@ -123,79 +195,6 @@ class BlockDiffusion(MaskedDiffusion):
         block = cfg.diffusion.block
         return super().meta_fields(cfg) | {"block_length": block.length, "clean_attention": block.clean_attention,
                                            "noised_attention": block.noised_attention}
-
-    @classmethod
-    def recipe_problems(cls, cfg) -> list[str]:
-        """The block length must divide the sequence; the model is annealed only by growing blocks; the mask over
-        [x_t | x_0] needs a backend that takes one."""
-        b, length, d = cfg.diffusion.block.length, cfg.data.seq_length, cfg.diffusion
-        if b <= 0:
-            return [f"`diffusion.objective={cls.name}` needs blocks: set diffusion.block.length to a divisor of "
-                    f"data.seq_length={length} (4 is the bundled recipe's), or diffusion.objective=mdlm for the "
-                    f"whole sequence"]
-        problems = []
-        if length % b:
-            problems.append(f"`diffusion.block.length={b}` does not divide `data.seq_length={length}`; choose a "
-                            f"divisor (e.g. {max(k for k in range(1, min(b, length) + 1) if length % k == 0)}) or "
-                            f"diffusion.block.length=0 for the whole sequence")
-        if cfg.attention.anneal_steps > 0 and cfg.attention.anneal_schedule != "blocks":
-            problems.append(f"block diffusion (`diffusion.block.length={b}`) anneals by growing the block length: set "
-                            f"attention.anneal_schedule=blocks, or attention.anneal_steps=0 to train at b={b} from "
-                            f"the start")
-        if d.distill.weight and d.distill.teacher == "clean" and d.block.clean_attention != "causal":
-            problems.append("`diffusion.distill.teacher=clean` needs a causal clean stream (the block clean stream "
-                            "sees the token it would teach); set diffusion.block.clean_attention=causal, or "
-                            "diffusion.distill.teacher=parent")
-        if cfg.model.attn_implementation == "flash_attention_2":
-            problems.append("block diffusion needs a block mask over [x_t | x_0], which flash_attention_2 does not "
-                            "take; use model.attn_implementation=sdpa (CPU) or flex_attention (GPU, block-sparse)")
-        return problems
-
-    @classmethod
-    def export_problems(cls, cfg, meta) -> list[str]:
-        block, problems = cfg.diffusion.block, []
-        for key, field in (("length", "block_length"), ("clean_attention", "clean_attention"),
-                           ("noised_attention", "noised_attention")):
-            mine, trained = getattr(block, key), getattr(meta, field)
-            if mine != trained:
-                problems.append(f"`diffusion.block.{key}={mine}` but the exported block model was trained with "
-                                f"{field}={trained}; set `diffusion.block.{key}={trained}`")
-        return problems
-
-    @classmethod
-    def anneal_target(cls, cfg, length: int) -> int:
-        return min(cfg.diffusion.block.length, length)
-
-    @classmethod
-    def forward_positions(cls, cfg, length: int) -> int:
-        return 2 * length  # [x_t | x_0]; logits for L rows only
-
-    @classmethod
-    def always_masked(cls, cfg) -> bool:
-        return True
-
-    @classmethod
-    def decode_block(cls, meta) -> int:
-        return meta_get(meta, "block_length", 0) or 0
-
-    @classmethod
-    def decoding(cls, meta) -> Decoding:
-        return Decoding(block_length=cls.decode_block(meta), clean_causal=meta_get(meta, "clean_attention") == "causal")
-
-    @classmethod
-    def card(cls, meta: dict) -> CardNotes:
-        block = meta.get("block_length") or 0
-        causal = meta.get("clean_attention") == "causal"
-        inside = "causal" if meta.get("noised_attention") == "causal" else "bidirectional"
-        return CardNotes(
-            tags=("block-diffusion",),
-            attention=(f"block diffusion with blocks of {block} tokens: attention is {inside} inside a block and "
-                       f"causal across blocks, and text is generated block by block with an exact key/value cache"
-                       + ("; committed blocks are read causally, as the parent reads text" if causal else "")),
-            plain_forward=(" A plain forward pass of this block-diffusion model is not its diffusion forward: that "
-                           "needs the block-causal mask that `generate` builds."),
-            limits=(f"\n- This is a block-diffusion model (blocks of {block}): a plain forward without its "
-                    f"block-causal mask is neither its diffusion forward nor a causal LM."))
 
     def eval_attention(self, causal: bool, length: int, docs: torch.Tensor | None) -> Attention:
         """The causal view runs blocks of one token (the parent's computation); the bidirectional one the target."""

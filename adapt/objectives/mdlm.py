@@ -20,9 +20,9 @@ from adapt.diffusion import (context_shares, corrupt, diffusion_loss_sum, distil
                              maskable_positions, normaliser, position_exponents, prediction_logits, sample_t,
                              shift_logits, token_nll)
 from adapt.model import DTYPES
-from adapt.objectives.base import Attention, CardNotes, Forward, JointCausal, Noised
+from adapt.objectives.base import Attention, Forward, JointCausal, Noised
 from adapt.objectives.distill import Distill, DistillConfig
-from adapt.objectives.spec import Decoding
+from adapt.objectives.spec import CardNotes, Decoding
 
 
 def sequence_mask(attention: Attention, length: int, batch: int, device: torch.device, backend: str,
@@ -38,10 +38,65 @@ def sequence_mask(attention: Attention, length: int, batch: int, device: torch.d
     return None if mask is None else mask.to(device).expand(batch, -1, -1, -1)
 
 
+class MaskedDiffusionSpec:
+    """What is asked of masked diffusion over the whole sequence before a model exists; implements
+    `adapt.objectives.spec.Spec` for `objective`, the registered run-time class (MaskedDiffusion or a subclass)."""
+
+    def __init__(self, objective: type):
+        self.objective, self.name, self.sections = objective, objective.name, objective.sections
+        self.build, self.rebuild, self.meta_fields = objective.from_config, objective.from_meta, objective.meta_fields
+
+    def recipe_problems(self, cfg) -> list[str]:
+        problems = []
+        block = cfg.diffusion.block
+        if block.length:
+            problems.append(f"`diffusion.objective={self.name}` trains over the whole sequence, but "
+                            f"`diffusion.block.length={block.length}`; set diffusion.block.length=0, "
+                            f"or diffusion.objective=block for block diffusion")
+        if cfg.diffusion.distill.weight and cfg.diffusion.distill.teacher == "clean":
+            problems.append("`diffusion.distill.teacher=clean` reads the clean stream of block diffusion, which masked "
+                            "diffusion over the whole sequence does not run; set diffusion.distill.teacher=parent "
+                            "(the parent's own forward), or diffusion.objective=block diffusion.block.length=4 "
+                            "diffusion.block.clean_attention=causal, or diffusion.distill.weight=0")
+        if block.noised_attention != "bidirectional":
+            problems.append(f"`diffusion.block.noised_attention={block.noised_attention}` shapes the noised block of "
+                            f"block diffusion; the whole-sequence objective has none: set "
+                            f"diffusion.block.noised_attention=bidirectional, or diffusion.objective=block "
+                            f"diffusion.block.length=4")
+        if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
+                and cfg.attention.anneal_steps > 0:
+            problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
+                            "sdpa, or attention.anneal_schedule=window with flex_attention")
+        return problems
+
+    def export_problems(self, cfg, meta) -> list[str]:
+        return []
+
+    def anneal_target(self, cfg, length: int) -> int:
+        return length
+
+    def forward_positions(self, cfg, length: int) -> int:
+        return length
+
+    def always_masked(self, cfg) -> bool:
+        return False
+
+    def decode_block(self, meta) -> int:
+        return 0
+
+    def decoding(self, meta) -> Decoding:
+        return Decoding(block_length=0, clean_causal=False)
+
+    def card(self, meta: dict) -> CardNotes:
+        return CardNotes()
+
+
 class MaskedDiffusion:
     """Masked diffusion over the whole sequence; implements `adapt.objectives.base.Objective`."""
 
     name = "mdlm"
+    spec_class = MaskedDiffusionSpec
+    """The class of its `Spec` (adapt.objectives.spec_of builds one around this class)."""
     sections = {"distill": DistillConfig}
     """The recipe sections under `diffusion` this objective reads (key -> dataclass; adapt.config.schema)."""
 
@@ -65,7 +120,7 @@ class MaskedDiffusion:
         self.distill = distill
         """The distillation term (a training term only), or None."""
 
-    # --- building and describing (class level: no model needed) -----------------------------------
+    # --- building (class level: read by its spec) --------------------------------------------------
 
     @classmethod
     def options(cls, cfg) -> dict:
@@ -87,58 +142,6 @@ class MaskedDiffusion:
     @classmethod
     def meta_fields(cls, cfg) -> dict:
         return {"objective": cls.name, "shift": cfg.diffusion.shift, "eps": cfg.diffusion.eps, "block_length": 0}
-
-    @classmethod
-    def recipe_problems(cls, cfg) -> list[str]:
-        problems = []
-        block = cfg.diffusion.block
-        if block.length:
-            problems.append(f"`diffusion.objective={cls.name}` trains over the whole sequence, but "
-                            f"`diffusion.block.length={block.length}`; set diffusion.block.length=0, "
-                            f"or diffusion.objective=block for block diffusion")
-        if cfg.diffusion.distill.weight and cfg.diffusion.distill.teacher == "clean":
-            problems.append("`diffusion.distill.teacher=clean` reads the clean stream of block diffusion, which masked "
-                            "diffusion over the whole sequence does not run; set diffusion.distill.teacher=parent "
-                            "(the parent's own forward), or diffusion.objective=block diffusion.block.length=4 "
-                            "diffusion.block.clean_attention=causal, or diffusion.distill.weight=0")
-        if block.noised_attention != "bidirectional":
-            problems.append(f"`diffusion.block.noised_attention={block.noised_attention}` shapes the noised block of "
-                            f"block diffusion; the whole-sequence objective has none: set "
-                            f"diffusion.block.noised_attention=bidirectional, or diffusion.objective=block "
-                            f"diffusion.block.length=4")
-        if cfg.attention.anneal_schedule == "blocks" and cfg.model.attn_implementation == "flex_attention" \
-                and cfg.attention.anneal_steps > 0:
-            problems.append("the `blocks` schedule of the whole-sequence target is a dense block-causal mask: use "
-                            "sdpa, or attention.anneal_schedule=window with flex_attention")
-        return problems
-
-    @classmethod
-    def export_problems(cls, cfg, meta) -> list[str]:
-        return []
-
-    @classmethod
-    def anneal_target(cls, cfg, length: int) -> int:
-        return length
-
-    @classmethod
-    def forward_positions(cls, cfg, length: int) -> int:
-        return length
-
-    @classmethod
-    def always_masked(cls, cfg) -> bool:
-        return False
-
-    @classmethod
-    def decode_block(cls, meta) -> int:
-        return 0
-
-    @classmethod
-    def decoding(cls, meta) -> Decoding:
-        return Decoding(block_length=0, clean_causal=False)
-
-    @classmethod
-    def card(cls, meta: dict) -> CardNotes:
-        return CardNotes()
 
     # --- training ---------------------------------------------------------------------------------
 
