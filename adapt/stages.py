@@ -17,9 +17,10 @@ import yaml
 from adapt import checkpoint, curve, distributed, sft
 from adapt.config import Config
 from adapt.data import Sequences, DataError, build_sequences, source_problems
+from adapt.evaluate import evaluate, parent_perplexity
 from adapt.export import export, load_diffusion_model
 from adapt.store import cache_lock
-from adapt.train import State, evaluate, fit, parent_perplexity, setup, show_batch
+from adapt.train import State, fit, setup, show_batch
 
 MIXTURE_LOG_STEPS = 1000
 """The start-up log shows each source's realised share of the rows of this many first steps (at most)."""

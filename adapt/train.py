@@ -1,4 +1,5 @@
-"""The training loop: setup -> fit -> train_step -> evaluate, for any stage and any objective.
+"""The training loop: setup -> fit -> train_step, for any stage and any objective (its held-out evaluation:
+adapt.evaluate).
 
 The loop takes its data (`adapt.data.Sequences`, with loss masks for SFT) and its objective
 (`adapt.objectives`) and knows neither stage; `adapt.stages` builds the data and runs the stages.
@@ -15,12 +16,13 @@ from typing import Callable
 
 import torch
 
-from adapt import checkpoint, distributed, faults, likelihood, objectives, rng, runlock
+from adapt import checkpoint, distributed, faults, objectives, rng, runlock
 from adapt.attention import anneal_ratio, block_causal, curriculum_block, step_visibility
 from adapt.config import Config, ConfigError, to_yaml
 from adapt.data import Sequences, batch_indices
 from adapt.diffusion import blocked_vocab, corrupt, distill_scale
 from adapt.errors import StoppedBeforeStart, TrainingError
+from adapt.evaluate import evaluate
 from adapt.export import exported_meta, load_weights, save_base
 from adapt.metrics import MetricsLog
 from adapt.model import DiffusionMeta, load_tokenizer, prepare_diffusion, set_causal
@@ -255,39 +257,6 @@ def check_finite_weights(state: State, when: str) -> None:
         raise TrainingError(f"the weights are no longer finite {when}; nothing was saved from this point. "
                             f"Lower optim.lr, raise optim.warmup_steps or use model.dtype=fp32, then rerun "
                             f"to resume from the last complete checkpoint")
-
-
-@torch.no_grad()
-def evaluate(state: State, attention: str = "bidirectional") -> dict:
-    """The objective's held-out bound (fixed draws, so runs compare pairwise), split over ranks.
-
-    attention: bidirectional, or causal (the parent's attention; the 'before' view). Sequences with a loss
-    mask (SFT) are scored on their eligible positions; the data's named parts are reported beside.
-    """
-    cfg, data, obj = state.cfg, state.data, state.objective
-    faults.maybe_slow_eval()
-    state.engine.eval()
-    view = obj.eval_attention(attention != "bidirectional", cfg.data.seq_length,
-                              data.heldout_docs if cfg.attention.document_mask else None)
-    maskable = obj.scored(data.heldout, data.heldout_loss_mask)  # the parent's positions, shift or not
-    out = likelihood.heldout_bound(obj, state.forward, data.heldout, maskable, cfg.train.eval_t_samples,
-                                   cfg.train.eval_method, rng.generator(cfg.train.seed, "eval"),
-                                   cfg.train.micro_batch_size, view, data.heldout_parts)
-    state.engine.train()
-    return out
-
-
-@torch.no_grad()
-def parent_perplexity(state: State) -> dict:
-    """Exact held-out perplexity of the parent causal LM on the same tokens (before any update)."""
-    faults.maybe_slow_eval()
-    state.engine.eval()
-    set_causal(state.engine.module, True)
-    out = likelihood.parent_perplexity(state.forward, state.data.heldout, state.objective.blocked,
-                                       state.cfg.train.micro_batch_size)
-    set_causal(state.engine.module, False)
-    state.engine.train()
-    return out
 
 
 def _install_early_stop_handler() -> None:
