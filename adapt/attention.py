@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 # block diffusion's attention rule, defined once, in the decoder every export ships (it runs without this package)
-from adapt.export.hf_generate.generate import block_visible  # noqa: F401
+from adapt.export.hf_generate.primitives import block_visible  # noqa: F401
 
 # Which annealing schedules each backend can express with the masks built here. flash_attention_2
 # takes no mask tensor (only 2D padding), and transformers 5.23 turns `sliding_window` into the

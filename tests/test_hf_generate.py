@@ -241,20 +241,21 @@ def test_generation_config_and_files(export):
     from transformers import GenerationConfig
 
     from adapt.export import load_diffusion_model
-    from adapt.export.writer import GENERATE_SOURCE
+    from adapt.export.writer import SHIPPED
 
     gc = GenerationConfig.from_pretrained(export)
     assert gc.do_sample is False and gc.max_new_tokens == 64 and gc.diffusion_sampler == "confidence"
     assert gc.bos_token_id == 1 and gc.eos_token_id == 2 and gc.temperature is None
-    assert (export / "custom_generate" / "generate.py").read_bytes() == GENERATE_SOURCE.read_bytes()
+    for source in SHIPPED:
+        assert (export / "custom_generate" / source.name).read_bytes() == source.read_bytes()
     assert "transformers>=5.0" in (export / "custom_generate" / "requirements.txt").read_text()
     model, _, meta = load_diffusion_model(export)  # the library still loads the export
     assert meta.mask_token_id == json.loads((export / "diffusion.json").read_text())["mask_token_id"]
     imports = set()
-    for node in ast.walk(ast.parse(GENERATE_SOURCE.read_text())):
+    for node in (n for source in SHIPPED for n in ast.walk(ast.parse(source.read_text()))):
         if isinstance(node, ast.Import):
             imports |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
+        elif isinstance(node, ast.ImportFrom) and not node.level:  # a relative import: the file beside it
             imports.add((node.module or "").split(".")[0])
     assert imports - set(sys.stdlib_module_names) == {"torch", "transformers"}  # never `adapt`
 

@@ -132,14 +132,21 @@ def top_level_names(path: Path) -> set[str]:
 
 def test_the_library_and_the_shipped_decoder_share_each_primitive_once():
     """Each decoding primitive the library's samplers and the decoder shipped in every export share is written once,
-    in the shipped file (self-contained: torch, transformers and the standard library only), and imported by the
-    library. `generate` is exempt: transformers calls the shipped one by that name, the library's is its own entry."""
-    shipped = ROOT / "adapt" / "export" / "hf_generate" / "generate.py"
+    in the shipped files (self-contained: torch, transformers, the standard library and each other only), and
+    imported by the library. `generate` is exempt: transformers calls the shipped one by that name, the library's is
+    its own entry."""
+    from adapt.export.writer import SHIPPED
+
     library = [*sorted((ROOT / "adapt" / "sampling").glob("*.py")), ROOT / "adapt" / "denoiser.py"]
+    shipped = set().union(*(top_level_names(p) for p in SHIPPED))
     twice = {f"{p.relative_to(ROOT)}: {name}" for p in library
-             for name in (top_level_names(p) & top_level_names(shipped)) - {"generate"}}
+             for name in (top_level_names(p) & shipped) - {"generate"}}
     assert not twice, f"defined both in the shipped decoder and in the library: {sorted(twice)}"
-    nodes = list(ast.walk(ast.parse(shipped.read_text())))
-    imports = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
-    imports |= {(n.module or "").split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom)}
-    assert imports <= {"__future__", "dataclasses", "inspect", "json", "math", "os", "torch", "transformers"}, imports
+    for path in SHIPPED:
+        nodes = list(ast.walk(ast.parse(path.read_text())))
+        imports = {a.name.split(".")[0] for n in nodes if isinstance(n, ast.Import) for a in n.names}
+        imports |= {(n.module or "").split(".")[0] for n in nodes if isinstance(n, ast.ImportFrom) and not n.level}
+        siblings = {n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.level}
+        assert imports <= {"__future__", "dataclasses", "inspect", "json", "math", "os", "torch", "transformers"}, \
+            imports
+        assert siblings <= {p.stem for p in SHIPPED}, siblings

@@ -159,6 +159,8 @@ def save_base(run_dir: Path, model, tokenizer, meta: DiffusionMeta) -> None:
 # --- what makes an export usable in plain transformers (issue 16) -----------------------------------
 
 GENERATE_SOURCE = Path(__file__).resolve().parent / "hf_generate" / "generate.py"
+SHIPPED = (GENERATE_SOURCE, GENERATE_SOURCE.with_name("primitives.py"))
+"""The decoder's files an export carries (generate.py imports primitives.py beside it; transformers copies both)."""
 GENERATE_DIR = "custom_generate"
 REQUIREMENTS = "torch>=2.1\ntransformers>=5.0\n"
 """One requirement per line: transformers checks each against the installed version when it loads the folder."""
@@ -193,7 +195,8 @@ def write_hf_extras(folder: str | Path, meta, recipe_cfg=None, summary: dict | N
 def write_generate(folder: Path) -> None:
     out = Path(folder) / GENERATE_DIR
     out.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(GENERATE_SOURCE, out / "generate.py")
+    for source in SHIPPED:
+        shutil.copyfile(source, out / source.name)
     (out / "requirements.txt").write_text(REQUIREMENTS)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from adapt import objectives
 from adapt.export.hf_generate import generate as hf
-from adapt.export.hf_generate.generate import split_steps, stop_after_eos
+from adapt.export.hf_generate.primitives import split_steps, stop_after_eos
 from adapt.sampling.loop import Trace
 
 

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from adapt.export.hf_generate.generate import block_spans, split_steps, stop_after_eos
+from adapt.export.hf_generate.primitives import block_spans, split_steps, stop_after_eos
 from adapt.sampling.loop import Trace
 
 __all__ = ["block_spans", "sample_blocks", "split_steps", "stop_after_eos"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 # the filter, drawing and confidence the decoder every export ships uses too (it runs without this package)
-from adapt.export.hf_generate.generate import CONFIDENCES, TokenFilter, confidence, draw
+from adapt.export.hf_generate.primitives import CONFIDENCES, TokenFilter, confidence, draw
 
 __all__ = ["CONFIDENCES", "TokenFilter", "confidence", "draw", "uniform"]
 

@@ -17,7 +17,7 @@ from typing import Callable
 
 import torch
 
-from adapt.export.hf_generate.generate import top_ranked, transfer_counts
+from adapt.export.hf_generate.primitives import top_ranked, transfer_counts
 from adapt.sampling.categorical import TokenFilter, draw
 
 __all__ = ["Propose", "Step", "Trace", "bernoulli", "denoise_loop", "top_ranked", "transfer_counts"]
