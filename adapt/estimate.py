@@ -33,10 +33,10 @@ if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from adapt import objectives  # noqa: E402
-from adapt.cli_types import at_least  # noqa: E402
-from adapt.config import Config  # noqa: E402
+from adapt.cli.types import at_least  # noqa: E402
+from adapt.recipe.config import Config  # noqa: E402
 from adapt.export import exported_meta  # noqa: E402
-from adapt.recipe import load_config  # noqa: E402
+from adapt.recipe.load import load_config  # noqa: E402
 
 GB = 1024**3
 
@@ -61,7 +61,7 @@ def read_config(cfg: Config, model_config: str = ""):
     """The transformers config of the recipe's model (or of `model_config`), without weights."""
     from transformers import AutoConfig
 
-    from adapt.model import ModelLoadError, resolve_source
+    from adapt.model.causal import ModelLoadError, resolve_source
 
     if model_config:
         path = Path(model_config)
@@ -167,7 +167,7 @@ def estimate(cfg: Config, gpus_per_node: int = 8, nodes: int = 1, model_config: 
 
 def _states_row(shape: Shape, cfg: Config, stage: int, off_opt: bool, off_par: bool, gpus_per_node: int,
                 nodes: int) -> dict:
-    from adapt import distributed
+    from adapt.train import distributed
 
     gpu, cpu = model_states(shape, cfg.model.dtype, stage, gpus_per_node * nodes, off_opt, off_par)
     source = "formula"
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-config", default="", help="folder or config.json to use instead of the recipe's model")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     args = parser.parse_args(argv)
-    from adapt.errors import friendly
+    from adapt.cli.errors import friendly
 
     with friendly():
         cfg = load_config(args.recipe, args.overrides)

@@ -1,7 +1,7 @@
 """`python -m adapt.prepare RECIPE [key=value ...]`: tokenise the recipe's corpus once into its token stores.
 
 Each source of the recipe (`data.sources`, else `data.train_files`, else the embedded corpus) becomes a store under
-`data.cache_dir`/stores (adapt.store), with `data.num_proc` tokenising workers and progress lines; a store that
+`data.cache_dir`/stores (adapt.data.store), with `data.num_proc` tokenising workers and progress lines; a store that
 exists is checked against its manifest's checksums instead. Training then opens the stores memory-mapped and
 starts at once; without this step the first rank of a launch prepares them while the others wait. A second
 prepare (or a launch) on the same cache waits for the first rather than writing a second copy.
@@ -22,7 +22,7 @@ def tokenizer_for(cfg):
     """The tokenizer training will use, its mask token named as training will name it (the store's tokenizer
     hash leaves the mask token out, so a store made here is the one training opens)."""
     from adapt.export import exported_meta
-    from adapt.model import load_tokenizer
+    from adapt.model.causal import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model)
     meta = exported_meta(cfg.model.name_or_path)
@@ -37,7 +37,7 @@ def tokenizer_for(cfg):
 
 def prepare(cfg) -> dict:
     """Prepare (or check) every source's store; returns what the summary prints."""
-    from adapt.data import DataError, build_sequences
+    from adapt.data.corpus import DataError, build_sequences
 
     if cfg.stage != "adapt":
         raise DataError(f"the {cfg.stage} stage encodes its examples when it starts (a small file, cached under "
@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or args[0].startswith("-"):
         print(USAGE + "\n\n" + __doc__, file=sys.stderr)
         return 0 if args and args[0] in ("-h", "--help") else 2
-    from adapt.errors import friendly
-    from adapt.recipe import load_config
+    from adapt.cli.errors import friendly
+    from adapt.recipe.load import load_config
 
     try:
         with friendly():

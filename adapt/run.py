@@ -7,7 +7,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt.recipe import load_config  # noqa: E402
+from adapt.recipe.load import load_config  # noqa: E402
 
 USAGE = "usage: [deepspeed] adapt/run.py RECIPE.yaml [section.key=value ...]"
 
@@ -27,16 +27,16 @@ def parse_args(argv: list[str]) -> tuple[str, list[str]]:
 
 def main(argv: list[str] | None = None) -> int:
     recipe, overrides = parse_args(sys.argv[1:] if argv is None else argv)
-    from adapt.errors import friendly
-    from adapt.errors import StoppedBeforeStart
+    from adapt.cli.errors import friendly
+    from adapt.cli.errors import StoppedBeforeStart
 
     try:
         with friendly():
             cfg = load_config(recipe, overrides)
-            from adapt.stages import STAGES
+            from adapt.train.stages import STAGES
 
             STAGES[cfg.stage](cfg)
-    except KeyboardInterrupt:  # the second Ctrl-C (adapt.train's handler took the first)
+    except KeyboardInterrupt:  # the second Ctrl-C (adapt.train.loop's handler took the first)
         print("error: interrupted again: stopped at once without saving; every complete checkpoint is intact, "
               "rerun the same command to resume from the last one", file=sys.stderr)
         return 130

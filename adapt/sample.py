@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from adapt.cli_types import at_least, device, fraction, non_negative, seed, text
-from adapt.model import start_token
-from adapt.sampling import SAMPLER_NAMES, SampleResult, generate, sampler_options
-from adapt.sampling.canvas import infill_canvas, prompt_canvas, segments_canvas
+from adapt.cli.types import at_least, device, fraction, non_negative, seed, text
+from adapt.model.causal import start_token
+from adapt.decode import SAMPLER_NAMES, SampleResult, generate, sampler_options
+from adapt.decode.canvas import infill_canvas, prompt_canvas, segments_canvas
 
 MASK_MARKER = re.compile(r"<mask(?::(\d+))?>")
 MAX_CANVAS = 1 << 20
@@ -154,7 +154,7 @@ def print_trajectory(result: SampleResult, row: int, tokenizer) -> None:
 
 
 def draw_trajectory(args: argparse.Namespace, x: torch.Tensor, result: SampleResult, mask_id: int, tokenizer) -> None:
-    from adapt.trajectory import frames, render
+    from adapt.decode.trajectory import frames, render
 
     samples = frames(x, result.ids.cpu(), result.trajectory.cpu(), mask_id, tokenizer, result.steps_run)
     title = f"{args.model}: {args.sampler}, {result.steps_run} steps, {result.nfe} model calls"
@@ -166,7 +166,7 @@ def draw_trajectory(args: argparse.Namespace, x: torch.Tensor, result: SampleRes
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapt.errors import friendly
+    from adapt.cli.errors import friendly
 
     args = parse_args(argv)
     with friendly(SampleError):
@@ -176,11 +176,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _sample(args: argparse.Namespace) -> None:
     from adapt.export import load_diffusion_model
-    from adapt.denoiser import Denoiser
+    from adapt.decode.denoiser import Denoiser
     from adapt.draft_head import load_draft_head
 
     if args.trajectory_out:
-        from adapt.trajectory import check_path
+        from adapt.decode.trajectory import check_path
 
         try:
             check_path(args.trajectory_out)

@@ -5,9 +5,9 @@
 
 Each variant runs in its own process (same model, batch, dtype, attention backend, DeepSpeed engine):
   causal         HF causal LM loss on the parent (labels=input_ids), the baseline
-  anneal         adapt.train.train_step at anneal ratio r = 0.5 (a random 4D mask each step)
-  bidirectional  adapt.train.train_step after annealing (no mask tensor)
-  block          adapt.train.train_step of block diffusion (--block-length; [x_t | x_0], 2L positions under the
+  anneal         adapt.train.loop.train_step at anneal ratio r = 0.5 (a random 4D mask each step)
+  bidirectional  adapt.train.loop.train_step after annealing (no mask tensor)
+  block          adapt.train.loop.train_step of block diffusion (--block-length; [x_t | x_0], 2L positions under the
                  block mask), its tokens/s counted over L tokens per sequence like the others
   ar             the bidirectional step with the joint causal term (diffusion.ar_loss_weight=0.3: a second,
                  causal forward of the clean sequences), also reported against `bidirectional`
@@ -74,16 +74,16 @@ class PeakRSS:
 def _state(args):
     import torch
 
-    from adapt import distributed
-    from adapt.recipe import load_config
+    from adapt.train import distributed
+    from adapt.recipe.load import load_config
     from adapt import objectives
-    from adapt.data import Sequences
-    from adapt.diffusion import blocked_vocab
-    from adapt.metrics import MetricsLog
-    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer, set_causal
-    from adapt.teacher import ParentTeacher
-    from adapt.optim import build_optimizer, lr_lambda
-    from adapt.train import State
+    from adapt.data.corpus import Sequences
+    from adapt.objectives.diffusion import blocked_vocab
+    from adapt.train.metrics import MetricsLog
+    from adapt.model.causal import add_mask_token, load_causal_lm, load_tokenizer, set_causal
+    from adapt.train.teacher import ParentTeacher
+    from adapt.train.optim import build_optimizer, lr_lambda
+    from adapt.train.loop import State
 
     block = [f"diffusion.block.length={args.block_length}", "attention.anneal_steps=0",
              f"diffusion.block.clean_attention={args.clean_attention}"] \
@@ -115,8 +115,8 @@ def _state(args):
 
 
 def _causal_step(state, step: int) -> None:
-    from adapt import distributed
-    from adapt.data import batch_indices
+    from adapt.train import distributed
+    from adapt.data.corpus import batch_indices
 
     m = state.cfg.train.micro_batch_size
     x = state.data.train[batch_indices(step, len(state.data.train), m, 0, 1, 0)].to(distributed.device())
@@ -129,7 +129,7 @@ def run_variant(args) -> dict:
     """Time `args.steps` steps of one variant after two warm-up steps (in this process)."""
     import torch
 
-    from adapt.train import train_step
+    from adapt.train.loop import train_step
 
     state = _state(args)
     # anneal: steps 1 of anneal_steps=2 -> r = 0.5; bidirectional: step >= 2 -> r = 1

@@ -3,7 +3,7 @@
     python bench/block_length.py [--model EXPORT_OR_CAUSAL_LM] [--lengths 1 4 16 64 0] [--blocks 8] [--draws 2]
                                  [--clean-attention block|causal] [--offsets B]
 
-Every b scores the same blocks with the masked-count estimator (adapt.likelihood; b = 0 is the whole-sequence
+Every b scores the same blocks with the masked-count estimator (adapt.train.likelihood; b = 0 is the whole-sequence
 objective). In-domain text is the embedded corpus' held-out tail (the default recipe's); out-of-domain text is
 the Python language reference shipped with CPython (`pydoc_data.topics`), which no recipe trains on. For the
 unconverted parent b = 1 reproduces its exact perplexity (the test of the shift with blocks); a converted
@@ -25,13 +25,13 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from adapt import rng  # noqa: E402
-from adapt.config import DataConfig, ModelConfig  # noqa: E402
-from adapt.data import build_sequences  # noqa: E402
-from adapt.diffusion import blocked_vocab  # noqa: E402
+from adapt.train import rng  # noqa: E402
+from adapt.recipe.config import DataConfig, ModelConfig  # noqa: E402
+from adapt.data.corpus import build_sequences  # noqa: E402
+from adapt.objectives.diffusion import blocked_vocab  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
-from adapt.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
-from adapt.model import load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
+from adapt.train.likelihood import causal_nll, heldout_bound, summarize  # noqa: E402
+from adapt.model.causal import load_tokenizer, prepare_diffusion, set_causal, start_token  # noqa: E402
 from adapt.objectives import ModelForward, make  # noqa: E402
 
 

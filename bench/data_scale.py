@@ -14,7 +14,7 @@ its titles and shuffles every article's paragraphs with its own seed) up to the 
      prepared tiny and big stores, --repeats times in turn: peak RSS, and seconds from launch to the first step's
      record in metrics.jsonl.
   3. With --baseline-commit: the default recipe's first data set-up (embedded corpus, block 256, empty cache)
-     with that commit's adapt/data.py (build_sequences) against this one's, time and peak RSS.
+     with that commit's adapt/data/corpus.py (build_sequences) against this one's, time and peak RSS.
 Every command runs in its own process; the figures are one run each (quote the machine: `lscpu`).
 """
 from __future__ import annotations
@@ -37,7 +37,7 @@ RECIPE = ROOT / "recipes" / "debug.yaml"
 
 def build_corpus(out: Path, tokens: float, cache: Path) -> dict:
     """A JSONL corpus of about `tokens` tokens (SmolLM2's tokenizer) from the embedded extract, made once."""
-    from adapt.data import embedded_corpus
+    from adapt.data.corpus import embedded_corpus
 
     meta = out.with_suffix(".json")
     if out.is_file() and meta.is_file():
@@ -130,8 +130,8 @@ def train(corpus: Path, cache: Path, runs: Path, name: str, steps: int) -> dict:
 FIRST_START = """
 import importlib.util, json, resource, sys, time
 sys.path.insert(0, {root!r})
-from adapt.config import DataConfig, ModelConfig
-from adapt.model import load_tokenizer
+from adapt.recipe.config import DataConfig, ModelConfig
+from adapt.model.causal import load_tokenizer
 spec = importlib.util.spec_from_file_location("data_under_test", {data!r})
 mod = importlib.util.module_from_spec(spec); sys.modules[spec.name] = mod; spec.loader.exec_module(mod)
 tok = load_tokenizer(ModelConfig())
@@ -147,12 +147,13 @@ print(json.dumps({{"seconds": round(time.perf_counter() - t0, 1), "train_blocks"
 
 
 def first_start(commit: str, work: Path) -> dict:
-    """The default recipe's first data set-up with `commit`'s adapt/data.py and with this one's."""
+    """The default recipe's first data set-up with `commit`'s adapt/data.py (the layout before adapt/data/) and with
+    this one's adapt/data/corpus.py."""
     old = work / "data_baseline.py"
     old.write_text(subprocess.run(["git", "show", f"{commit}:adapt/data.py"], cwd=ROOT, check=True,
                                   capture_output=True, text=True).stdout)
     out = {}
-    for label, path in (("baseline", old), ("store", ROOT / "adapt" / "data.py")):
+    for label, path in (("baseline", old), ("store", ROOT / "adapt" / "data" / "corpus.py")):
         cache = work / f"first_{label}"
         code = FIRST_START.format(root=str(ROOT), data=str(path), cache=str(cache))
         r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

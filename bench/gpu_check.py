@@ -62,8 +62,8 @@ def flex_check(model_dir: Path, device: str, length: int, block: int) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from adapt.attention import to_additive
-    from adapt.model import set_causal
+    from adapt.model.attention import to_additive
+    from adapt.model.causal import set_causal
     from adapt.objectives.block import block_mask_flex, block_visibility
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(device).eval()

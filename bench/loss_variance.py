@@ -26,10 +26,10 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from adapt import rng  # noqa: E402
-from adapt.config import DataConfig  # noqa: E402
-from adapt.data import build_sequences  # noqa: E402
-from adapt.model import set_causal  # noqa: E402
+from adapt.train import rng  # noqa: E402
+from adapt.recipe.config import DataConfig  # noqa: E402
+from adapt.data.corpus import build_sequences  # noqa: E402
+from adapt.model.causal import set_causal  # noqa: E402
 from adapt.objectives import Attention, ModelForward, make  # noqa: E402
 from bench.block_length import load_scored  # noqa: E402
 

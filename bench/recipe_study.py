@@ -5,7 +5,7 @@
 Each variant is the default recipe plus the screen's common overrides (SCREEN: short blocks, no periodic
 saves, cheap in-run evaluations, the teacher off) plus its own overrides (VARIANTS), trained by `python
 adapt/run.py` into checkpoints/study_<name> (a finished one is reused). All exports are then scored on the same
-blocks with the same masked-count draws (adapt.likelihood.draw_masks), so a variant's bound divided by the first
+blocks with the same masked-count draws (adapt.train.likelihood.draw_masks), so a variant's bound divided by the first
 variant's is a paired ratio with a 95% interval over blocks (eval.compare.paired). In-domain blocks are the
 recipe's held-out tail; out-of-domain blocks are CPython's language reference (pydoc_data), which no recipe
 trains on; the parent's exact perplexity on the same tokens stands beside both.
@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 
 import torch  # noqa: E402
 
-from adapt.checkpoint import final_dir  # noqa: E402
+from adapt.train.checkpoint import final_dir  # noqa: E402
 from adapt.export import exported_meta  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -169,13 +169,14 @@ def train(name: str, args: argparse.Namespace) -> Path:
 
 def score(exports: dict[str, Path], args: argparse.Namespace) -> dict:
     """Paired bounds of every export on in-domain and out-of-domain blocks, the parent's exact ppl beside."""
-    from adapt import objectives, rng
+    from adapt import objectives
+    from adapt.train import rng
     from adapt.export import load_diffusion_model
-    from adapt.config import DataConfig, ModelConfig
-    from adapt.data import build_sequences
-    from adapt.diffusion import blocked_vocab
-    from adapt.likelihood import causal_nll, draw_masks, summarize
-    from adapt.model import load_causal_lm, load_tokenizer, set_causal
+    from adapt.recipe.config import DataConfig, ModelConfig
+    from adapt.data.corpus import build_sequences
+    from adapt.objectives.diffusion import blocked_vocab
+    from adapt.train.likelihood import causal_nll, draw_masks, summarize
+    from adapt.model.causal import load_causal_lm, load_tokenizer, set_causal
     from adapt.objectives import ModelForward
     from bench.block_length import reference_blocks
     from eval.compare import bounds_on, paired

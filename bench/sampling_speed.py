@@ -25,13 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from adapt.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
-from adapt.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
+from adapt.recipe.config import EMBEDDED_MODEL, ModelConfig  # noqa: E402
+from adapt.decode.denoiser import Denoiser, PrefixCachedDenoiser  # noqa: E402
 from adapt.draft_head import load_draft_head  # noqa: E402
 from adapt.export import exported_meta, load_weights  # noqa: E402
-from adapt.model import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
-from adapt.sampling import generate  # noqa: E402
-from adapt.sampling.canvas import prompt_canvas  # noqa: E402
+from adapt.model.causal import add_mask_token, load_tokenizer, set_causal, start_token  # noqa: E402
+from adapt.decode import generate  # noqa: E402
+from adapt.decode.canvas import prompt_canvas  # noqa: E402
 
 TEXT = ("The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
         "combined movable metal type, oil-based inks and a wooden press adapted from those used to make "

@@ -7,7 +7,7 @@ and at the largest client count, measured in one run; then a soak with clients t
 
 Every request sends the prompt of the direct run unless `--mixed` (prompts of several lengths). The server is
 started by this script on a free loopback port (`--server-args` pass through). Direct figures use
-adapt.sampling.generate with the sampler the server would use, on the same canvas; a ratio compares figures of this
+adapt.decode.generate with the sampler the server would use, on the same canvas; a ratio compares figures of this
 one run only. RSS is the server process's resident memory, read from /proc after the first and last hundred soak
 requests.
 """
@@ -89,10 +89,10 @@ def direct(export: str, batch: int, args, sampler: str) -> float:
     """Tokens/s of the decoder run directly on `batch` rows of the same canvas (greedy)."""
     import torch
 
-    from adapt.denoiser import Denoiser
+    from adapt.decode.denoiser import Denoiser
     from adapt.export import load_diffusion_model
-    from adapt.sampling import generate
-    from adapt.sampling.canvas import prompt_canvas
+    from adapt.decode import generate
+    from adapt.decode.canvas import prompt_canvas
 
     model, tok, meta = load_diffusion_model(export)
     prompt = tok(PROMPTS[0], add_special_tokens=False).input_ids

@@ -63,8 +63,8 @@ class Script:
 
 @contextlib.contextmanager
 def user_errors():
-    """adapt.errors.friendly() (the project's own errors: one message, exit 2), and the eval scripts' EvalError."""
-    from adapt.errors import friendly
+    """adapt.cli.errors.friendly() (the project's own errors: one message, exit 2), and the eval scripts' EvalError."""
+    from adapt.cli.errors import friendly
 
     with friendly(EvalError):
         yield

@@ -4,7 +4,7 @@
 
 For exports of one parent trained by different recipes (say the random and the window annealing
 schedules). Held-out blocks come from the first model's recipe. The masks are drawn once
-(adapt.likelihood.draw_masks, `--method`, the masked-count estimator by default; stratified t uses the
+(adapt.train.likelihood.draw_masks, `--method`, the masked-count estimator by default; stratified t uses the
 first model's eps) and every model is scored on those same masks, so most of the Monte Carlo noise
 cancels in the per-block difference, and the 95% interval of a difference (over blocks) is much
 narrower than the intervals of the two bounds. The first model is loaded once (the common arguments),
@@ -22,8 +22,8 @@ from tqdm import tqdm
 
 from adapt import objectives
 from adapt.export import load_diffusion_model
-from adapt.diffusion import blocked_vocab
-from adapt.likelihood import METHODS, draw_masks, summarize
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.train.likelihood import METHODS, draw_masks, summarize
 from adapt.objectives import Attention, ModelForward
 from eval.cli import Script, run_script
 from eval.heldout import heldout_sequences

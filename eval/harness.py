@@ -11,7 +11,7 @@ a bare `lm_eval --model diffusion-lm` only works in a process that imported this
 `lm_eval.simple_evaluate` after `import eval.harness`).
 
 loglikelihood(context, continuation) = minus the ELBO bound of the continuation given the context: only
-continuation positions are masked, the export's objective scores them (adapt.likelihood, `mc_samples`
+continuation positions are masked, the export's objective scores them (adapt.train.likelihood, `mc_samples`
 draws of `estimator`, the masked-count one by default, exact for one-token continuations), so it is a
 lower bound on log p. The whole continuation is always scored: the context is left-truncated to fit
 `max_length` (with the start token); a continuation longer than max_length - 1 tokens is scored in
@@ -41,15 +41,16 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from adapt import objectives, rng
+from adapt import objectives
+from adapt.train import rng
 from adapt.draft_head import load_draft_head
 from adapt.export import load_diffusion_model, read_recipe
-from adapt.cli_types import text_problem
-from adapt.denoiser import Denoiser
-from adapt.likelihood import block_estimates
-from adapt.model import start_token
+from adapt.cli.types import text_problem
+from adapt.decode.denoiser import Denoiser
+from adapt.train.likelihood import block_estimates
+from adapt.model.causal import start_token
 from adapt.objectives import Attention, ModelForward
-from adapt.sampling import generate
+from adapt.decode import generate
 from eval.cli import user_errors
 from eval.models import stream_step
 from eval.model_args import check_gen_kwargs, check_model_args

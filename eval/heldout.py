@@ -1,4 +1,4 @@
-"""Held-out text for every metric: the blocks `adapt.data.build_sequences` kept out of training.
+"""Held-out text for every metric: the blocks `adapt.data.corpus.build_sequences` kept out of training.
 
 The held-out text is the last whole documents of each source, read from the same token stores as training
 (`python -m adapt.prepare`; prepared here when missing), and its held-out blocks are the first
@@ -13,8 +13,8 @@ import re
 
 import torch
 
-from adapt.config import DataConfig
-from adapt.data import DataError, build_sequences
+from adapt.recipe.config import DataConfig
+from adapt.data.corpus import DataError, build_sequences
 from eval.options import EvalError
 
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from adapt.model import start_token
+from adapt.model.causal import start_token
 
 
 def _same_vocab(a, b) -> bool:

@@ -5,7 +5,7 @@
 Both models score the same held-out tokens (positions 1..L-1 of each block, given BOS; position 0 is
 never scored, also for `diffusion.shift=false` exports). Dataset perplexity is exp(mean NLL per token)
 (001_*.txt appendix A.1); the bound carries a 95% interval over blocks (it includes the Monte Carlo
-noise). The bound is the export's objective estimated by adapt.likelihood: each block `--replicates`
+noise). The bound is the export's objective estimated by adapt.train.likelihood: each block `--replicates`
 times with `--t-samples` draws each, by every method of `--methods` (default: the masked-count estimator,
 which gives the reported bound, and stratified t beside it), so the script also reports each estimator's
 variance at equal cost (model rows); uniform and antithetic t are the other methods.
@@ -17,7 +17,7 @@ import math
 import time
 
 import torch
-from adapt.likelihood import METHODS, causal_nll, estimator_variance, replicate_estimates, summarize
+from adapt.train.likelihood import METHODS, causal_nll, estimator_variance, replicate_estimates, summarize
 from adapt.objectives import ModelForward
 from eval.cli import Script, run_script
 from eval.heldout import heldout_sequences
@@ -51,7 +51,7 @@ def compare_methods(ctx: EvalContext, blocks: torch.Tensor, args: argparse.Names
     scored = objective.scored(blocks)
     tokens = scored.sum(1)
     out = {}
-    for method in args.methods:  # each reports progress lines with an ETA (adapt.likelihood)
+    for method in args.methods:  # each reports progress lines with an ETA (adapt.train.likelihood)
         start, calls = time.perf_counter(), forward.calls
         est = replicate_estimates(objective, forward, blocks, scored, args.t_samples, method, args.replicates,
                                   ctx.generator("estimate", NAME, method), args.batch_size)

@@ -13,7 +13,7 @@ import argparse
 import os
 from pathlib import Path
 
-from adapt.likelihood import METHODS
+from adapt.train.likelihood import METHODS
 from eval.cli import Script, run_script
 from eval.harness import TASKS_DIR, DiffusionLM
 from eval.models import EvalContext

@@ -13,10 +13,10 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from adapt.cli_types import SEED_LIMIT, text_problem
-from adapt.likelihood import METHODS
-from adapt.model import DTYPES
-from adapt.sampling import SAMPLER_NAMES
+from adapt.cli.types import SEED_LIMIT, text_problem
+from adapt.train.likelihood import METHODS
+from adapt.model.causal import DTYPES
+from adapt.decode import SAMPLER_NAMES
 from eval.options import MAX_COUNT, MAX_TOKENS, EvalError
 
 Check = Callable[[Any], "str | None"]

@@ -4,7 +4,7 @@ Every script takes the same leading arguments (MODEL_DIR, --device, --dtype, --s
 --judge, ...; eval.options); `context_from_args` turns them into an `EvalContext` that loads the parent
 and the judge only when a metric needs them, so `eval.suite` pays for each model once. The context
 also holds the objective the export was trained with and its model call, which the bounds use
-(adapt.likelihood), and the named random streams of the run (adapt.rng).
+(adapt.train.likelihood), and the named random streams of the run (adapt.train.rng).
 """
 from __future__ import annotations
 
@@ -17,15 +17,16 @@ from pathlib import Path
 import torch
 from transformers import GenerationConfig, PreTrainedModel
 
-from adapt import objectives, rng
+from adapt import objectives
+from adapt.train import rng
 from adapt.draft_head import load_draft_head
 from adapt.export import load_diffusion_model, load_weights, read_recipe
-from adapt.config import DataConfig, ModelConfig
-from adapt.denoiser import Denoiser
-from adapt.diffusion import blocked_vocab
-from adapt.model import DiffusionMeta, load_tokenizer
+from adapt.recipe.config import DataConfig, ModelConfig
+from adapt.decode.denoiser import Denoiser
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.model.causal import DiffusionMeta, load_tokenizer
 from adapt.objectives import ModelForward
-from adapt.sampling import generate
+from adapt.decode import generate
 from eval.judge import Judge
 from eval.options import EvalError
 
@@ -59,7 +60,7 @@ class EvalContext:
         return next(self.model.parameters()).device
 
     def bound_model(self) -> tuple[object, ModelForward]:
-        """(the objective the export was trained with, its model call): what adapt.likelihood scores with.
+        """(the objective the export was trained with, its model call): what adapt.train.likelihood scores with.
         The model call counts forwards (`.calls`) over the whole run."""
         if self._bound is None:
             rows = self.model.get_output_embeddings().weight.shape[0]
@@ -94,7 +95,7 @@ class EvalContext:
         return self._judge
 
     def seed_for(self, stream: str, *salt: int | str) -> int:
-        """The seed of a named stream (adapt.rng) of this run; `salt` (a script name, a setting's index)
+        """The seed of a named stream (adapt.train.rng) of this run; `salt` (a script name, a setting's index)
         makes it distinct per use, so each script draws the same numbers alone or in the suite."""
         return rng.seed_for(self.seed, stream, step=stream_step(*salt) if salt else None)
 

@@ -9,7 +9,7 @@ from typing import Callable
 import torch
 
 from adapt.export import export_problem
-from adapt.cli_types import (at_least, device, fraction, non_negative, seed, text,  # noqa: F401 (the eval
+from adapt.cli.types import (at_least, device, fraction, non_negative, seed, text,  # noqa: F401 (the eval
                              writable_dir)  # scripts' option types)
 
 MAX_TOKENS = 1 << 16
@@ -55,7 +55,7 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> None
     parser.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--seed", type=seed, default=0, help="seed of every random stream (adapt.rng)")
+    parser.add_argument("--seed", type=seed, default=0, help="seed of every random stream (adapt.train.rng)")
     parser.add_argument("--threads", type=at_least(0, 4096), default=0, help="torch CPU threads (0 = torch's default)")
     if model:
         parser.add_argument("--parent", type=text, default="",
@@ -68,14 +68,14 @@ def add_common_args(parser: argparse.ArgumentParser, model: bool = True) -> None
 
 
 ESTIMATOR = "count"
-"""The Monte Carlo estimator of the bound (adapt.likelihood.METHODS) the eval scripts and the harness use
+"""The Monte Carlo estimator of the bound (adapt.train.likelihood.METHODS) the eval scripts and the harness use
 unless told otherwise: masked-count draws, 0.174 nats^2 per token vs 0.654 for stratified t at equal cost
 on the 135M model (docs/decisions.md)."""
 
 
 def add_samplers(parser: argparse.ArgumentParser, default: list[str]) -> None:
-    """--samplers: names of adapt.sampling.SAMPLER_NAMES (an unknown one is refused at parse time)."""
-    from adapt.sampling import SAMPLER_NAMES
+    """--samplers: names of adapt.decode.SAMPLER_NAMES (an unknown one is refused at parse time)."""
+    from adapt.decode import SAMPLER_NAMES
 
     parser.add_argument("--samplers", nargs="+", default=default, choices=list(SAMPLER_NAMES), metavar="SAMPLER",
                         help=f"samplers to run, of {', '.join(SAMPLER_NAMES)}")

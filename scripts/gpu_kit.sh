@@ -28,8 +28,8 @@ done
 .venv/bin/python - <<'EOF'
 from transformers import AutoConfig
 
-from adapt.config import ModelConfig
-from adapt.model import load_tokenizer, resolve_source
+from adapt.recipe.config import ModelConfig
+from adapt.model.causal import load_tokenizer, resolve_source
 
 mcfg = ModelConfig()
 load_tokenizer(mcfg).save_pretrained(".gpu/smollm2-135m")

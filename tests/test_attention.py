@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from adapt.attention import (anneal_ratio, annealed_visibility, backend_problem, build_mask, causal_visibility,
+from adapt.model.attention import (anneal_ratio, annealed_visibility, backend_problem, build_mask, causal_visibility,
                              document_visibility, step_visibility, to_additive)
-from adapt.model import forward_logits, set_causal
+from adapt.model.causal import forward_logits, set_causal
 
 V, L = 64, 10
 BACKENDS = ["eager", "sdpa"]

@@ -7,14 +7,14 @@ import torch
 from conftest import tiny_llama
 from torch.nn.attention.flex_attention import create_mask
 
-from adapt.attention import block_causal, curriculum_block, curriculum_blocks
-from adapt.diffusion import blocked_vocab, corrupt, maskable_positions, sample_t
-from adapt.likelihood import block_estimates, causal_nll, draw_masks
-from adapt.model import set_causal
+from adapt.model.attention import block_causal, curriculum_block, curriculum_blocks
+from adapt.objectives.diffusion import blocked_vocab, corrupt, maskable_positions, sample_t
+from adapt.train.likelihood import block_estimates, causal_nll, draw_masks
+from adapt.model.causal import set_causal
 from adapt.objectives import Attention, BlockDiffusion, MaskedDiffusion, ModelForward, Noised
 from adapt.objectives.block import block_mask_flex, block_visibility, source_rows
-from adapt.recipe import load_config
-from adapt.config import ConfigError
+from adapt.recipe.load import load_config
+from adapt.recipe.config import ConfigError
 
 V, MASK, L = 40, 39, 16
 
@@ -155,7 +155,7 @@ def test_the_noised_attention_is_recorded_checked_and_described():
     """An export records its noised block; continuing it with another one is refused; its card says which."""
     from dataclasses import asdict
 
-    from adapt.model import DiffusionMeta
+    from adapt.model.causal import DiffusionMeta
     from adapt.objectives import spec_of
 
     base = ["diffusion.block.length=4", "attention.anneal_schedule=blocks", "diffusion.block.clean_attention=causal"]
@@ -173,8 +173,8 @@ def test_the_noised_attention_is_recorded_checked_and_described():
 
 
 def block_denoiser(b: int = 4, clean: str = "block", noised: str = "bidirectional"):
-    from adapt.denoiser import Denoiser
-    from adapt.model import DiffusionMeta
+    from adapt.decode.denoiser import Denoiser
+    from adapt.model.causal import DiffusionMeta
 
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
@@ -189,7 +189,7 @@ def block_denoiser(b: int = 4, clean: str = "block", noised: str = "bidirectiona
 def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean, noised):
     """The cached rows of block k equal one uncached forward over [x0 blocks < k | block k] under the block mask
     (the objective's own layout, whose clean half is what the cache holds), whatever the export's streams."""
-    from adapt.sampling.block_cache import BlockCachedDenoiser
+    from adapt.decode.block_cache import BlockCachedDenoiser
 
     den = block_denoiser(clean=clean, noised=noised)
     x = torch.randint(3, MASK, (2, 13), generator=gen(1))
@@ -216,7 +216,7 @@ def test_block_decoder_cache_is_exact_and_keeps_given_tokens(clean, noised):
 
 @torch.no_grad()
 def test_block_decoding_is_batch_independent_and_refuses_another_block_length():
-    from adapt.sampling import generate
+    from adapt.decode import generate
 
     den = block_denoiser()
     x = torch.full((3, 14), MASK)
@@ -274,8 +274,8 @@ def test_harness_scores_a_one_token_block_model_as_the_parent(tiny_model_dir):
 
     import torch.nn.functional as F
 
-    from adapt.config import ModelConfig
-    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import add_mask_token, load_causal_lm, load_tokenizer
     from eval.harness import DiffusionLM
 
     mcfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt import checkpoint, runlock
+from adapt.train import checkpoint, runlock
 from adapt.export import export, export_problem
 from conftest import ROOT
 from test_pipeline import launch
@@ -96,8 +96,8 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
     import torch
     from safetensors.torch import load_file
 
-    from adapt.config import ModelConfig
-    from adapt.model import ModelLoadError, load_causal_lm
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import ModelLoadError, load_causal_lm
 
     folder = tmp_path / "pickled"
     shutil.copytree(tiny_model_dir, folder, ignore=shutil.ignore_patterns("*.safetensors"))
@@ -108,8 +108,8 @@ def test_pickle_weights_are_refused_unless_allowed(tiny_model_dir, tmp_path):
 
 
 def test_remote_code_is_not_run_unless_trusted(tiny_model_dir, tmp_path):
-    from adapt.config import ModelConfig
-    from adapt.model import ModelLoadError, load_causal_lm
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import ModelLoadError, load_causal_lm
 
     folder = tmp_path / "remote"
     shutil.copytree(tiny_model_dir, folder)

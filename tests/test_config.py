@@ -13,11 +13,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from adapt.checkpoint import resume_conflicts
-from adapt.config import Config, ConfigError, from_dict, to_dict, to_yaml
-from adapt.config import values as _values
-from adapt.keys import ranges
-from adapt.recipe import load_config
+from adapt.train.checkpoint import resume_conflicts
+from adapt.recipe.config import Config, ConfigError, from_dict, to_dict, to_yaml
+from adapt.recipe.config import values as _values
+from adapt.recipe.keys import ranges
+from adapt.recipe.load import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = sorted(ROOT.glob("recipes/**/*.yaml"))

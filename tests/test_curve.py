@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapt import curve
-from adapt.metrics import MetricsLog
+from adapt.train import curve
+from adapt.train.metrics import MetricsLog
 
 STEP_TOKENS = 2 * 1 * 1 * 64  # micro batch x accumulation x ranks x block size
 

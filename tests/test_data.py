@@ -11,9 +11,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import adapt.data as data
-from adapt.config import DataConfig
-from adapt.data import DataError, batch_indices, build_sequences, embedded_corpus, iter_texts, resolve_sources
+import adapt.data.corpus as data
+from adapt.recipe.config import DataConfig
+from adapt.data.corpus import DataError, batch_indices, build_sequences, embedded_corpus, iter_texts, resolve_sources
 
 DOCS = ["The quick brown fox jumps over the lazy dog.", "Packing joins documents with an end token.",
         "Short.", "A fourth document, somewhat longer than the others, to span more than one block of tokens."]

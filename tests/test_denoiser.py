@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from adapt.attention import to_additive
-from adapt.denoiser import Denoiser, PrefixCachedDenoiser
-from adapt.model import DiffusionMeta, set_causal
-from adapt.sampling import generate
+from adapt.model.attention import to_additive
+from adapt.decode.denoiser import Denoiser, PrefixCachedDenoiser
+from adapt.model.causal import DiffusionMeta, set_causal
+from adapt.decode import generate
 from conftest import tiny_llama
 
 V, REAL, MASK = 40, 38, 37  # rows 38, 39 are embedding padding; 37 is the mask token

@@ -8,8 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adapt.config import ModelConfig
-from adapt.diffusion import (absorbing_score_scale, blocked_vocab, corrupt, denoiser_log_probs, diffusion_loss_sum,
+from adapt.recipe.config import ModelConfig
+from adapt.objectives.diffusion import (absorbing_score_scale, blocked_vocab, corrupt, denoiser_log_probs,
+                                        diffusion_loss_sum,
                              loglinear_sigma_bar, loss_weight, mask_prob, maskable_positions, normaliser,
                              prediction_logits, sample_t, shift_logits, token_nll)
 
@@ -181,7 +182,7 @@ def test_sedd_view():
 def test_loss_invariant_parent_next_token(tiny_model_dir):
     """Causal attention + shift + only the last token masked: the diffusion loss is exactly the parent's
     next-token cross-entropy of that token times 1/t (after adding the mask token and padding rows)."""
-    from adapt.model import add_mask_token, forward_logits, load_causal_lm, load_tokenizer
+    from adapt.model.causal import add_mask_token, forward_logits, load_causal_lm, load_tokenizer
 
     mcfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32", attn_implementation="sdpa")
     parent = load_causal_lm(mcfg)

@@ -12,15 +12,16 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 from test_joint_loss import Engine, diffusion_part, make_state
 
-from adapt.config import ConfigError
-from adapt.diffusion import (blocked_vocab, context_shares, distill_kl, frontier_positions, prediction_logits,
+from adapt.recipe.config import ConfigError
+from adapt.objectives.diffusion import (blocked_vocab, context_shares, distill_kl, frontier_positions,
+                                        prediction_logits,
                              shift_logits)
 from adapt import objectives
 from adapt.objectives import Attention, BlockDiffusion, ModelForward, Noised
 from adapt.objectives.distill import Distill
-from adapt.model import set_causal
-from adapt.recipe import load_config
-from adapt.train import global_batch, step_attention, train_step
+from adapt.model.causal import set_causal
+from adapt.recipe.load import load_config
+from adapt.train.loop import global_batch, step_attention, train_step
 
 V = 48
 MASK = V - 1
@@ -191,7 +192,7 @@ def test_the_parent_under_lora_is_the_model_with_its_adapters_disabled():
     from peft import LoraConfig as PeftLora, get_peft_model
 
     from adapt.objectives import MaskedDiffusion
-    from adapt.teacher import ParentTeacher
+    from adapt.train.teacher import ParentTeacher
 
     base = tiny_llama(V)
     parent = copy.deepcopy(base)
@@ -217,7 +218,7 @@ def test_step_gradient_with_the_frozen_parent_as_teacher(tmp_path):
     """Whole-sequence objective, full fine-tuning: a frozen copy of the parent teaches every masked position; the
     step's gradient is the diffusion loss's plus w x KL(parent's causal distribution || model), the copy gets no
     gradient and stays the parent."""
-    from adapt.teacher import ParentTeacher
+    from adapt.train.teacher import ParentTeacher
 
     w = 0.5
     opts = (f"diffusion.distill.weight={w}", "diffusion.distill.teacher=parent", "diffusion.distill.positions=masked")

@@ -8,12 +8,12 @@ import torch
 from conftest import tiny_llama
 from test_speculative import BOS, MASK, V, canvas, greedy_causal, meta
 
-from adapt.diffusion import blocked_vocab, denoiser_log_probs
+from adapt.objectives.diffusion import blocked_vocab, denoiser_log_probs
 from adapt.draft_head import (DraftHead, acceptance, chain_loss, draft_chains, fit, head_logits, load_draft_head,
                               load_head, save_head, unroll)
-from adapt.model import set_causal
-from adapt.sampling.categorical import TokenFilter
-from adapt.sampling.speculative import _Batch, speculative_decode
+from adapt.model.causal import set_causal
+from adapt.decode.categorical import TokenFilter
+from adapt.decode.speculative import RowBatch, speculative_decode
 
 HIDDEN = 32
 
@@ -42,9 +42,9 @@ def test_an_untrained_head_drafts_as_the_noised_stream(noised):
                                             draft_head=untrained)
     assert torch.equal(plain, headed) and calls == calls_head
     head = DraftHead(HIDDEN, 16)
-    batch = _Batch(model_with(head), meta(4, noised=noised), x[:1], TokenFilter(), torch.Generator().manual_seed(0),
+    batch = RowBatch(model_with(head), meta(4, noised=noised), x[:1], TokenFilter(), torch.Generator().manual_seed(0),
                    head)
-    ref = _Batch(model_with(None), meta(4, noised=noised), x[:1], TokenFilter(), torch.Generator().manual_seed(0))
+    ref = RowBatch(model_with(None), meta(4, noised=noised), x[:1], TokenFilter(), torch.Generator().manual_seed(0))
     for b in (batch, ref):
         b.step(), b.step()
     assert len(ref.rows[0].drafts) == 3 and torch.allclose(batch.rows[0].q, ref.rows[0].q, atol=1e-5)
@@ -62,8 +62,8 @@ def test_any_head_keeps_the_output_the_clean_streams_and_changes_the_drafts(b):
     assert torch.equal(sampled[given], x[given]) and not (sampled == MASK).any()
     off, _ = speculative_decode(model, meta(b), x, temperature=0.0)
     assert torch.equal(off, out)
-    with_head = _Batch(model, meta(b), x[:1], TokenFilter(), None, trained_like())
-    without = _Batch(model, meta(b), x[:1], TokenFilter(), None)
+    with_head = RowBatch(model, meta(b), x[:1], TokenFilter(), None, trained_like())
+    without = RowBatch(model, meta(b), x[:1], TokenFilter(), None)
     for batch in (with_head, without):
         batch.step(), batch.step()
     assert not torch.allclose(with_head.rows[0].q, without.rows[0].q, atol=1e-3)
@@ -77,7 +77,7 @@ def test_the_decoders_chain_is_the_head_on_the_training_features(noised):
     head = trained_like()
     model, m = model_with(head), meta(4, noised=noised)
     x = canvas([6], 16)  # prompt ends inside block 1: the second call draws position 8 and drafts 9-11
-    batch = _Batch(model, m, x, TokenFilter(), torch.Generator().manual_seed(0), head)
+    batch = RowBatch(model, m, x, TokenFilter(), torch.Generator().manual_seed(0), head)
     row = batch.rows[0]
     batch.step(), batch.step()
     assert row.done == 9 and len(row.drafts) == 3
@@ -99,8 +99,8 @@ def test_rows_drafted_together_draft_as_each_row_alone():
     model, m = model_with(head), meta(4)
     x = canvas([5, 6, 8], 16)
     greedy = TokenFilter(temperature=0.0)
-    batch = _Batch(model, m, x, greedy, None, head)
-    alone = [_Batch(model, m, x[r:r + 1], greedy, None, head) for r in range(len(x))]
+    batch = RowBatch(model, m, x, greedy, None, head)
+    alone = [RowBatch(model, m, x[r:r + 1], greedy, None, head) for r in range(len(x))]
     for call in range(3):
         for b in [batch, *alone]:
             b.step()
@@ -163,8 +163,8 @@ def block_export(folder, model_dir, corpus, cache):
 
     from test_sft import exported
 
-    from adapt.config import to_yaml
-    from adapt.recipe import load_config
+    from adapt.recipe.config import to_yaml
+    from adapt.recipe.load import load_config
     from adapt.export.contract import RECIPE_FILE, read_meta, save_meta
 
     folder = exported(folder, model_dir)
@@ -190,7 +190,7 @@ def test_the_command_trains_a_head_the_decoder_then_uses(tmp_path, tiny_model_di
     from adapt.export import load_diffusion_model
     from adapt.export.contract import destination_problem
     from adapt.export.contract import HEAD_FILE
-    from adapt.model import start_token
+    from adapt.model.causal import start_token
     from safetensors.torch import load_file
 
     folder = block_export(tmp_path / "export", tiny_model_dir, corpus_file, tmp_path / "cache")
@@ -240,7 +240,7 @@ def test_what_it_cannot_train_for_is_one_message_and_exit_2(tmp_path, tiny_model
 def test_a_broken_head_file_is_refused_when_the_export_loads(tmp_path, tiny_model_dir, corpus_file):
     from adapt.export import load_diffusion_model
     from adapt.export.contract import HEAD_FILE
-    from adapt.model import ModelLoadError
+    from adapt.model.causal import ModelLoadError
 
     folder = block_export(tmp_path / "export", tiny_model_dir, corpus_file, tmp_path / "cache")
     (folder / HEAD_FILE).write_bytes(b"not a safetensors file")

@@ -10,7 +10,7 @@ from transformers import LlamaConfig
 
 from conftest import ROOT
 
-from adapt.recipe import load_config
+from adapt.recipe.load import load_config
 from adapt.estimate import GB, estimate, hostfile_size
 
 RECIPE = ROOT / "recipes" / "llama2_7b_to_mdlm.yaml"
@@ -26,8 +26,8 @@ def llama2_7b_dir(tmp_path_factory):
 
 def test_tiny_counts_match_the_real_model(tiny_model_dir, tmp_path):
     """Exact: the estimate's count equals the loaded model after the mask token is added."""
-    from adapt.config import ModelConfig
-    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import add_mask_token, load_causal_lm, load_tokenizer
 
     mcfg = ModelConfig(name_or_path=str(tiny_model_dir), dtype="fp32")
     model = load_causal_lm(mcfg)

@@ -13,7 +13,7 @@ import pytest
 from test_eval_errors import runner  # noqa: F401 (one command runner per module)
 from test_eval_fixtures import exported_dir  # noqa: F401
 
-from adapt import cli_types
+from adapt.cli import types as cli_types
 
 NOT_UTF8 = b"a\xff\xfeb".decode("utf-8", "surrogateescape")
 """What Python makes of argv bytes that are not UTF-8 (on Linux: lone surrogates)."""

@@ -1,4 +1,4 @@
-"""eval.compare: paired bounds on shared draws, checked against adapt.likelihood and against a changed model."""
+"""eval.compare: paired bounds on shared draws, checked against adapt.train.likelihood and against a changed model."""
 from __future__ import annotations
 
 import shutil
@@ -8,10 +8,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_eval_fixtures import exported_dir  # noqa: F401
 
-from adapt import objectives, rng
+from adapt import objectives
+from adapt.train import rng
 from adapt.export import load_diffusion_model
-from adapt.diffusion import blocked_vocab
-from adapt.likelihood import block_estimates
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.train.likelihood import block_estimates
 from adapt.objectives import ModelForward
 from eval import compare
 from eval.heldout import heldout_sequences

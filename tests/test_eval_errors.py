@@ -27,7 +27,7 @@ def runner(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inputs(exported_dir, tiny_model_dir, tmp_path_factory):  # noqa: F811
     """Named bad inputs: folders a user will try that are not exports, and an empty data file."""
-    from adapt import checkpoint
+    from adapt.train import checkpoint
     from adapt.export import META_FILE
 
     root = tmp_path_factory.mktemp("bad_inputs")

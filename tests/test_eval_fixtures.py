@@ -16,8 +16,8 @@ def export_tiny(src: Path, out: Path, corpus: Path, cache: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adapt.export import RECIPE_FILE, save_meta
-    from adapt.config import ModelConfig
-    from adapt.model import add_mask_token
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import add_mask_token
 
     model = AutoModelForCausalLM.from_pretrained(src)
     tok = AutoTokenizer.from_pretrained(src)

@@ -1,4 +1,4 @@
-"""The ELBO estimator (adapt.likelihood, as eval.likelihood calls it) and eval.likelihood on known answers."""
+"""The ELBO estimator (adapt.train.likelihood, as eval.likelihood calls it) and eval.likelihood on known answers."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import torch
 from test_eval_fixtures import (AlignedForward, PeekingDenoiser, TableDenoiser, common_args, ctx,  # noqa: F401
                                 exported_dir, objective_for)
 
-from adapt.diffusion import maskable_positions
-from adapt.likelihood import block_estimates, draw_masks, estimator_variance, replicate_estimates
+from adapt.objectives.diffusion import maskable_positions
+from adapt.train.likelihood import block_estimates, draw_masks, estimator_variance, replicate_estimates
 
 V, L, MASK = 11, 12, 10
 

@@ -187,10 +187,10 @@ def test_bench_gpu_check_smoke_run_on_cpu(tiny_model_dir, tmp_path, capsys):
 def test_bench_gpu_check_flex_block_mask_matches_dense_where_flex_is_trusted(tiny_model_dir):
     """The GPU run's FlexAttention check on CPU where this CPU's compiled flex passes its own check; it must find
     the two block masks (both clean streams) equal to the dense ones."""
-    from adapt.attention import flex_problem
+    from adapt.model.attention import flex_problem
 
     if flex_problem("cpu", 8, ((16, 8),)) is not None:
-        pytest.skip("compiled flex_attention is wrong on this CPU (adapt.attention.flex_problem)")
+        pytest.skip("compiled flex_attention is wrong on this CPU (adapt.model.attention.flex_problem)")
     res = bench_module("gpu_check").flex_check(tiny_model_dir, "cpu", 8, 2)
     assert set(res["max_abs_diff"]) == {"block clean", "causal clean"} and res["logit_scale"] > 0
     assert max(res["max_abs_diff"].values()) < 1e-4

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file, save_file
 
-from adapt import checkpoint
+from adapt.train import checkpoint
 from adapt.export import WEIGHTS_FILE, export, export_problem, load_diffusion_model
-from adapt.model import ModelLoadError
+from adapt.model.causal import ModelLoadError
 from test_eval_fixtures import exported_dir  # noqa: F401
 
 

@@ -38,9 +38,9 @@ def loaded(request, tmp_path_factory, tokenizer_dir):
 
 
 def test_old_export_decodes_the_ids_it_gave(loaded):
-    from adapt.denoiser import Denoiser
-    from adapt.sampling import generate
-    from adapt.sampling.canvas import prompt_canvas
+    from adapt.decode.denoiser import Denoiser
+    from adapt.decode import generate
+    from adapt.decode.canvas import prompt_canvas
 
     variant, (model, tok, meta, head) = loaded
     assert meta.block_length == (4 if variant == "block" else 0)

@@ -1,7 +1,7 @@
 """Annealing on fast kernels: the window schedule as a FlexAttention BlockMask; flash refuses annealing.
 
 FlexAttention runs forward on CPU in torch 2.13 (compiled by inductor, a few seconds the first time);
-its backward is GPU-only, which `adapt.train.setup` reports before training on CPU.
+its backward is GPU-only, which `adapt.train.loop.setup` reports before training on CPU.
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import torch
 from conftest import ROOT, tiny_llama
 from torch.nn.attention.flex_attention import create_mask
 
-from adapt.attention import (annealed_visibility, backend_problem, build_mask, document_visibility, flex_problem,
+from adapt.model.attention import (annealed_visibility, backend_problem, build_mask, document_visibility, flex_problem,
                              usable_backend, uses_block_mask, window_block_mask, window_width)
-from adapt.model import forward_logits, set_causal
+from adapt.model.causal import forward_logits, set_causal
 
 V, L = 64, 24
 
@@ -71,7 +71,7 @@ def test_flex_random_schedule_is_refused_and_flex_masks_are_block_masks():
     failed): it is refused at start with the reason; every mask the objective builds for flex is a BlockMask."""
     from torch.nn.attention.flex_attention import BlockMask
 
-    from adapt.diffusion import blocked_vocab
+    from adapt.objectives.diffusion import blocked_vocab
     from adapt.objectives import Attention, MaskedDiffusion
 
     problem = backend_problem("flex_attention", "random", 100, False)

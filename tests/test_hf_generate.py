@@ -30,9 +30,9 @@ def make_export(folder: Path, tokenizer_dir: Path, block_length: int = 0, run_di
     attention is bidirectional (set_causal, as in training), tokenizer, diffusion.json, recipe, extras."""
     from transformers import AutoTokenizer
 
-    from adapt.config import EMBEDDED_MODEL, Config, ModelConfig
+    from adapt.recipe.config import EMBEDDED_MODEL, Config, ModelConfig
     from adapt.export.writer import write_hf_extras
-    from adapt.model import add_mask_token, set_causal
+    from adapt.model.causal import add_mask_token, set_causal
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     model = tiny_llama(len(tok), seed=seed)
@@ -126,9 +126,9 @@ def library_ids(folder: Path, prompt: list[int], new: int, sampler: str, steps: 
                 seed: int | None = None, eos_id: int | None = None, **options) -> list[int]:
     """This library's sampler on [BOS, prompt, new masks] -> the ids after BOS."""
     from adapt.export import load_diffusion_model
-    from adapt.denoiser import Denoiser
-    from adapt.sampling import generate
-    from adapt.sampling.canvas import prompt_canvas
+    from adapt.decode.denoiser import Denoiser
+    from adapt.decode import generate
+    from adapt.decode.canvas import prompt_canvas
 
     model, tok, meta = load_diffusion_model(folder)
     x = prompt_canvas(tok.bos_token_id, meta.mask_token_id, new, prefix=prompt)
@@ -142,8 +142,8 @@ def library_ids(folder: Path, prompt: list[int], new: int, sampler: str, steps: 
 def median_confidence(folder: Path, prompt: list[int], new: int) -> float:
     """A tau that the threshold sampler crosses for about half the positions at its first step."""
     from adapt.export import load_diffusion_model
-    from adapt.denoiser import Denoiser
-    from adapt.sampling.canvas import prompt_canvas
+    from adapt.decode.denoiser import Denoiser
+    from adapt.decode.canvas import prompt_canvas
 
     model, tok, meta = load_diffusion_model(folder)
     x = prompt_canvas(tok.bos_token_id, meta.mask_token_id, new, prefix=prompt)
@@ -393,9 +393,9 @@ def test_an_adapter_export_decodes_only_with_its_adapter(tmp_path, tokenizer_dir
     from transformers import AutoTokenizer
 
     from adapt.export import ADAPTER_DIR
-    from adapt.config import LoraConfig
+    from adapt.recipe.config import LoraConfig
     from adapt.export.writer import write_hf_extras
-    from adapt.lora import peft_config
+    from adapt.model.lora import peft_config
 
     export = make_export(tmp_path / "export", tokenizer_dir, block_length=block)
     meta = json.loads((export / "diffusion.json").read_text())

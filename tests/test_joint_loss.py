@@ -1,7 +1,7 @@
 """The joint causal loss (`diffusion.ar_loss_weight`): off, it leaves the training step bit for bit as it was;
 on, the step's gradient is the diffusion loss's plus alpha x that of the clean sequences' causal cross-entropy,
 computed here directly from the model's own causal attention. A stand-in engine records each micro-step's
-gradients, so `adapt.train.train_step` runs unchanged without DeepSpeed."""
+gradients, so `adapt.train.loop.train_step` runs unchanged without DeepSpeed."""
 from __future__ import annotations
 
 import json
@@ -13,12 +13,12 @@ import torch.nn.functional as F
 from conftest import tiny_llama
 
 from adapt import objectives
-from adapt.data import Sequences
-from adapt.diffusion import blocked_vocab
-from adapt.metrics import MetricsLog
-from adapt.model import DiffusionMeta, set_causal
-from adapt.recipe import load_config
-from adapt.train import State, global_batch, step_attention, train_step
+from adapt.data.corpus import Sequences
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.train.metrics import MetricsLog
+from adapt.model.causal import DiffusionMeta, set_causal
+from adapt.recipe.load import load_config
+from adapt.train.loop import State, global_batch, step_attention, train_step
 
 V, L, N = 48, 16, 8
 MASK = V - 1
@@ -138,7 +138,7 @@ def test_status_line_and_metrics_carry_the_causal_part(tmp_path, capsys):
 
 
 def test_weight_is_checked():
-    from adapt.config import ConfigError
+    from adapt.recipe.config import ConfigError
 
     for bad in (["diffusion.ar_loss_weight=-0.1"],
                 ["diffusion.ar_loss_weight=0.5", "model.attn_implementation=flash_attention_2",

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_llama
 
-from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, sample_t
-from adapt.likelihood import BoundEstimate, block_estimates, causal_nll, summarize
-from adapt.model import forward_logits, set_causal
+from adapt.objectives.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions, sample_t
+from adapt.train.likelihood import BoundEstimate, block_estimates, causal_nll, summarize
+from adapt.model.causal import forward_logits, set_causal
 from adapt.objectives import MaskedDiffusion
 
 V, MASK, L = 21, 20, 12

@@ -6,10 +6,10 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from adapt.config import LoraConfig
+from adapt.recipe.config import LoraConfig
 from adapt.export import ADAPTER_DIR
-from adapt.lora import apply_lora, export_model, merge_adapter, trainable_counts
-from adapt.model import DiffusionMeta, ModelLoadError
+from adapt.model.lora import apply_lora, export_model, merge_adapter, trainable_counts
+from adapt.model.causal import DiffusionMeta, ModelLoadError
 from test_eval_fixtures import exported_dir  # noqa: F401
 
 V, MASK = 100, 97
@@ -89,9 +89,9 @@ def test_an_adapter_export_is_loaded_with_its_adapter_by_every_command(exported_
     from peft import get_peft_model
 
     from adapt.export import load_diffusion_model, load_weights
-    from adapt.config import ModelConfig
-    from adapt.lora import peft_config
-    from adapt.model import set_causal
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.lora import peft_config
+    from adapt.model.causal import set_causal
 
     export = tmp_path / "final"
     shutil.copytree(exported_dir, export)

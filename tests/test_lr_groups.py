@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from adapt.recipe import load_config
-from adapt.errors import TrainingError
-from adapt.optim import build_optimizer, lr_groups, lr_lambda
+from adapt.recipe.load import load_config
+from adapt.cli.errors import TrainingError
+from adapt.train.optim import build_optimizer, lr_groups, lr_lambda
 
 V = 40
 LR = 1e-3
@@ -60,8 +60,8 @@ def test_scheduler_scales_every_group():
 
 
 def test_peft_prefixes_and_the_mask_row():
-    from adapt.lora import apply_lora
-    from adapt.model import DiffusionMeta
+    from adapt.model.lora import apply_lora
+    from adapt.model.causal import DiffusionMeta
 
     cfg = cfg_of("optim.layer_lr_decay=0.5", "optim.embedding_lr_scale=3.0", "lora.enabled=true", "lora.r=2")
     model = apply_lora(tiny_llama(V), cfg.lora, DiffusionMeta(V - 1, V - 1))

@@ -10,9 +10,9 @@ import torch
 from conftest import tiny_llama
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapt.config import EMBEDDED_MODEL, ModelConfig
+from adapt.recipe.config import EMBEDDED_MODEL, ModelConfig
 from adapt.export import read_meta, save_meta
-from adapt.model import (ModelLoadError, add_mask_token, embedded_gguf, forward_logits, load_causal_lm,
+from adapt.model.causal import (ModelLoadError, add_mask_token, embedded_gguf, forward_logits, load_causal_lm,
                          load_tokenizer, resolve_source)
 
 
@@ -192,8 +192,8 @@ def test_bad_mask_token_refused(tiny_model_dir, kw, needle):
 
 
 def test_mask_token_id_below_minus_one_rejected_by_config():
-    from adapt.config import ConfigError
-    from adapt.recipe import load_config
+    from adapt.recipe.config import ConfigError
+    from adapt.recipe.load import load_config
 
     with pytest.raises(ConfigError, match="mask_token_id"):
         load_config(None, ["model.mask_token_id=-5"])
@@ -221,7 +221,7 @@ def test_embedded_gguf_loads_dense_and_saves(tmp_path):
 
 
 def test_diffusion_meta_round_trip_and_bad_files(tmp_path):
-    from adapt.model import DiffusionMeta
+    from adapt.model.causal import DiffusionMeta
 
     meta = DiffusionMeta(mask_token_id=7, real_vocab_size=50, parent="p")
     save_meta(tmp_path, meta)

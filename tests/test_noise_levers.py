@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from adapt import objectives
-from adapt.config import ConfigError
-from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, sample_t
-from adapt.model import DiffusionMeta
-from adapt.recipe import load_config
+from adapt.recipe.config import ConfigError
+from adapt.objectives.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, sample_t
+from adapt.model.causal import DiffusionMeta
+from adapt.recipe.load import load_config
 
 V, L, B = 24, 12, 4
 MASK = V - 1

@@ -10,13 +10,13 @@ import pytest
 import yaml
 
 from adapt import objectives
-from adapt.config import ConfigError, from_dict, to_yaml
+from adapt.recipe.config import ConfigError, from_dict, to_yaml
 from adapt.export.contract import read_meta, save_meta
-from adapt.limits import ranged
-from adapt.model import DiffusionMeta
+from adapt.recipe.limits import ranged
+from adapt.model.causal import DiffusionMeta
 from adapt.objectives import OBJECTIVES, BlockDiffusion, Decoding
 from adapt.objectives.block import BlockConfig
-from adapt.recipe import load_config
+from adapt.recipe.load import load_config
 
 
 @dataclass

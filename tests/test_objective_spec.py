@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 from adapt import objectives
-from adapt.model import DiffusionMeta
+from adapt.model.causal import DiffusionMeta
 from adapt.objectives import OBJECTIVES, BlockDiffusion, MaskedDiffusion, Objective, Spec
-from adapt.recipe import load_config
+from adapt.recipe.load import load_config
 
 
 class Renamed(MaskedDiffusion):

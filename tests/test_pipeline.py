@@ -86,7 +86,7 @@ def test_export_round_trip(finished_run):
     from transformers import AutoModelForCausalLM
 
     from adapt.export import load_diffusion_model
-    from adapt.distributed import consolidated_state_dict
+    from adapt.train.distributed import consolidated_state_dict
 
     final = finished_run / "final"
     meta = json.loads((final / "diffusion.json").read_text())
@@ -138,7 +138,7 @@ def test_export_works_in_plain_transformers(finished_run):
 
 def test_run_draws_the_curve(finished_run, tmp_path):
     """curve.png at the end of the run, named in the summary: the bounds against training tokens (issue 14)."""
-    from adapt.curve import draw
+    from adapt.train.curve import draw
 
     rows = [json.loads(line) for line in (finished_run / "metrics.jsonl").read_text().splitlines()]
     summary = [r for r in rows if r["kind"] == "summary"][-1]

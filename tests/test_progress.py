@@ -8,9 +8,9 @@ import re
 import torch
 from conftest import tiny_llama
 
-from adapt.diffusion import blocked_vocab
-from adapt.likelihood import batch_count, causal_nll, heldout_bound, replicate_estimates
-from adapt.metrics import Progress
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.train.likelihood import batch_count, causal_nll, heldout_bound, replicate_estimates
+from adapt.train.metrics import Progress
 from adapt.objectives import MaskedDiffusion, ModelForward
 
 TIME = r"\d+h\d\dm|\d+m\d\ds"

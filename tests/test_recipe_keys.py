@@ -9,10 +9,10 @@ import torch
 from test_model import _load
 
 from adapt import objectives
-from adapt.config import ConfigError
-from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, position_exponents, sample_t
-from adapt.model import DiffusionMeta, add_mask_token
-from adapt.recipe import load_config
+from adapt.recipe.config import ConfigError
+from adapt.objectives.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, position_exponents, sample_t
+from adapt.model.causal import DiffusionMeta, add_mask_token
+from adapt.recipe.load import load_config
 
 V, L = 24, 12
 MASK = V - 1

@@ -208,7 +208,7 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path, tiny_model_dir, corp
     rows = [json.loads(line) for line in (tmp_path / "debug" / "metrics.jsonl").read_text().splitlines()]
     skipped = {r["step"]: r["skipped"] for r in rows if r["kind"] == "train"}
     assert skipped == {1: 0, 2: 0, 3: 1, 4: 1, 5: 0, 6: 0}
-    from adapt.distributed import consolidated_state_dict
+    from adapt.train.distributed import consolidated_state_dict
 
     ckpts = tmp_path / "debug" / "checkpoints"
     w2, w4 = consolidated_state_dict(ckpts, "step_0000002"), consolidated_state_dict(ckpts, "step_0000004")
@@ -239,7 +239,7 @@ def test_a_non_finite_weight_is_never_saved(tmp_path, tiny_model_dir, corpus_fil
     assert out.returncode == 2 and "no longer finite" in out.stderr and "Traceback" not in out.stderr
     ckpts = tmp_path / "debug" / "checkpoints"
     assert [p.name for p in ckpts.glob("step_*")] == ["step_0000002"]
-    from adapt.distributed import consolidated_state_dict
+    from adapt.train.distributed import consolidated_state_dict
 
     assert all(torch.isfinite(v).all() for v in consolidated_state_dict(ckpts, "step_0000002").values())
 
@@ -256,7 +256,7 @@ def test_a_resume_may_lengthen_the_run(tmp_path, tiny_model_dir, corpus_file):
 def test_the_offload_recipe_runs_on_cpu(tmp_path, tiny_model_dir, corpus_file):
     """The offload recipe's DeepSpeed settings (ZeRO-3, optimizer and parameters offloaded, DeepSpeedCPUAdam,
     the recipe's JSON) for a few steps, then resumed and exported like any run."""
-    from adapt.recipe import load_config
+    from adapt.recipe.load import load_config
 
     recipe = load_config(str(ROOT / "recipes" / "llama2_7b_to_mdlm_offload.yaml"), [])
     dist = [f"dist.{k}={getattr(recipe.dist, k)}" for k in ("zero_stage", "offload_optimizer", "offload_param")]

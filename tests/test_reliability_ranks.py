@@ -15,8 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_nan_and_a_full_disk_on_one_rank_are_agreed_on_by_both(tmp_path, tiny_model_dir, corpus_file, monkeypatch):
-    from adapt import checkpoint
-    from adapt.distributed import consolidated_state_dict
+    from adapt.train import checkpoint
+    from adapt.train.distributed import consolidated_state_dict
 
     monkeypatch.setenv("ADAPT_FAULT_NAN_STEPS", "2@1")  # step 3's loss is NaN on rank 1 only
     monkeypatch.setenv("ADAPT_FAULT_ENOSPC_IN_SAVE", "4@1")  # rank 1's shard of step 4 hits a full disk

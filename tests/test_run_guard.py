@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from adapt import runlock
+from adapt.train import runlock
 from cli_runner import CliRunner
 from test_pipeline import RECIPE, tiny_run_args
 

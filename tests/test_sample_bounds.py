@@ -7,7 +7,7 @@ import torch
 from cli_runner import CliRunner
 from test_eval_fixtures import exported_dir  # noqa: F401
 
-from adapt.sampling import capped_steps, generate
+from adapt.decode import capped_steps, generate
 from test_sampling import ExactPairDenoiser, canvas
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapt.sampling import SAMPLERS, generate, sampler_options
+from adapt.decode import SAMPLERS, generate, sampler_options
 
 MASK = 5  # ids 0..4 are real tokens, 5 is the mask
 V = 6

@@ -18,8 +18,8 @@ def exported_dir(tmp_path_factory, tiny_model_dir) -> Path:
     """What an export holds: weights with the mask token added, tokenizer, diffusion.json."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adapt.config import ModelConfig
-    from adapt.model import add_mask_token
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import add_mask_token
 
     out = tmp_path_factory.mktemp("exported")
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

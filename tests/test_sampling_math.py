@@ -6,11 +6,11 @@ import math
 import pytest
 import torch
 
-from adapt.sampling.ancestral import reveal_prob
-from adapt.sampling.blocks import block_spans, split_steps, stop_after_eos
-from adapt.sampling.categorical import TokenFilter, confidence, draw
-from adapt.sampling.loop import top_ranked, transfer_counts
-from adapt.sampling.sedd import Noise, analytic_reveal_prob, euler_reveal_prob
+from adapt.decode.ancestral import reveal_prob
+from adapt.decode.blocks import block_spans, split_steps, stop_after_eos
+from adapt.decode.categorical import TokenFilter, confidence, draw
+from adapt.decode.loop import top_ranked, transfer_counts
+from adapt.decode.sedd import Noise, analytic_reveal_prob, euler_reveal_prob
 
 NOISES = [Noise("loglinear", eps=1e-3), Noise("geometric", sigma_min=1e-4, sigma_max=20.0)]
 

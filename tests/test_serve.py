@@ -150,9 +150,12 @@ def test_auth(block):
 def test_block_export_defaults_to_the_speculative_decoder(block):
     model = block.client(KEY).models.list().data[0]
     assert model.model_extra["diffusion"]["sampler"] == "speculative"
-    asks = [{"prompt": p, "max_tokens": 8, "temperature": t, "seed": 4} for p, t in [("The", 0.0), ("A dog", 1.0)]]
-    alone, together, _ = _alone_and_together(block, asks, key=KEY)
-    assert [t["choices"][0]["text"] for t in together] == alone
+    asks = [{"prompt": p, "max_tokens": n, "temperature": t, "seed": s, "sampler": sampler}
+            for p, n, t, s, sampler in [("The", 8, 0.0, 4, "speculative"), ("A dog ran", 12, 1.0, 5, "speculative"),
+                                        ("Seven", 6, 0.8, 6, "chain"), ("It was", 10, 1.0, 7, "speculative")]]
+    alone, together, shared = _alone_and_together(block, asks, key=KEY)
+    assert [t["choices"][0]["text"] for t in together] == alone  # rows joined and left a batch of at most 2
+    assert shared < sum(t["usage"]["model_calls"] for t in together)
 
 
 BAD = [  # (body or raw bytes, status, param named, words of the message)

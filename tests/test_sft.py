@@ -8,13 +8,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from adapt.config import ConfigError
-from adapt.recipe import load_config
-from adapt.data import DataError
-from adapt.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions
+from adapt.recipe.config import ConfigError
+from adapt.recipe.load import load_config
+from adapt.data.corpus import DataError
+from adapt.objectives.diffusion import blocked_vocab, corrupt, diffusion_loss_sum, maskable_positions
 from adapt.export import exported_meta, read_meta, save_meta
-from adapt.model import prepare_diffusion
-from adapt.sft import answer_positions, build_examples, encode, pad_example, split_record, wiki_sft_pairs
+from adapt.model.causal import prepare_diffusion
+from adapt.data.sft import answer_positions, build_examples, encode, pad_example, split_record, wiki_sft_pairs
 
 EOS, MASK = 2, 99
 
@@ -98,8 +98,8 @@ def test_embedded_sft_pairs(corpus_file):
 
 def exported(tmp: Path, model_dir: Path) -> Path:
     """A diffusion-model export made directly (mask token added, diffusion.json written)."""
-    from adapt.config import ModelConfig
-    from adapt.model import add_mask_token, load_causal_lm, load_tokenizer
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import add_mask_token, load_causal_lm, load_tokenizer
 
     mcfg = ModelConfig(name_or_path=str(model_dir), dtype="fp32")
     model, tok = load_causal_lm(mcfg), load_tokenizer(mcfg)
@@ -111,8 +111,8 @@ def exported(tmp: Path, model_dir: Path) -> Path:
 
 
 def test_sft_reuses_the_exported_mask_token(tmp_path, tiny_model_dir):
-    from adapt.config import ModelConfig
-    from adapt.model import load_causal_lm, load_tokenizer
+    from adapt.recipe.config import ModelConfig
+    from adapt.model.causal import load_causal_lm, load_tokenizer
 
     folder = exported(tmp_path / "export", tiny_model_dir)
     mcfg = ModelConfig(name_or_path=str(folder), dtype="fp32")

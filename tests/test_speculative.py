@@ -7,13 +7,13 @@ import pytest
 import torch
 from conftest import tiny_llama
 
-from adapt.model import DiffusionMeta, set_causal
+from adapt.model.causal import DiffusionMeta, set_causal
 from adapt.objectives import Attention, BlockDiffusion, ModelForward
-from adapt.sampling import generate
-from adapt.sampling.speculative import _Batch, accept_or_correct, speculative_decode
-from adapt.sampling.categorical import TokenFilter
-from adapt.diffusion import blocked_vocab
-from adapt.denoiser import Denoiser
+from adapt.decode import generate
+from adapt.decode.speculative import RowBatch, accept_or_correct, speculative_decode
+from adapt.decode.categorical import TokenFilter
+from adapt.objectives.diffusion import blocked_vocab
+from adapt.decode.denoiser import Denoiser
 
 V, MASK, BOS = 40, 39, 1
 
@@ -119,7 +119,7 @@ def test_drafts_are_the_objectives_noised_rows(noised):
     model = tiny_llama(V, seed=9)
     set_causal(model, False)
     x = canvas([6], 16)  # prompt ends at position 6, inside block 1 (positions 4-7)
-    batch = _Batch(model, meta(4, noised=noised), x, TokenFilter(), torch.Generator().manual_seed(0))
+    batch = RowBatch(model, meta(4, noised=noised), x, TokenFilter(), torch.Generator().manual_seed(0))
     row = batch.rows[0]
     batch.step()  # prefill: position 7, the end of block 1, drawn from the clean stream; nothing left to draft
     batch.step()  # verifies nothing, draws position 8 (block 2's first), drafts 9-11 with 8 masked
@@ -162,7 +162,7 @@ def test_finished_rows_leave_the_batch():
     """A row with fewer masks finishes first; later calls hold only the rows still decoding (cache rows too)."""
     model = tiny_llama(V, seed=9)
     x = canvas([14, 2], 18)  # row 0: 3 masks, row 1: 15
-    batch = _Batch(model, meta(4), x, TokenFilter(temperature=0.0), None)
+    batch = RowBatch(model, meta(4), x, TokenFilter(temperature=0.0), None)
     seen = []
     while not all(row.finished for row in batch.rows):
         seen.append(batch.step())

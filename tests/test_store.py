@@ -1,5 +1,6 @@
-"""The token store (adapt.store) and its use by adapt.data: format, whole held-out documents, mixtures, and the
-faults of issue 30 (a changed source, another tokenizer, a tampered store, a second writer, kill -9, a full disk)."""
+"""The token store (adapt.data.store) and its use by adapt.data.corpus: format, whole held-out documents, mixtures, and
+the faults of issue 30 (a changed source, another tokenizer, a tampered store, a second writer, kill -9, a full
+disk)."""
 from __future__ import annotations
 
 import json
@@ -13,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-import adapt.data as data
-from adapt import store
-from adapt.sequences import Mixture, _PERMS, batch_indices
-from adapt.config import DataConfig, SourceConfig
-from adapt.data import DataError, build_sequences, resolve_sources, store_folder
+import adapt.data.corpus as data
+from adapt.data import store
+from adapt.data.sequences import Mixture, _PERMS, batch_indices
+from adapt.recipe.config import DataConfig, SourceConfig
+from adapt.data.corpus import DataError, build_sequences, resolve_sources, store_folder
 
 
 @pytest.fixture(scope="module")
@@ -283,9 +284,9 @@ def test_bad_sources_are_named(tmp_path, tok, sources, needle):
 def test_a_run_from_before_the_store_is_refused_with_the_way_out(tmp_path):
     import yaml
 
-    from adapt import checkpoint
-    from adapt.config import Config, RunConfig, to_dict
-    from adapt.stages import _layout_problems
+    from adapt.train import checkpoint
+    from adapt.recipe.config import Config, RunConfig, to_dict
+    from adapt.train.stages import _layout_problems
 
     cfg = Config(run=RunConfig(output_dir=str(tmp_path), name="old"))
     tag = checkpoint.ckpt_root(cfg.run_dir) / checkpoint.tag_for(4)
@@ -303,8 +304,8 @@ def test_a_run_from_before_the_store_is_refused_with_the_way_out(tmp_path):
 
 
 def test_the_start_up_log_shows_the_realised_mixture(tmp_path, tok):
-    from adapt.config import Config, TrainConfig
-    from adapt.stages import _adapt_data
+    from adapt.recipe.config import Config, TrainConfig
+    from adapt.train.stages import _adapt_data
 
     a, b = corpus(tmp_path / "a.jsonl", 40, "Alpha"), corpus(tmp_path / "b.jsonl", 40, "Beta")
     cfg = Config(data=DataConfig(sources=[SourceConfig(path=str(a), weight=0.7), SourceConfig(path=str(b), weight=0.3)],

@@ -1,6 +1,6 @@
 """A draft head for self-speculative decoding: each draft conditioned on the token drawn before it.
 
-The speculative decoder (adapt.sampling.speculative) drafts the rest of a block from the noised stream in the call
+The speculative decoder (adapt.decode.speculative) drafts the rest of a block from the noised stream in the call
 that draws the block's next token e from the clean stream, so the draft for e + 1 is made without knowing x_e,
 the one for e + 2 without x_e and x_{e+1}: a 2-, 3-, 4-ahead prediction, which the clean stream then rejects most
 of the time. Apple's "Your LLM knows the future" (2025) conditions each mask-token draft on the token sampled

@@ -21,8 +21,8 @@ class HeadError(ValueError):
 def parse_args(argv: list[str] | None = None):
     import argparse
 
-    from adapt.cli_types import at_least, device, seed, text
-    from adapt.model import DTYPES
+    from adapt.cli.types import at_least, device, seed, text
+    from adapt.model.causal import DTYPES
 
     p = argparse.ArgumentParser(prog="python -m adapt.draft_head", description=__doc__.splitlines()[0])
     p.add_argument("model", type=text, help="a block export with a causal clean stream (checkpoints/RUN/final)")
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    from adapt.errors import friendly
+    from adapt.cli.errors import friendly
 
     args = parse_args(argv)
     with friendly(HeadError):
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 def _checked_export(args):
     """(model, tokenizer, meta, data config) of an export the head can be trained for, else HeadError; every
     check that needs no weights runs before they load."""
-    from adapt.cli_types import write_problem
+    from adapt.cli.types import write_problem
     from adapt.export import export_problem, load_diffusion_model
     from adapt.export.contract import read_meta, read_recipe
-    from adapt.sampling.speculative import check_speculative
+    from adapt.decode.speculative import check_speculative
 
     if not 0 < args.lr < float("inf"):
         raise HeadError(f"--lr must be a positive number, got {args.lr}")
@@ -84,8 +84,8 @@ def _checked_export(args):
 
 
 def train_head(args) -> dict:
-    from adapt.data import build_sequences
-    from adapt.diffusion import blocked_vocab
+    from adapt.data.corpus import build_sequences
+    from adapt.objectives.diffusion import blocked_vocab
 
     model, tokenizer, meta, dcfg = _checked_export(args)
     model.requires_grad_(False)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from adapt.attention import to_additive
+from adapt.model.attention import to_additive
 from adapt.draft_head.head import DraftHead, captured_features
 
 

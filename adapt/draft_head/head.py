@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adapt.export.contract import HEAD_FILE
-from adapt.model import ModelLoadError
+from adapt.model.causal import ModelLoadError
 
 
 class DraftHead(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapt.diffusion import denoiser_log_probs, distill_kl
+from adapt.objectives.diffusion import denoiser_log_probs, distill_kl
 from adapt.draft_head.chains import Chains, draft_chains, unroll
 from adapt.draft_head.head import DraftHead, head_logits
 
@@ -35,7 +35,7 @@ def collect(model: nn.Module, meta, rows: torch.Tensor, batch: int, ks: list[int
             every_k: bool = False) -> dict[int, Chains]:
     """Chains of every k in `ks`, from the rows (N, L) in batches, computed on the model's device and kept on the
     CPU; the k of a batch cycles through `ks`, or with every_k each batch gives the chains of every k."""
-    from adapt.metrics import Progress
+    from adapt.train.metrics import Progress
 
     device = model.get_input_embeddings().weight.device
     parts: dict[int, list[Chains]] = {k: [] for k in ks}
@@ -58,7 +58,7 @@ def fit(head: DraftHead, model: nn.Module, train: dict[int, Chains], blocked: to
         lr: float, chains_per_step: int, generator: torch.Generator, say=print) -> list[float]:
     """AdamW on the mean KL, minibatches of `chains_per_step` chains of one length, lengths interleaved; -> the
     mean loss of each epoch."""
-    from adapt.metrics import Progress
+    from adapt.train.metrics import Progress
 
     opt, device = torch.optim.AdamW(head.parameters(), lr=lr, weight_decay=0.0), head.inp.weight.device
     losses = []

@@ -13,10 +13,10 @@
     card.py         the model card
     hf_generate/    the decoder shipped as custom_generate/generate.py (runs without this package)
 
-This package reads the run folder (its base/ and checkpoints, laid out by adapt.checkpoint) and writes base/ at the
-start of a run; resumable checkpoints are adapt.checkpoint's. Its names load on first use, so importing the shipped
-decoder (adapt.export.hf_generate.generate, which the library's attention masks and samplers share) loads nothing
-else.
+This package reads the run folder (its base/ and checkpoints, laid out by adapt.train.checkpoint) and writes base/ at
+the start of a run; resumable checkpoints are adapt.train.checkpoint's. Its names load on first use, so importing the
+shipped decoder (adapt.export.hf_generate.generate, which the library's attention masks and samplers share) loads
+nothing else.
 """
 from __future__ import annotations
 

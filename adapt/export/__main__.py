@@ -14,7 +14,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from adapt.checkpoint import complete_tags  # noqa: E402
+from adapt.train.checkpoint import complete_tags  # noqa: E402
 from adapt.export.writer import export  # noqa: E402
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="weight dtype of the export (default: the run's model.dtype)")
     parser.add_argument("--list", action="store_true", help="list the complete checkpoints and exit")
     args = parser.parse_args(argv)
-    from adapt.errors import friendly
+    from adapt.cli.errors import friendly
 
     with friendly():
         if args.list:

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from adapt import objectives
-from adapt.config import EMBEDDED_MODEL
+from adapt.recipe.config import EMBEDDED_MODEL
 from adapt.objectives.spec import CardNotes
 
 EMBEDDED_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

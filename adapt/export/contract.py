@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from adapt.cli_types import write_problem
+from adapt.cli.types import write_problem
 from adapt import objectives
-from adapt.config import Config, from_dict, schema
-from adapt.model import DiffusionMeta, ModelLoadError
+from adapt.recipe.config import Config, from_dict, schema
+from adapt.model.causal import DiffusionMeta, ModelLoadError
 
 META_FILE = "diffusion.json"
 RECIPE_FILE = "recipe.yaml"

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from adapt.attention import usable_backend
-from adapt.checkpoint import BASE_DIR, CHECKPOINTS_DIR, base_dir, ckpt_root, final_dir
+from adapt.model.attention import usable_backend
+from adapt.train.checkpoint import BASE_DIR, CHECKPOINTS_DIR, base_dir, ckpt_root, final_dir
 from adapt.export.contract import ADAPTER_DIR, META_FILE, WEIGHTS_FILE, contents_problem, exported_meta, read_meta
-from adapt.model import DTYPES, ModelLoadError, load_causal_lm, set_causal
+from adapt.model.causal import DTYPES, ModelLoadError, load_causal_lm, set_causal
 
 
 def export_problem(folder: str | Path) -> str | None:
@@ -44,13 +44,13 @@ def _with_adapter(model: PreTrainedModel, path: Path) -> PreTrainedModel:
     weights alone are the model before its adaptation."""
     if not (path / ADAPTER_DIR).is_dir():
         return model
-    from adapt.lora import merge_adapter
+    from adapt.model.lora import merge_adapter
 
     return merge_adapter(model, path / ADAPTER_DIR)
 
 
 def load_weights(mcfg) -> PreTrainedModel:
-    """`adapt.model.load_causal_lm`, an export's adapter merged: the weights the export stands for, to train a
+    """`adapt.model.causal.load_causal_lm`, an export's adapter merged: the weights the export stands for, to train a
     next stage from, to judge with or to measure."""
     model = load_causal_lm(mcfg)
     return _with_adapter(model, Path(str(mcfg.name_or_path))) if exported_meta(mcfg.name_or_path) else model

@@ -1,5 +1,5 @@
 """Writing an export: the folder `python -m adapt.export` and the end of each training stage make from a run's
-checkpoint, and base/, the part of it written once at the start of a run (the run folder: adapt.checkpoint).
+checkpoint, and base/, the part of it written once at the start of a run (the run folder: adapt.train.checkpoint).
 
     <export>/model*.safetensors, config.json, tokenizer  the consolidated weights (any ZeRO stage), the tokenizer
     <export>/diffusion.json, recipe.yaml                diffusion metadata, resolved recipe (adapt.export.contract)
@@ -26,15 +26,15 @@ import torch
 import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from adapt import distributed, faults
-from adapt.checkpoint import (CONFIG_FILE, CheckpointError, base_dir, ckpt_root, complete_tags, damage, final_dir,
+from adapt.train import distributed, faults
+from adapt.train.checkpoint import (CONFIG_FILE, CheckpointError, base_dir, ckpt_root, complete_tags, damage, final_dir,
                               latest_intact, metrics_file, note, read_complete)
-from adapt.config import Config, from_dict, to_yaml
+from adapt.recipe.config import Config, from_dict, to_yaml
 from adapt.export.card import model_card
 from adapt.export.contract import (ADAPTER_DIR, RECIPE_FILE, destination_problem, read_meta, save_meta,
                                    writable_problem)
-from adapt.metrics import read_records
-from adapt.model import DTYPES, DiffusionMeta
+from adapt.train.metrics import read_records
+from adapt.model.causal import DTYPES, DiffusionMeta
 
 
 def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype: str | None = None) -> Path:
@@ -44,7 +44,7 @@ def export(run_dir: Path, tag: str | None = None, out: Path | None = None, dtype
     saved = from_dict(yaml.safe_load((ckpt_root(run_dir) / tag / CONFIG_FILE).read_text()))
     meta = read_meta(base_dir(run_dir))
     step = read_complete(ckpt_root(run_dir) / tag)["step"] or int(tag[len("step_"):])
-    from adapt.attention import anneal_ratio
+    from adapt.model.attention import anneal_ratio
 
     ratio = anneal_ratio(step, saved.attention.anneal_steps)
     meta = replace(meta, anneal_ratio=ratio, bidirectional=ratio >= 1.0)
@@ -75,7 +75,7 @@ def _write_export(run_dir: Path, tag: str, saved: Config, meta: DiffusionMeta, t
     base = base_dir(run_dir)
     config = AutoConfig.from_pretrained(base)
     if saved.lora.enabled:  # peft keys: merge the adapter, or keep it in tmp/adapter
-        from adapt.lora import export_model
+        from adapt.model.lora import export_model
 
         keep = tmp / ADAPTER_DIR if saved.lora.export == "adapter" else None
         model = export_model(config, state, saved.lora, meta.mask_token_id, DTYPES[dtype or saved.model.dtype], keep)

@@ -2,14 +2,14 @@
 
 The run-time `Objective` (adapt.objectives.base) is what a training step and the held-out bound call on an
 instance: how a batch is corrupted, the attention a forward needs, the loss sum and its normaliser, the joint
-causal and distillation terms, the bound's attention and sums. The training step (adapt.train), the bound
-(adapt.likelihood), the evaluation scripts and the harness adapter (eval/) and the benchmarks build one
+causal and distillation terms, the bound's attention and sums. The training step (adapt.train.loop), the bound
+(adapt.train.likelihood), the evaluation scripts and the harness adapter (eval/) and the benchmarks build one
 (`from_config`, `for_meta`, `make`) and call it without branching on which it is.
 
 Its `Spec` (adapt.objectives.spec) answers what is asked before any model exists: the config schema (its
-`sections`, adapt.config), the recipe and export checks (adapt.recipe), the metadata fields training records and
-its attention curriculum's target (adapt.train's set-up), the memory estimate (adapt.estimate), the export
-contract and model card (adapt.export.contract, adapt.export.card), and how an export decodes (`decoding(meta)`,
+`sections`, adapt.recipe.config), the recipe and export checks (adapt.recipe.load), the metadata fields training
+records and its attention curriculum's target (adapt.train.loop's set-up), the memory estimate (adapt.estimate), the
+export contract and model card (adapt.export.contract, adapt.export.card), and how an export decodes (`decoding(meta)`,
 asked by the samplers, the block cache and the speculative decoder, which branch on its answer: the block
 length and whether the clean stream is a causal LM).
 
@@ -25,7 +25,7 @@ from adapt.objectives.base import Attention, Forward, JointCausal, ModelForward,
 from adapt.objectives.block import BlockDiffusion, BlockDiffusionSpec
 from adapt.objectives.mdlm import MaskedDiffusion, MaskedDiffusionSpec
 from adapt.objectives.spec import CardNotes, Decoding, Spec, meta_get
-from adapt.model import DiffusionMeta
+from adapt.model.causal import DiffusionMeta
 
 OBJECTIVES: dict[str, type] = {"mdlm": MaskedDiffusion, "block": BlockDiffusion}
 """name -> objective class (each implements `Objective`); `diffusion.objective` picks one."""

@@ -28,8 +28,8 @@ from typing import Literal
 
 import torch
 
-from adapt.attention import block_visible, document_visibility, to_additive
-from adapt.limits import SIZE_MAX, ranged
+from adapt.model.attention import block_visible, document_visibility, to_additive
+from adapt.recipe.limits import SIZE_MAX, ranged
 from adapt.objectives.base import Attention, Forward, Noised
 from adapt.objectives.mdlm import MaskedDiffusion, MaskedDiffusionSpec
 from adapt.objectives.spec import CardNotes, Decoding, meta_get

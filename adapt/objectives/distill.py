@@ -1,11 +1,11 @@
-"""The distillation term's recipe keys (`diffusion.distill.*`; adapt.diffusion.distill_kl): a training term only,
-every bound stays the exact ELBO. Both objectives take it (`sections`)."""
+"""The distillation term's recipe keys (`diffusion.distill.*`; adapt.objectives.diffusion.distill_kl): a training term
+only, every bound stays the exact ELBO. Both objectives take it (`sections`)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Literal
 
-from adapt.limits import SIZE_MAX, ranged
+from adapt.recipe.limits import SIZE_MAX, ranged
 
 
 @dataclass

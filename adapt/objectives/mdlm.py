@@ -1,7 +1,7 @@
 """Masked diffusion over the whole sequence (MDLM / SEDD absorbing; DiffuLLaMA's adaptation objective).
 
 Every loss-eligible token of x0 is masked with probability t, t ~ U(eps, 1); the negative ELBO weights
-the cross-entropy of each masked token by 1/t (adapt.diffusion). Attention is whatever the loop's
+the cross-entropy of each masked token by 1/t (adapt.objectives.diffusion). Attention is whatever the loop's
 annealing asks for: causal at the start of adaptation, bidirectional after.
 
 An optional joint causal term (`ar_weight` alpha > 0; Nemotron-Labs-Diffusion, I-DLM) adds alpha x the next-token
@@ -15,11 +15,11 @@ from typing import Callable
 
 import torch
 
-from adapt.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
-from adapt.diffusion import (context_shares, corrupt, diffusion_loss_sum, distill_kl, frontier_positions,
+from adapt.model.attention import build_mask, causal_visibility, step_visibility, uses_block_mask, window_block_mask
+from adapt.objectives.diffusion import (context_shares, corrupt, diffusion_loss_sum, distill_kl, frontier_positions,
                              maskable_positions, normaliser, position_exponents, prediction_logits, sample_t,
                              shift_logits, token_nll)
-from adapt.model import DTYPES
+from adapt.model.causal import DTYPES
 from adapt.objectives.base import Attention, Forward, JointCausal, Noised
 from adapt.objectives.distill import Distill, DistillConfig
 from adapt.objectives.spec import CardNotes, Decoding
@@ -98,7 +98,7 @@ class MaskedDiffusion:
     spec_class = MaskedDiffusionSpec
     """The class of its `Spec` (adapt.objectives.spec_of builds one around this class)."""
     sections = {"distill": DistillConfig}
-    """The recipe sections under `diffusion` this objective reads (key -> dataclass; adapt.config.schema)."""
+    """The recipe sections under `diffusion` this objective reads (key -> dataclass; adapt.recipe.config.schema)."""
 
     def __init__(self, mask_id: int, shift: bool, blocked: torch.Tensor, eps: float = 1e-3,
                  t_sampling: str = "stratified", loss_norm: str = "token", backend: str = "sdpa",
@@ -230,9 +230,10 @@ class MaskedDiffusion:
                                   self.exponents(x0.shape[1]))
 
     def distill_sum(self, logits: torch.Tensor, teacher: torch.Tensor | None, noised: Noised) -> torch.Tensor | None:
-        """weight x sum over the distilled positions of tau^2 KL(p_teacher || p_theta) (adapt.diffusion.distill_kl),
-        a scalar to divide by `normaliser` like `loss_sum`; None when the term is off. `teacher` (B, L, V) are causal
-        logits of the clean sequence (row i-1 predicts token i), `logits` the step's prediction logits."""
+        """weight x sum over the distilled positions of tau^2 KL(p_teacher || p_theta)
+        (adapt.objectives.diffusion.distill_kl), a scalar to divide by `normaliser` like `loss_sum`; None when the term
+        is off. `teacher` (B, L, V) are causal logits of the clean sequence (row i-1 predicts token i), `logits` the
+        step's prediction logits."""
         if self.distill is None:
             return None
         d, dev = self.distill, logits.device

@@ -19,7 +19,7 @@ class Decoding:
     """0 = the whole sequence at once, any block length allowed; b > 0 = the block length the export must be
     decoded with."""
     clean_causal: bool
-    """The clean stream is a causal LM, so the exact speculative decoder (adapt.sampling.speculative) applies."""
+    """The clean stream is a causal LM, so the exact speculative decoder (adapt.decode.speculative) applies."""
 
 
 @dataclass
@@ -38,9 +38,9 @@ class CardNotes:
 
 @runtime_checkable
 class Spec(Protocol):
-    """An objective as the code that runs before any model exists sees it: the recipe checks (adapt.recipe), the
-    config schema (adapt.config), the training loop's set-up and attention curriculum (adapt.train), the memory
-    estimate (adapt.estimate), the export contract and model card (adapt.export) and the decoders
+    """An objective as the code that runs before any model exists sees it: the recipe checks (adapt.recipe.load), the
+    config schema (adapt.recipe.config), the training loop's set-up and attention curriculum (adapt.train.loop), the
+    memory estimate (adapt.estimate), the export contract and model card (adapt.export) and the decoders
     (adapt.objectives.decoding) ask it, never the run-time `Objective`.
 
     Built around the registered run-time class it describes (`adapt.objectives.spec_of`); `name`, `sections`,
@@ -53,10 +53,10 @@ class Spec(Protocol):
     name: str
     """The objective's registered name (`diffusion.objective`, diffusion.json's `objective`)."""
     sections: dict[str, type]
-    """The recipe sections under `diffusion` the objective reads (key -> dataclass; adapt.config.schema)."""
+    """The recipe sections under `diffusion` the objective reads (key -> dataclass; adapt.recipe.config.schema)."""
 
     def build(self, cfg, meta, blocked: "torch.Tensor") -> "Objective":
-        """The training objective of a recipe (adapt.config.Config) for a model's metadata."""
+        """The training objective of a recipe (adapt.recipe.config.Config) for a model's metadata."""
 
     def rebuild(self, meta, blocked: "torch.Tensor", backend: str = "sdpa", dtype: str = "fp32") -> "Objective":
         """The objective an export was trained with, for its bound: only what the metadata holds."""

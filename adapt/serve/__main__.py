@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
-from adapt.cli_types import at_least, device, seconds, text  # noqa: E402
+from adapt.cli.types import at_least, device, seconds, text  # noqa: E402
 
 KEY_ENV = "ADAPT_SERVE_API_KEY"
 
@@ -114,7 +114,7 @@ def start(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from adapt.errors import friendly
+    from adapt.cli.errors import friendly
 
     with friendly(ServeError):
         start(args)

@@ -18,7 +18,8 @@ from fastapi.sse import EventSourceResponse, format_sse_event
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapt.serve import protocol as P
-from adapt.serve.engine import Busy, Engine, Event, Job
+from adapt.serve.engine import Engine
+from adapt.serve.jobs import Busy, Event, Job
 from adapt.serve.rows import Refused, RowText, plan_rows
 
 PAGE = Path(__file__).resolve().parent / "page.html"

@@ -1,70 +1,27 @@
-"""The server's decoding engine: every request row runs the library's own decoder (adapt.sampling.generate) with
-its own random stream, and the model calls of all rows that are waiting are made together, one batched call per
-canvas shape. Rows join and leave between model calls; a row's output is the same request's output alone (its
-sampler, canvas and generator are its own; only the forward is shared).
+"""The server's decoding engine: every request row runs the library's own decoder with its own random stream,
+and rows join and leave between model calls; a row's output is the same request's output alone.
 
-Threads: one per row (the sampler's own loop, waiting on its model calls) and one that makes the calls. A row whose
-client went away or whose time ran out leaves at its next call. Exports whose decoder keeps a KV cache (block
-diffusion: the exact block cache and the speculative decoder) run their rows one at a time through the same
-decoder, so their output is exact too; their calls are not yet shared between rows.
+Whole-sequence exports: each row runs adapt.decode.generate in a thread, and one thread makes the model calls of all
+rows that are waiting together, one batched call per canvas shape. Block exports with a causal clean stream: the
+speculative decoder (and `chain`) keeps every row in one batch (adapt.serve.blockrows). A row whose client went
+away or whose time ran out leaves at its next call. The block exports' other samplers (the exact block cache) run
+their rows one at a time through the same decoder: exact too, their calls not shared.
 """
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
-from adapt.denoiser import Denoiser
-from adapt.sampling import generate
+from adapt import objectives
+from adapt.decode import generate
+from adapt.decode.denoiser import Denoiser
+from adapt.serve.blockrows import DECODERS, BlockRows
+from adapt.serve.jobs import Busy, Event, Gone, Job
 
 TICK_WAIT_S = 0.005
 """How long a batched call waits for rows that are between calls (drawing their tokens) before it starts."""
-
-
-class Busy(RuntimeError):
-    """The queue is full: the request is refused (HTTP 429), not absorbed."""
-
-
-class Gone(Exception):
-    """The row's client disconnected or its time ran out: the row leaves at its next model call."""
-
-
-@dataclass
-class Event:
-    """What one model call decided for one row."""
-
-    positions: list[int]
-    """Canvas positions decided since the row's previous event."""
-    tokens: list[int]
-    """Their token ids."""
-    calls: int
-    """The row's model calls so far."""
-    done: bool = False
-    ids: list[int] | None = None
-    """The whole canvas, on the last event."""
-    error: str | None = None
-
-
-@dataclass
-class Job:
-    """One row: a canvas to fill and how."""
-
-    canvas: list[int]
-    """BOS, prompt, masks, suffix."""
-    sampler: str
-    steps: int | None
-    options: dict
-    seed: int
-    eos_id: int | None
-    emit: Callable[[Event], None]
-    deadline: float
-    """time.monotonic() after which the row leaves."""
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    calls: int = 0
-    last: torch.Tensor | None = None
 
 
 class RowDenoiser:
@@ -104,6 +61,7 @@ class Engine:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
+        self.block_rows = BlockRows(self) if objectives.decoding(meta).clean_causal else None
 
     # --- rows -------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:
@@ -111,6 +69,9 @@ class Engine:
             if self.admitted >= self.max_queue:
                 raise Busy(f"{self.admitted} rows are waiting or decoding (the server's --max-queue)")
             self.admitted += 1
+        if self.block_rows is not None and job.sampler in DECODERS:
+            self.block_rows.add(job)
+            return
         threading.Thread(target=self._row, args=(job,), name="row", daemon=True).start()
 
     def _row(self, job: Job) -> None:

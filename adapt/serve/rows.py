@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from adapt.sampling import CHAIN, SAMPLER_NAMES, SPECULATIVE, sampler_options
-from adapt.sampling.speculative import check_speculative
+from adapt.decode import CHAIN, SAMPLER_NAMES, SPECULATIVE, sampler_options
+from adapt.decode.speculative import check_speculative
 
 DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for completions when max_tokens is not given."""

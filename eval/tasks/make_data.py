@@ -74,8 +74,8 @@ def make(dcfg, tokenizer, out: Path, docs: int = 200, seed: int = 0) -> dict[str
 
 
 def main(argv: list[str] | None = None) -> dict[str, int]:
-    from adapt.config import DataConfig, ModelConfig
-    from adapt.model import load_tokenizer
+    from adapt.recipe.config import DataConfig, ModelConfig
+    from adapt.model.causal import load_tokenizer
     from eval.cli import user_errors
     from eval.models import data_config
     from eval.options import count, export_check, seed, writable_dir

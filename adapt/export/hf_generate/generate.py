@@ -17,7 +17,7 @@ BOS is put in front of rows that lack it; the result is the given input_ids (pad
 mask, mask ids in a prompt filled), then the new ids: pad_token_id after a row's first EOS, columns where every row
 stopped cut, as in transformers. Block exports decode block by block (`BlockCache`: an exact KV cache of the clean
 blocks). Every forward gets an explicit 4D mask (sdpa or eager). `model` is keyword-only: transformers binds it by
-name. The primitives it shares with the library (adapt.sampling, adapt.attention) live beside it in
+name. The primitives it shares with the library (adapt.decode, adapt.model.attention) live beside it in
 primitives.py, which an export carries too.
 """
 from __future__ import annotations

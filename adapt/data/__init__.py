@@ -1,0 +1,1 @@
+"""The corpus: sources, token stores, training sequences, prompt/response data."""

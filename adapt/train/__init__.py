@@ -1,0 +1,1 @@
+"""Training: the stages, the loop, its optimiser, checkpoints, DeepSpeed, logging."""
