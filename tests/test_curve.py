@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from adapt import curve as curve_command
 from adapt.train import curve
 from adapt.train.metrics import MetricsLog
 
@@ -55,13 +56,13 @@ def test_sft_run_curve_has_the_answers_share(tmp_path):
 
 def test_standalone_command_redraws(tmp_path, capsys):
     write_run(tmp_path)
-    assert curve.main([str(tmp_path)]) == 0
+    assert curve_command.main([str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert curve.main([str(empty)]) == 1 and "no held-out evaluation" in capsys.readouterr().err
-    assert curve.main([]) == 2
+    assert curve_command.main([str(empty)]) == 1 and "no held-out evaluation" in capsys.readouterr().err
+    assert curve_command.main([]) == 2
 
 
 def test_without_matplotlib_one_line_and_no_file(tmp_path, monkeypatch):
@@ -93,11 +94,11 @@ def test_several_runs_on_one_figure(tmp_path, capsys):
     assert out["points"] == {"a": [(0.0, 900.0), (3.0 * STEP_TOKENS, 500.0), (6.0 * STEP_TOKENS, 300.0)],
                              "b": [(0.0, 900.0), (3.0 * STEP_TOKENS, 500.0), (6.0 * STEP_TOKENS, 300.0)]}
     assert out["parent_ppl"] == 40.0 and (tmp_path / "both.png").read_bytes()[:4] == b"\x89PNG"
-    assert curve.main([str(a), str(b), "--out", str(tmp_path / "cli.png")]) == 0
+    assert curve_command.main([str(a), str(b), "--out", str(tmp_path / "cli.png")]) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "cli.png")
-    assert curve.main([str(a), str(empty), "--out", str(tmp_path / "x.png")]) == 1
+    assert curve_command.main([str(a), str(empty), "--out", str(tmp_path / "x.png")]) == 1
     assert "no held-out evaluation" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
-    assert curve.main([str(a), str(b)]) == 2 and "usage" in capsys.readouterr().err  # several runs need --out
+    assert curve_command.main([str(a), str(b)]) == 2 and "usage" in capsys.readouterr().err  # several runs need --out
 
 
 def test_the_final_summary_names_each_bound_without_claiming_an_attention(tmp_path, capsys):
