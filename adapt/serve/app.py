@@ -144,12 +144,12 @@ async def _respond(served: Served, body, request: Request, chat: bool):
     if body.stream:
         return EventSourceResponse(_framed(_stream(served, body, chat, rid, jobs, texts, events, prompt_tokens)))
     try:
-        await _drain(jobs, texts, events)
+        async for _ in _updates(jobs, texts, events):
+            pass
     finally:
         for job in jobs:
             job.cancelled.set()
-    calls = max(job.calls for job in jobs)
-    use = P.usage(prompt_tokens * len(jobs), sum(t.completion_tokens for t in texts), calls)
+    use = _usage(jobs, texts, prompt_tokens)
     return P.completion(rid, served.name, chat, [{"text": t.text, "finish_reason": t.finish} for t in texts], use)
 
 
@@ -161,7 +161,9 @@ def _check_done(job: Job, ev: Event) -> None:
         raise ApiError(400 if ev.error.startswith("ValueError") else 500, ev.error.split(": ", 1)[-1])
 
 
-async def _drain(jobs: list[Job], texts: list[RowText], events: asyncio.Queue) -> None:
+async def _updates(jobs: list[Job], texts: list[RowText], events: asyncio.Queue):
+    """(row, event, newly settled text) until every row is done; ApiError for a row that failed or timed out. A row
+    that ends (its decoder done, EOS or a stop string) is cancelled so that it leaves at its next model call."""
     open_rows = set(range(len(jobs)))
     while open_rows:
         i, ev = await events.get()
@@ -169,11 +171,16 @@ async def _drain(jobs: list[Job], texts: list[RowText], events: asyncio.Queue) -
             continue
         if ev.done:
             _check_done(jobs[i], ev)
-        texts[i].absorb(ev)
+        delta = texts[i].absorb(ev)
         if ev.done or texts[i].finish is not None:
             jobs[i].cancelled.set()
-            texts[i].close()
+            delta += texts[i].close()
             open_rows.discard(i)
+        yield i, ev, delta
+
+
+def _usage(jobs: list[Job], texts: list[RowText], prompt_tokens: int) -> dict:
+    return P.usage(prompt_tokens * len(jobs), sum(t.completion_tokens for t in texts), max(job.calls for job in jobs))
 
 
 async def _framed(items):
@@ -184,31 +191,19 @@ async def _framed(items):
 
 async def _stream(served: Served, body, chat: bool, rid: str, jobs: list[Job], texts: list[RowText],
                   events: asyncio.Queue, prompt_tokens: int):
-    open_rows = set(range(len(jobs)))
     try:
         if chat:
-            for i in open_rows:
+            for i in range(len(jobs)):
                 yield P.chunk(rid, served.name, chat, i, None, None, role=True)
-        while open_rows:
-            i, ev = await events.get()
-            if i not in open_rows:
-                continue
-            if ev.done and ev.error:
-                try:
-                    _check_done(jobs[i], ev)
-                except ApiError as err:
-                    yield P.error_body(err.message, err.param, err.kind)
-                    return
-            delta = texts[i].absorb(ev)
-            if ev.done or texts[i].finish is not None:
-                jobs[i].cancelled.set()
-                delta += texts[i].close()
-                open_rows.discard(i)
-            if delta or ev.positions or texts[i].finish is not None:
-                yield P.chunk(rid, served.name, chat, i, delta, texts[i].finish, texts[i].canvas(ev))
+        try:
+            async for i, ev, delta in _updates(jobs, texts, events):
+                if delta or ev.positions or texts[i].finish is not None:
+                    yield P.chunk(rid, served.name, chat, i, delta, texts[i].finish, texts[i].canvas(ev))
+        except ApiError as err:
+            yield P.error_body(err.message, err.param, err.kind)
+            return
         if body.stream_options is not None and body.stream_options.include_usage:
-            use = P.usage(prompt_tokens * len(jobs), sum(t.completion_tokens for t in texts),
-                          max(job.calls for job in jobs))
+            use = _usage(jobs, texts, prompt_tokens)
             yield {**P.chunk(rid, served.name, chat, 0, None, None), "choices": [], "usage": use}
         yield "[DONE]"
     finally:  # a client that went away: its rows leave at their next model call

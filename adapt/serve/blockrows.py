@@ -79,9 +79,7 @@ class BlockRows:
         job.calls += 1
         row.stop_at(job.eos_id)
         if row.done > before:
-            positions = list(range(before, row.done))
-            job.last = row.x.clone().cpu()
-            job.emit(Event(positions, row.x[before:row.done].tolist(), job.calls))
+            job.emit(Event(list(range(before, row.done)), row.x[before:row.done].tolist(), job.calls))
         if job.cancelled.is_set() or time.monotonic() > job.deadline:
             row.stopped = True
             self._leave(key, job, error="gone")
