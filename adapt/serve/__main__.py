@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent.parent))
 
+from adapt import objectives  # noqa: E402
 from adapt.cli.types import at_least, device, seconds, text  # noqa: E402
 
 KEY_ENV = "ADAPT_SERVE_API_KEY"
@@ -74,11 +75,10 @@ def defaults(model, meta) -> dict:
     decodes with the exact speculative decoder."""
     gc = getattr(model, "generation_config", None)
     get = (lambda k, d: getattr(gc, k, d)) if gc is not None else (lambda k, d: d)
-    sampler = get("diffusion_sampler", "confidence")
-    if meta.block_length and meta.clean_attention == "causal":
-        sampler = "speculative"
+    decoding = objectives.decoding(meta)
+    sampler = "speculative" if decoding.clean_causal else get("diffusion_sampler", "confidence")
     return {"sampler": sampler, "steps": get("diffusion_steps", 0) or None, "threshold": get("diffusion_tau", 0.9),
-            "confidence": get("diffusion_confidence", "prob"), "block_length": meta.block_length or None}
+            "confidence": get("diffusion_confidence", "prob"), "block_length": decoding.block_length or None}
 
 
 def start(args: argparse.Namespace) -> None:

@@ -49,7 +49,8 @@ class Engine:
         self.model, self.meta, self.draft_head = model, meta, draft_head  # the head: speculative and chain rows
         self.denoiser = Denoiser(model, meta)
         self.max_rows, self.max_queue = max_rows, max_queue
-        self.shared = not meta.block_length  # whole-sequence decoders: calls shared between rows
+        decoding = objectives.decoding(meta)
+        self.shared = not decoding.block_length  # whole-sequence decoders: calls shared between rows
         self.cv = threading.Condition()
         self.posted: dict[int, torch.Tensor] = {}
         self.results: dict[int, torch.Tensor] = {}
@@ -61,7 +62,7 @@ class Engine:
         self.stopped = False
         self.thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self.thread.start()
-        self.block_rows = BlockRows(self) if objectives.decoding(meta).clean_causal else None
+        self.block_rows = BlockRows(self) if decoding.clean_causal else None
 
     # --- rows -------------------------------------------------------------------------------------------------
     def submit(self, job: Job) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from adapt import objectives
 from adapt.decode import CHAIN, SAMPLER_NAMES, SPECULATIVE, sampler_options
 from adapt.decode.speculative import check_speculative
 
@@ -52,6 +53,7 @@ def _prompt_ids(tokenizer, body, chat: bool) -> list[int]:
 
 def _sampler(served, body) -> tuple[str, dict]:
     meta, name = served.meta, body.sampler or served.defaults["sampler"]
+    block = objectives.decoding(meta).block_length
     if name not in SAMPLER_NAMES:
         raise Refused(f"unknown sampler {name!r}; use one of {', '.join(SAMPLER_NAMES)}", "sampler")
     if name in (SPECULATIVE, CHAIN):
@@ -59,8 +61,8 @@ def _sampler(served, body) -> tuple[str, dict]:
             check_speculative(meta, getattr(served.engine.model.config, "_attn_implementation", "sdpa"))
         except ValueError as err:
             raise Refused(str(err), "sampler") from None
-    if meta.block_length and body.block_length not in (None, meta.block_length):
-        raise Refused(f"this block-diffusion export decodes in its own blocks of {meta.block_length} tokens; "
+    if block and body.block_length not in (None, block):
+        raise Refused(f"this block-diffusion export decodes in its own blocks of {block} tokens; "
                       f"leave block_length unset", "block_length")
     accepts = sampler_options(name)
     options = {"temperature": body.temperature, "top_p": body.top_p}
@@ -80,9 +82,10 @@ def _sampler(served, body) -> tuple[str, dict]:
 def plan_rows(served, body, chat: bool) -> Plan:
     """The rows' shared plan (each row differs only by its seed)."""
     tok, meta = served.tokenizer, served.meta
+    block = objectives.decoding(meta).block_length
     prompt = _prompt_ids(tok, body, chat)
     suffix_text = None if chat else body.suffix
-    if suffix_text and meta.block_length:
+    if suffix_text and block:
         raise Refused("this is a block-diffusion export: it decodes left to right and cannot fill a span between a "
                       "prompt and a suffix; send no suffix, or serve a whole-sequence export", "suffix")
     suffix = tok(suffix_text, add_special_tokens=False).input_ids if suffix_text else []
@@ -103,7 +106,7 @@ def plan_rows(served, body, chat: bool) -> Plan:
         raise Refused(f"steps does not apply to the {name} decoder (it decides tokens as its checks allow); "
                       f"leave steps unset", "steps")
     steps = body.steps or served.defaults.get("steps") or None
-    if body.block_length and not meta.block_length:
+    if body.block_length and not block:
         options["block_length"] = body.block_length
     start = 1 + len(prompt)
     return Plan(canvas, start, start + want, name, steps, options, tok.eos_token_id, len(prompt))
